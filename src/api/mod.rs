@@ -1,0 +1,3 @@
+//! What the outside world talks to: the HTTP server (health now; WebSocket, REST, SSE to come).
+
+pub mod http;

@@ -1,0 +1,655 @@
+//! Configuration: `callgate.toml` and the per-app key file `apps.toml`, validated into typed values.
+//!
+//! Every problem names the file, the key and what is wrong; all problems are reported at once.
+//! With no file, the copies of `conf/callgate.toml` and `conf/apps.toml` compiled into the binary
+//! are used, so `callgate run` works out of the box on a laptop.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use raw::{RawApps, RawConfig};
+
+use crate::account::HostPort;
+use crate::secret::SecretBytes;
+use crate::token::{self, AppKeys, Keyring, Mode, TokenPolicy};
+
+/// The built-in main configuration (the text of `conf/callgate.toml`).
+pub const EMBEDDED_CONFIG: &str = include_str!("../../conf/callgate.toml");
+/// The built-in app keys (the text of `conf/apps.toml`): the demo app only.
+pub const EMBEDDED_APPS: &str = include_str!("../../conf/apps.toml");
+/// The demo app key published in `conf/apps.toml`. Accepted only on a loopback-only HTTP server.
+pub const DEMO_KEY_HEX: &str = "64656d6f2d6b65792d646f2d6e6f742d7573652d696e2d70726f64756374696f";
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The copies compiled into the binary.
+    Embedded,
+    /// A file on disk.
+    File(PathBuf),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Embedded => f.write_str("<embedded default config>"),
+            Source::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone)]
+pub struct Http {
+    /// Listen address of the HTTP/WebSocket server.
+    pub listen: SocketAddr,
+}
+
+/// SIP settings.
+#[derive(Debug, Clone)]
+pub struct Sip {
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// Address for Via/Contact when behind NAT.
+    pub public_address: Option<HostPort>,
+    /// User-Agent header value.
+    pub user_agent: String,
+}
+
+/// Media settings.
+#[derive(Debug, Clone)]
+pub struct Media {
+    /// IP the media sockets bind to.
+    pub listen_ip: IpAddr,
+    /// The single UDP port for WebRTC media.
+    pub webrtc_port: u16,
+    /// Public IP announced when behind 1:1 NAT.
+    pub public_ip: Option<IpAddr>,
+    /// First RTP port (even).
+    pub rtp_port_min: u16,
+    /// Last RTP port.
+    pub rtp_port_max: u16,
+}
+
+/// Storage locations.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    /// Call history and state.
+    pub data_dir: PathBuf,
+    /// Recordings.
+    pub recordings_dir: PathBuf,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct Log {
+    /// Default filter directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// What the configuration says about one app (keys live in the keyring only).
+#[derive(Debug, Clone)]
+pub struct AppInfo {
+    /// Token mode.
+    pub mode: Mode,
+    /// Number of keys.
+    pub key_count: usize,
+    /// Whether it uses the published demo key.
+    pub demo_key: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from.
+    pub source: Source,
+    /// The apps file it read (`None` for the embedded one).
+    pub apps_file: Option<PathBuf>,
+    /// HTTP server.
+    pub http: Http,
+    /// SIP.
+    pub sip: Sip,
+    /// Media.
+    pub media: Media,
+    /// Token limits.
+    pub tokens: TokenPolicy,
+    /// Storage.
+    pub storage: Storage,
+    /// Logging.
+    pub log: Log,
+    /// Apps by name.
+    pub apps: BTreeMap<String, AppInfo>,
+    keyring: Keyring,
+}
+
+/// One thing wrong in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: String,
+    /// The key, dotted (`media.rtp_port_min`, `apps.crm.keys[1]`).
+    pub key: String,
+    /// What is wrong and what is expected.
+    pub problem: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.key, self.problem)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML, or has an unknown key or a value of the wrong type.
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The parser's explanation.
+        message: String,
+    },
+    /// Values that parsed but are not acceptable.
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            (line, column)
+        }
+        None => (0, 0),
+    };
+    ConfigError::Syntax {
+        file: file.to_owned(),
+        line,
+        column,
+        message: e.message().trim().to_owned(),
+    }
+}
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn add(&mut self, file: &str, key: impl Into<String>, problem: impl Into<String>) {
+        self.problems.push(Problem {
+            file: file.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+        });
+    }
+
+    fn parse<T>(&mut self, file: &str, key: &str, value: &str, expected: &str) -> Option<T>
+    where
+        T: std::str::FromStr,
+    {
+        match value.parse() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.add(file, key, format!("{value:?} is not {expected}"));
+                None
+            }
+        }
+    }
+
+    fn port(&mut self, file: &str, key: &str, value: i64, allow_zero: bool) -> Option<u16> {
+        match u16::try_from(value) {
+            Ok(0) if !allow_zero => {
+                self.add(file, key, "must be a port number from 1 to 65535");
+                None
+            }
+            Ok(p) => Some(p),
+            Err(_) => {
+                self.add(
+                    file,
+                    key,
+                    format!("{value} is not a port number (1 to 65535)"),
+                );
+                None
+            }
+        }
+    }
+}
+
+impl Config {
+    /// The built-in configuration (`conf/*.toml` as compiled in); paths relative to the current
+    /// directory.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::from_texts(Source::Embedded, EMBEDDED_CONFIG, false, Path::new("."))
+    }
+
+    /// Loads `path` and the apps file it names (relative to `path`'s directory).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_texts(Source::File(path.to_owned()), &text, true, base)
+    }
+
+    /// Parses a main config text; the apps file is read from disk when `apps_from_disk`, else the
+    /// embedded one is used.
+    fn from_texts(
+        source: Source,
+        text: &str,
+        apps_from_disk: bool,
+        base: &Path,
+    ) -> Result<Config, ConfigError> {
+        let file = source.to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(&file, text, &e))?;
+        let resolve = |p: &str| {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let (apps_file, apps_name, apps_text) = match apps_from_disk {
+            true => {
+                let path = resolve(raw.apps_file.as_deref().unwrap_or("apps.toml"));
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    file: name.clone(),
+                    source,
+                })?;
+                (Some(path), name, text)
+            }
+            false => (
+                None,
+                "<embedded apps.toml>".to_owned(),
+                EMBEDDED_APPS.to_owned(),
+            ),
+        };
+        let raw_apps: RawApps =
+            toml::from_str(&apps_text).map_err(|e| syntax_error(&apps_name, &apps_text, &e))?;
+        let mut c = Checker {
+            problems: Vec::new(),
+        };
+
+        let http_listen = c.parse::<SocketAddr>(
+            &file,
+            "http.listen",
+            &raw.http.listen,
+            "an address:port such as 127.0.0.1:8080",
+        );
+
+        let sip_listen = c.parse::<SocketAddr>(
+            &file,
+            "sip.listen",
+            &raw.sip.listen,
+            "an address:port such as 0.0.0.0:5060",
+        );
+        let public_address = if raw.sip.public_address.is_empty() {
+            None
+        } else {
+            match HostPort::parse(&raw.sip.public_address) {
+                Ok(hp) => Some(hp),
+                Err(why) => {
+                    c.add(
+                        &file,
+                        "sip.public_address",
+                        format!("{why}; expected host or host:port"),
+                    );
+                    None
+                }
+            }
+        };
+        let ua = raw.sip.user_agent.trim().to_owned();
+        if ua.is_empty() || ua.len() > 128 || ua.chars().any(char::is_control) {
+            c.add(
+                &file,
+                "sip.user_agent",
+                "must be 1 to 128 printable characters",
+            );
+        }
+
+        let listen_ip = c.parse::<IpAddr>(
+            &file,
+            "media.listen_ip",
+            &raw.media.listen_ip,
+            "an IP address",
+        );
+        let webrtc_port = c.port(&file, "media.webrtc_port", raw.media.webrtc_port, false);
+        let public_ip = if raw.media.public_ip.is_empty() {
+            None
+        } else {
+            c.parse::<IpAddr>(
+                &file,
+                "media.public_ip",
+                &raw.media.public_ip,
+                "an IP address",
+            )
+        };
+        if public_ip.is_some_and(|ip| ip.is_unspecified()) {
+            c.add(
+                &file,
+                "media.public_ip",
+                "must be an address peers can reach, not 0.0.0.0 or ::",
+            );
+        }
+        if listen_ip.is_some_and(|ip| ip.is_unspecified()) && public_ip.is_none() {
+            c.add(
+                &file,
+                "media.public_ip",
+                "must be set when media.listen_ip is 0.0.0.0 or :: (peers need a concrete address)",
+            );
+        }
+        let rtp_min = c.port(&file, "media.rtp_port_min", raw.media.rtp_port_min, false);
+        let rtp_max = c.port(&file, "media.rtp_port_max", raw.media.rtp_port_max, false);
+        if let (Some(lo), Some(hi)) = (rtp_min, rtp_max) {
+            if lo % 2 != 0 {
+                c.add(
+                    &file,
+                    "media.rtp_port_min",
+                    "must be even (RTP uses the even port of each pair)",
+                );
+            }
+            if hi <= lo {
+                c.add(
+                    &file,
+                    "media.rtp_port_max",
+                    "must be greater than media.rtp_port_min (at least one port pair)",
+                );
+            }
+            if webrtc_port.is_some_and(|w| (lo..=hi).contains(&w)) {
+                c.add(
+                    &file,
+                    "media.webrtc_port",
+                    "must lie outside media.rtp_port_min..media.rtp_port_max",
+                );
+            }
+        }
+
+        if !(64..=1_048_576).contains(&raw.tokens.max_bytes) {
+            c.add(&file, "tokens.max_bytes", "must be between 64 and 1048576");
+        }
+        if !(0..=3600).contains(&raw.tokens.clock_skew_secs) {
+            c.add(
+                &file,
+                "tokens.clock_skew_secs",
+                "must be between 0 and 3600 seconds",
+            );
+        }
+
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&raw.log.level) {
+            c.add(
+                &file,
+                "log.level",
+                format!("is not a valid filter ({e}); try \"info\" or \"callgate=debug,info\""),
+            );
+        }
+        let format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                c.add(
+                    &file,
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        for (key, dir) in [
+            ("storage.data_dir", &raw.storage.data_dir),
+            ("storage.recordings_dir", &raw.storage.recordings_dir),
+        ] {
+            if dir.is_empty() {
+                c.add(&file, key, "must name a directory");
+            }
+        }
+
+        let http_loopback_only = http_listen.is_some_and(|a| a.ip().is_loopback());
+        let (apps, keyring_apps) = check_apps(&mut c, &apps_name, raw_apps, http_loopback_only);
+
+        let (
+            Some(http_listen),
+            Some(sip_listen),
+            Some(listen_ip),
+            Some(webrtc_port),
+            Some(rtp_port_min),
+            Some(rtp_port_max),
+        ) = (
+            http_listen,
+            sip_listen,
+            listen_ip,
+            webrtc_port,
+            rtp_min,
+            rtp_max,
+        )
+        else {
+            return Err(ConfigError::Invalid(c.problems));
+        };
+        if !c.problems.is_empty() {
+            return Err(ConfigError::Invalid(c.problems));
+        }
+        let tokens = TokenPolicy {
+            max_token_bytes: usize::try_from(raw.tokens.max_bytes)
+                .unwrap_or(token::DEFAULT_MAX_TOKEN_BYTES),
+            clock_skew: Duration::from_secs(
+                u64::try_from(raw.tokens.clock_skew_secs).unwrap_or(30),
+            ),
+        };
+        Ok(Config {
+            source,
+            apps_file,
+            http: Http {
+                listen: http_listen,
+            },
+            sip: Sip {
+                listen: sip_listen,
+                public_address,
+                user_agent: ua,
+            },
+            media: Media {
+                listen_ip,
+                webrtc_port,
+                public_ip,
+                rtp_port_min,
+                rtp_port_max,
+            },
+            tokens,
+            storage: Storage {
+                data_dir: resolve(&raw.storage.data_dir),
+                recordings_dir: resolve(&raw.storage.recordings_dir),
+            },
+            log: Log {
+                level: raw.log.level,
+                format,
+            },
+            apps,
+            keyring: Keyring::new(keyring_apps, tokens),
+        })
+    }
+
+    /// The token keyring built from the apps file.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Things that work but deserve an admin's attention; logged at startup, shown by check-config.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        if self.apps.is_empty() {
+            w.push("no apps are configured: no token can log in".to_owned());
+        }
+        for (name, app) in &self.apps {
+            if app.mode == Mode::Ctr {
+                w.push(format!(
+                    "app {name:?} uses mode \"ctr\": its fixed IV reuses the keystream across tokens and CTR \
+                     has no integrity, so tokens can be altered; switch the CRM to mode \"ctr-hmac\" (docs/TOKENS.md)"
+                ));
+            }
+            if app.demo_key {
+                w.push(format!(
+                    "app {name:?} uses the public demo key: anyone can mint tokens for it; \
+                     replace it (callgate keygen) before exposing callgate beyond this machine"
+                ));
+            }
+        }
+        w
+    }
+}
+
+fn check_apps(
+    c: &mut Checker,
+    file: &str,
+    raw: RawApps,
+    http_loopback_only: bool,
+) -> (BTreeMap<String, AppInfo>, BTreeMap<String, AppKeys>) {
+    let mut infos = BTreeMap::new();
+    let mut keyrings = BTreeMap::new();
+    for (name, app) in raw.apps {
+        let at = |k: &str| format!("apps.{name}.{k}");
+        if let Err(why) = token::check_app_name(&name) {
+            c.add(file, format!("apps.{name}"), format!("app name {why}"));
+            continue;
+        }
+        let mode = match app.mode.as_deref() {
+            None | Some("ctr-hmac") => Mode::CtrHmac,
+            Some("ctr") => Mode::Ctr,
+            Some(other) => {
+                c.add(
+                    file,
+                    at("mode"),
+                    format!("{other:?} is not \"ctr-hmac\" or \"ctr\""),
+                );
+                continue;
+            }
+        };
+        if app.keys.is_empty() {
+            c.add(
+                file,
+                at("keys"),
+                "must list at least one key (generate one with `callgate keygen`)",
+            );
+        }
+        let mut keys = Vec::new();
+        let mut demo_key = false;
+        for (i, k) in app.keys.iter().enumerate() {
+            let k = k.trim();
+            match hex::decode(k) {
+                Ok(bytes) if matches!(bytes.len(), 16 | 24 | 32) => {
+                    if keys
+                        .iter()
+                        .any(|existing: &SecretBytes| existing.expose_secret() == bytes.as_slice())
+                    {
+                        c.add(file, format!("{}[{i}]", at("keys")), "is listed twice");
+                    }
+                    if k.eq_ignore_ascii_case(DEMO_KEY_HEX) {
+                        demo_key = true;
+                        if !http_loopback_only {
+                            c.add(
+                                file,
+                                format!("{}[{i}]", at("keys")),
+                                "is the public demo key, allowed only while http.listen is a loopback address; \
+                                 generate a real key with `callgate keygen`",
+                            );
+                        }
+                    }
+                    keys.push(SecretBytes::new(bytes));
+                }
+                Ok(bytes) => c.add(
+                    file,
+                    format!("{}[{i}]", at("keys")),
+                    format!(
+                        "is {} bytes; AES keys are 16, 24 or 32 bytes (32, 48 or 64 hex digits)",
+                        bytes.len()
+                    ),
+                ),
+                Err(_) => c.add(
+                    file,
+                    format!("{}[{i}]", at("keys")),
+                    "is not hex (32, 48 or 64 hex digits)",
+                ),
+            }
+        }
+        let iv = match (mode, app.iv.as_deref()) {
+            (Mode::CtrHmac, Some(_)) => {
+                c.add(
+                    file,
+                    at("iv"),
+                    "is only used with mode \"ctr\" (ctr-hmac tokens carry a random IV); remove it",
+                );
+                [0; 16]
+            }
+            (_, None) => [0; 16],
+            (Mode::Ctr, Some(iv)) => match hex::decode(iv.trim())
+                .ok()
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            {
+                Some(iv) => iv,
+                None => {
+                    c.add(
+                        file,
+                        at("iv"),
+                        "must be 32 hex digits (16 bytes), as given to openssl -iv",
+                    );
+                    [0; 16]
+                }
+            },
+        };
+        let key_count = keys.len();
+        match AppKeys::new(mode, keys, iv, app.require_expires) {
+            Ok(k) => {
+                keyrings.insert(name.clone(), k);
+            }
+            Err(e) => c.add(
+                file,
+                at("keys"),
+                format!("a key has {} bytes; AES keys are 16, 24 or 32", e.0),
+            ),
+        }
+        infos.insert(
+            name,
+            AppInfo {
+                mode,
+                key_count,
+                demo_key,
+            },
+        );
+    }
+    (infos, keyrings)
+}
+
+#[cfg(test)]
+mod tests;

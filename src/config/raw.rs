@@ -1,0 +1,140 @@
+//! The configuration files as written: serde shapes with defaults, nothing validated yet.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawConfig {
+    pub(crate) apps_file: Option<String>,
+    pub(crate) http: RawHttp,
+    pub(crate) sip: RawSip,
+    pub(crate) media: RawMedia,
+    pub(crate) tokens: RawTokens,
+    pub(crate) storage: RawStorage,
+    pub(crate) log: RawLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawHttp {
+    pub(crate) listen: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawSip {
+    pub(crate) listen: String,
+    pub(crate) public_address: String,
+    pub(crate) user_agent: String,
+}
+
+impl Default for RawSip {
+    fn default() -> Self {
+        RawSip {
+            listen: "127.0.0.1:5070".into(),
+            public_address: String::new(),
+            user_agent: "callgate".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawMedia {
+    pub(crate) listen_ip: String,
+    pub(crate) webrtc_port: i64,
+    pub(crate) public_ip: String,
+    pub(crate) rtp_port_min: i64,
+    pub(crate) rtp_port_max: i64,
+}
+
+impl Default for RawMedia {
+    fn default() -> Self {
+        RawMedia {
+            listen_ip: "127.0.0.1".into(),
+            webrtc_port: 10000,
+            public_ip: String::new(),
+            rtp_port_min: 20000,
+            rtp_port_max: 20999,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawTokens {
+    pub(crate) max_bytes: i64,
+    pub(crate) clock_skew_secs: i64,
+}
+
+impl Default for RawTokens {
+    fn default() -> Self {
+        RawTokens {
+            max_bytes: 16384,
+            clock_skew_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawStorage {
+    pub(crate) data_dir: String,
+    pub(crate) recordings_dir: String,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            data_dir: "data".into(),
+            recordings_dir: "data/recordings".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawLog {
+    pub(crate) level: String,
+    pub(crate) format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawApps {
+    pub(crate) apps: std::collections::BTreeMap<String, RawApp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawApp {
+    #[serde(default)]
+    pub(crate) keys: Vec<String>,
+    #[serde(default)]
+    pub(crate) mode: Option<String>,
+    #[serde(default)]
+    pub(crate) iv: Option<String>,
+    #[serde(default = "yes")]
+    pub(crate) require_expires: bool,
+}
+
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,197 @@
+use super::*;
+
+fn problems(main: &str, apps: &str) -> Vec<String> {
+    let dir = tempdir();
+    std::fs::write(dir.join("callgate.toml"), main).unwrap();
+    std::fs::write(dir.join("apps.toml"), apps).unwrap();
+    let r = Config::load(&dir.join("callgate.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    match r {
+        Ok(_) => vec![],
+        Err(ConfigError::Invalid(ps)) => ps
+            .iter()
+            .map(|p| format!("{}: {}", p.key, p.problem))
+            .collect(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+fn tempdir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "callgate-config-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const GOOD_APPS: &str = "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n";
+
+#[test]
+fn embedded_default_is_valid_and_uses_loopback() {
+    let c = Config::embedded().unwrap();
+    assert_eq!(c.source, Source::Embedded);
+    assert!(c.http.listen.ip().is_loopback());
+    assert!(c.sip.listen.ip().is_loopback());
+    assert!(c.apps["demo"].demo_key);
+    assert!(c.warnings().iter().any(|w| w.contains("public demo key")));
+    assert_eq!(c.keyring().apps().count(), 1);
+}
+
+#[test]
+fn sample_file_on_disk_loads_like_the_embedded_one() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/callgate.toml");
+    let c = Config::load(&path).unwrap();
+    assert_eq!(
+        c.apps_file.as_deref(),
+        Some(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("conf/apps.toml")
+                .as_path()
+        )
+    );
+    assert!(c.storage.data_dir.starts_with(env!("CARGO_MANIFEST_DIR")));
+}
+
+#[test]
+fn every_bad_value_is_named_by_key() {
+    let main = r#"
+[http]
+listen = "localhost"
+[sip]
+listen = "1.2.3.4"
+public_address = "bad host"
+user_agent = ""
+[media]
+listen_ip = "0.0.0.0"
+webrtc_port = 20000
+rtp_port_min = 20001
+rtp_port_max = 20000
+[tokens]
+max_bytes = 1
+clock_skew_secs = -1
+[log]
+level = "info,,=["
+format = "xml"
+"#;
+    let got = problems(main, GOOD_APPS);
+    for key in [
+        "http.listen",
+        "sip.listen",
+        "sip.public_address",
+        "sip.user_agent",
+        "media.public_ip",
+        "media.rtp_port_min",
+        "media.rtp_port_max",
+        "tokens.max_bytes",
+        "tokens.clock_skew_secs",
+        "log.level",
+        "log.format",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(&format!("{key}:"))),
+            "{key} not reported in {got:#?}"
+        );
+    }
+}
+
+#[test]
+fn webrtc_port_outside_rtp_range() {
+    let got = problems(
+        "[media]\nwebrtc_port = 20002\nrtp_port_min = 20000\nrtp_port_max = 20099\n",
+        GOOD_APPS,
+    );
+    assert_eq!(
+        got,
+        vec!["media.webrtc_port: must lie outside media.rtp_port_min..media.rtp_port_max"]
+    );
+}
+
+#[test]
+fn app_problems() {
+    let apps = r#"
+[apps.a]
+keys = []
+[apps.b]
+keys = ["zz", "0011", "000102030405060708090a0b0c0d0e0f", "000102030405060708090a0b0c0d0e0f"]
+[apps.c]
+keys = ["000102030405060708090a0b0c0d0e0f"]
+mode = "ecb"
+[apps.d]
+keys = ["000102030405060708090a0b0c0d0e0f"]
+iv = "00"
+[apps.e]
+keys = ["000102030405060708090a0b0c0d0e0f"]
+mode = "ctr"
+iv = "0011"
+"#;
+    let got = problems("", apps);
+    for want in [
+        "apps.a.keys: must list at least one key",
+        "apps.b.keys[0]: is not hex",
+        "apps.b.keys[1]: is 2 bytes",
+        "apps.b.keys[3]: is listed twice",
+        "apps.c.mode: \"ecb\" is not",
+        "apps.d.iv: is only used with mode \"ctr\"",
+        "apps.e.iv: must be 32 hex digits",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(want)),
+            "{want:?} not in {got:#?}"
+        );
+    }
+}
+
+#[test]
+fn demo_key_only_on_loopback() {
+    let got = problems("[http]\nlisten = \"0.0.0.0:8080\"\n", EMBEDDED_APPS);
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("apps.demo.keys[0]: is the public demo key")),
+        "{got:#?}"
+    );
+    assert!(problems("[http]\nlisten = \"[::1]:8080\"\n", EMBEDDED_APPS).is_empty());
+}
+
+#[test]
+fn syntax_errors_point_at_line_and_name_unknown_keys() {
+    let got = problems(
+        "[http]\nlisten = \"127.0.0.1:1\"\nlisten_typo = 1\n",
+        GOOD_APPS,
+    );
+    assert_eq!(got.len(), 1);
+    assert!(got[0].contains("callgate.toml:3:"), "{}", got[0]);
+    assert!(got[0].contains("listen_typo"), "{}", got[0]);
+    let got = problems("", "[apps.x]\nkeys = \"notalist\"\n");
+    assert!(got[0].contains("apps.toml:2:"), "{}", got[0]);
+}
+
+#[test]
+fn missing_apps_file_is_named() {
+    let dir = tempdir();
+    std::fs::write(dir.join("c.toml"), "apps_file = \"nope.toml\"\n").unwrap();
+    let err = Config::load(&dir.join("c.toml")).unwrap_err().to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(err.contains("nope.toml: cannot read"), "{err}");
+}
+
+#[test]
+fn ctr_mode_warns() {
+    let dir = tempdir();
+    std::fs::write(dir.join("callgate.toml"), "").unwrap();
+    std::fs::write(
+        dir.join("apps.toml"),
+        "[apps.old]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\nmode = \"ctr\"\n",
+    )
+    .unwrap();
+    let c = Config::load(&dir.join("callgate.toml")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        c.warnings()
+            .iter()
+            .any(|w| w.contains("\"old\" uses mode \"ctr\"") && w.contains("ctr-hmac"))
+    );
+}

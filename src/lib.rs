@@ -1,0 +1,14 @@
+//! callgate: a WebRTC-to-SIP gateway.
+//!
+//! Browsers log in with a loginByToken token minted by their CRM; callgate decrypts it, registers
+//! with the SIP provider on the agent's behalf and bridges calls. Modules follow one call:
+//! `api` → `token` → `account` (→ `sip` → `media`, to come).
+
+pub mod account;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod secret;
+pub mod server;
+pub mod token;

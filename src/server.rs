@@ -1,0 +1,123 @@
+//! The daemon: binds the listeners, logs where it listens, serves until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use crate::api;
+use crate::config::Config;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {what} {addr}: {source}{hint}")]
+    Bind {
+        /// Which listener (`http.listen`, ...).
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (is another callgate or service using it? change the port in the config)"
+        }
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need CAP_NET_BIND_SERVICE)",
+        std::io::ErrorKind::AddrNotAvailable => " (that IP is not an address of this machine)",
+        _ => "",
+    }
+}
+
+/// Listeners bound but not yet serving: lets callers (and tests using port 0) learn the addresses.
+pub struct Bound {
+    config: Config,
+    http: TcpListener,
+}
+
+impl Bound {
+    /// Binds every listener the config names.
+    pub async fn bind(config: Config) -> Result<Bound, RunError> {
+        let addr = config.http.listen;
+        let http = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RunError::Bind {
+                what: "http.listen",
+                addr,
+                hint: bind_hint(&source),
+                source,
+            })?;
+        Ok(Bound { config, http })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let http_addr = self.http_addr().unwrap_or(self.config.http.listen);
+        tracing::info!(
+            http = %http_addr,
+            config = %self.config.source,
+            apps = self.config.apps.len(),
+            "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz)",
+            env!("CARGO_PKG_VERSION"),
+        );
+        axum::serve(self.http, api::http::router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(RunError::Http)?;
+        tracing::info!("callgate stopped");
+        Ok(())
+    }
+}
+
+/// Logs the config's warnings, binds, and serves until `shutdown`.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
+    Bound::bind(config).await?.serve(shutdown).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}
