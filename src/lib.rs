@@ -11,4 +11,5 @@ pub mod config;
 pub mod logging;
 pub mod secret;
 pub mod server;
+pub mod sip;
 pub mod token;

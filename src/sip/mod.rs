@@ -1,0 +1,4 @@
+//! SIP: messages, digest authentication, transactions, registration, UDP transport.
+
+pub mod digest;
+pub mod message;
