@@ -2,4 +2,5 @@
 
 pub mod digest;
 pub mod message;
+pub mod registration;
 pub mod transaction;
