@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 
 use crate::api;
 use crate::config::Config;
+use crate::sip::endpoint::Endpoint;
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,7 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 pub struct Bound {
     config: Config,
     http: TcpListener,
+    sip: Endpoint,
 }
 
 impl Bound {
@@ -58,7 +60,21 @@ impl Bound {
                 hint: bind_hint(&source),
                 source,
             })?;
-        Ok(Bound { config, http })
+        let sip_addr = config.sip.listen;
+        let sip = Endpoint::bind(config.sip.endpoint_settings())
+            .await
+            .map_err(|source| RunError::Bind {
+                what: "sip.listen",
+                addr: sip_addr,
+                hint: bind_hint(&source),
+                source,
+            })?;
+        Ok(Bound { config, http, sip })
+    }
+
+    /// The SIP endpoint (registrations).
+    pub fn sip(&self) -> &Endpoint {
+        &self.sip
     }
 
     /// The bound HTTP address.
@@ -72,17 +88,21 @@ impl Bound {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), RunError> {
         let http_addr = self.http_addr().unwrap_or(self.config.http.listen);
+        let sip_addr = self.sip.local_addr();
         tracing::info!(
             http = %http_addr,
+            sip = %sip_addr,
             config = %self.config.source,
             apps = self.config.apps.len(),
-            "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz)",
+            "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz), SIP on udp:{sip_addr}",
             env!("CARGO_PKG_VERSION"),
         );
-        axum::serve(self.http, api::http::router())
+        let served = axum::serve(self.http, api::http::router())
             .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(RunError::Http)?;
+            .await;
+        // Remove every registration before leaving (bounded by Timer F).
+        self.sip.shutdown().await;
+        served.map_err(RunError::Http)?;
         tracing::info!("callgate stopped");
         Ok(())
     }

@@ -244,7 +244,7 @@ fn run_reports_a_busy_port_clearly() {
     let dir = TempDir::new("cli-busy");
     let cfg = dir.write(
         "callgate.toml",
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n"),
     );
     dir.write("apps.toml", callgate::config::EMBEDDED_APPS);
     let (ok, _, err) = stdout(
@@ -270,7 +270,7 @@ fn json_logs() {
     let dir = TempDir::new("cli-json");
     let cfg = dir.write(
         "callgate.toml",
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n"),
     );
     dir.write("apps.toml", callgate::config::EMBEDDED_APPS);
     let mut d = Daemon::spawn(

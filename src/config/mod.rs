@@ -68,6 +68,40 @@ pub struct Sip {
     pub public_address: Option<HostPort>,
     /// User-Agent header value.
     pub user_agent: String,
+    /// Transaction timers T1, T2, T4.
+    pub timers: crate::sip::transaction::Timers,
+    /// Expiry asked for in REGISTER.
+    pub register_expires: Duration,
+    /// First retry delay after a failed registration (doubles up to `register_retry_max`).
+    pub register_retry_min: Duration,
+    /// Longest retry delay.
+    pub register_retry_max: Duration,
+    /// OPTIONS keepalive interval (`None`: off).
+    pub keepalive: Option<Duration>,
+    /// How long a registration outlives its last user.
+    pub registration_grace: Duration,
+    /// Most registrations at once.
+    pub max_registrations: usize,
+}
+
+impl Sip {
+    /// Settings for [`crate::sip::endpoint::Endpoint::bind`].
+    pub fn endpoint_settings(&self) -> crate::sip::endpoint::Settings {
+        crate::sip::endpoint::Settings {
+            listen: self.listen,
+            public_address: self.public_address.clone(),
+            timers: self.timers,
+            registration: crate::sip::registration::Settings {
+                expires: self.register_expires,
+                retry_min: self.register_retry_min,
+                retry_max: self.register_retry_max,
+                keepalive: self.keepalive,
+                user_agent: self.user_agent.clone(),
+            },
+            grace: self.registration_grace,
+            max_registrations: self.max_registrations,
+        }
+    }
 }
 
 /// Media settings.
@@ -342,6 +376,74 @@ impl Config {
             );
         }
 
+        let mut range = |key: &str, v: i64, lo: i64, hi: i64, unit: &str| -> u64 {
+            if (lo..=hi).contains(&v) {
+                u64::try_from(v).unwrap_or(0)
+            } else {
+                c.add(
+                    &file,
+                    key,
+                    format!("{v} is out of range: {lo} to {hi} {unit}"),
+                );
+                u64::try_from(lo).unwrap_or(0)
+            }
+        };
+        let t1 = range("sip.t1_ms", raw.sip.t1_ms, 10, 10_000, "milliseconds");
+        let t2 = range("sip.t2_ms", raw.sip.t2_ms, 10, 60_000, "milliseconds");
+        let t4 = range("sip.t4_ms", raw.sip.t4_ms, 0, 60_000, "milliseconds");
+        let reg_expires = range(
+            "sip.register_expires_secs",
+            raw.sip.register_expires_secs,
+            10,
+            86_400,
+            "seconds",
+        );
+        let retry_min = range(
+            "sip.register_retry_min_secs",
+            raw.sip.register_retry_min_secs,
+            1,
+            3_600,
+            "seconds",
+        );
+        let retry_max = range(
+            "sip.register_retry_max_secs",
+            raw.sip.register_retry_max_secs,
+            1,
+            86_400,
+            "seconds",
+        );
+        let keepalive = range(
+            "sip.keepalive_secs",
+            raw.sip.keepalive_secs,
+            0,
+            3_600,
+            "seconds (0 = off)",
+        );
+        let grace = range(
+            "sip.registration_grace_secs",
+            raw.sip.registration_grace_secs,
+            0,
+            600,
+            "seconds",
+        );
+        let max_regs = range(
+            "sip.max_registrations",
+            raw.sip.max_registrations,
+            1,
+            1_000_000,
+            "",
+        );
+        if t2 < t1 {
+            c.add(&file, "sip.t2_ms", "must be at least sip.t1_ms");
+        }
+        if retry_max < retry_min {
+            c.add(
+                &file,
+                "sip.register_retry_max_secs",
+                "must be at least sip.register_retry_min_secs",
+            );
+        }
+
         let listen_ip = c.parse::<IpAddr>(
             &file,
             "media.listen_ip",
@@ -479,6 +581,17 @@ impl Config {
                 listen: sip_listen,
                 public_address,
                 user_agent: ua,
+                timers: crate::sip::transaction::Timers {
+                    t1: Duration::from_millis(t1),
+                    t2: Duration::from_millis(t2),
+                    t4: Duration::from_millis(t4),
+                },
+                register_expires: Duration::from_secs(reg_expires),
+                register_retry_min: Duration::from_secs(retry_min),
+                register_retry_max: Duration::from_secs(retry_max),
+                keepalive: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
+                registration_grace: Duration::from_secs(grace),
+                max_registrations: usize::try_from(max_regs).unwrap_or(10_000),
             },
             media: Media {
                 listen_ip,

@@ -34,6 +34,15 @@ pub(crate) struct RawSip {
     pub(crate) listen: String,
     pub(crate) public_address: String,
     pub(crate) user_agent: String,
+    pub(crate) t1_ms: i64,
+    pub(crate) t2_ms: i64,
+    pub(crate) t4_ms: i64,
+    pub(crate) register_expires_secs: i64,
+    pub(crate) register_retry_min_secs: i64,
+    pub(crate) register_retry_max_secs: i64,
+    pub(crate) keepalive_secs: i64,
+    pub(crate) registration_grace_secs: i64,
+    pub(crate) max_registrations: i64,
 }
 
 impl Default for RawSip {
@@ -42,6 +51,15 @@ impl Default for RawSip {
             listen: "127.0.0.1:5070".into(),
             public_address: String::new(),
             user_agent: "callgate".into(),
+            t1_ms: 500,
+            t2_ms: 4000,
+            t4_ms: 5000,
+            register_expires_secs: 600,
+            register_retry_min_secs: 5,
+            register_retry_max_secs: 300,
+            keepalive_secs: 30,
+            registration_grace_secs: 10,
+            max_registrations: 10_000,
         }
     }
 }

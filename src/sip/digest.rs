@@ -53,7 +53,9 @@ impl Algorithm {
     fn hash(self, data: &str) -> String {
         match self {
             Algorithm::Md5 | Algorithm::Md5Sess => hex::encode(Md5::digest(data.as_bytes())),
-            Algorithm::Sha256 | Algorithm::Sha256Sess => hex::encode(Sha256::digest(data.as_bytes())),
+            Algorithm::Sha256 | Algorithm::Sha256Sess => {
+                hex::encode(Sha256::digest(data.as_bytes()))
+            }
         }
     }
 
@@ -199,7 +201,13 @@ impl Challenge {
                 "opaque" => c.opaque = Some(v),
                 "algorithm" => c.algorithm = Algorithm::parse(&v)?,
                 "stale" => c.stale = v.eq_ignore_ascii_case("true"),
-                "qop" => qop_offered = Some(v.split(',').map(|q| q.trim().to_ascii_lowercase()).collect()),
+                "qop" => {
+                    qop_offered = Some(
+                        v.split(',')
+                            .map(|q| q.trim().to_ascii_lowercase())
+                            .collect(),
+                    )
+                }
                 _ => {}
             }
         }
@@ -220,7 +228,10 @@ impl Challenge {
     pub fn best(challenges: impl IntoIterator<Item = Challenge>) -> Option<Challenge> {
         let mut best: Option<Challenge> = None;
         for c in challenges {
-            if best.as_ref().is_none_or(|b| c.algorithm.strength() > b.algorithm.strength()) {
+            if best
+                .as_ref()
+                .is_none_or(|b| c.algorithm.strength() > b.algorithm.strength())
+            {
                 best = Some(c);
             }
         }
@@ -230,8 +241,14 @@ impl Challenge {
     /// Every answerable challenge in a 401/407 response.
     pub fn from_response(msg: &super::message::Message) -> Vec<Challenge> {
         let mut out = Vec::new();
-        for (kind, header) in [(ChallengeKind::Www, "WWW-Authenticate"), (ChallengeKind::Proxy, "Proxy-Authenticate")] {
-            out.extend(msg.headers(header).filter_map(|v| Challenge::parse(kind, v)));
+        for (kind, header) in [
+            (ChallengeKind::Www, "WWW-Authenticate"),
+            (ChallengeKind::Proxy, "Proxy-Authenticate"),
+        ] {
+            out.extend(
+                msg.headers(header)
+                    .filter_map(|v| Challenge::parse(kind, v)),
+            );
         }
         out
     }
@@ -273,18 +290,31 @@ impl Challenge {
     /// The `response` value (lower-case hex).
     pub fn response(&self, a: &Answer<'_>) -> String {
         let alg = self.algorithm;
-        let mut ha1 = alg.hash(&format!("{}:{}:{}", a.username, self.realm, a.password.expose_secret()));
+        let mut ha1 = alg.hash(&format!(
+            "{}:{}:{}",
+            a.username,
+            self.realm,
+            a.password.expose_secret()
+        ));
         if alg.is_sess() {
             ha1 = alg.hash(&format!("{ha1}:{}:{}", self.nonce, a.cnonce));
         }
         let ha2 = match self.qop {
-            Some(Qop::AuthInt) => alg.hash(&format!("{}:{}:{}", a.method, a.uri, alg.hash_bytes(a.body))),
+            Some(Qop::AuthInt) => alg.hash(&format!(
+                "{}:{}:{}",
+                a.method,
+                a.uri,
+                alg.hash_bytes(a.body)
+            )),
             _ => alg.hash(&format!("{}:{}", a.method, a.uri)),
         };
         match self.qop {
             Some(q) => {
                 let q = if q == Qop::Auth { "auth" } else { "auth-int" };
-                alg.hash(&format!("{ha1}:{}:{:08x}:{}:{q}:{ha2}", self.nonce, a.nc, a.cnonce))
+                alg.hash(&format!(
+                    "{ha1}:{}:{:08x}:{}:{q}:{ha2}",
+                    self.nonce, a.nc, a.cnonce
+                ))
             }
             None => alg.hash(&format!("{ha1}:{}:{ha2}", self.nonce)),
         }
@@ -303,7 +333,11 @@ impl Challenge {
         );
         if let Some(q) = self.qop {
             let q = if q == Qop::Auth { "auth" } else { "auth-int" };
-            v.push_str(&format!(", qop={q}, nc={:08x}, cnonce={}", a.nc, quote(a.cnonce)));
+            v.push_str(&format!(
+                ", qop={q}, nc={:08x}, cnonce={}",
+                a.nc,
+                quote(a.cnonce)
+            ));
         }
         if let Some(o) = &self.opaque {
             v.push_str(&format!(", opaque={}", quote(o)));
@@ -342,7 +376,10 @@ mod tests {
         let a = answer(&pw, "0a4f113b", b"");
         assert_eq!(c.response(&a), "6629fae49393a05397450978507c4ef1");
         let h = c.authorization(&a);
-        assert!(h.contains("nc=00000001") && h.contains("opaque=\"5ccc069c403ebaf9f0171e9517f40e41\""), "{h}");
+        assert!(
+            h.contains("nc=00000001") && h.contains("opaque=\"5ccc069c403ebaf9f0171e9517f40e41\""),
+            "{h}"
+        );
         assert!(!h.contains("Circle"));
     }
 
@@ -367,18 +404,43 @@ mod tests {
     #[test]
     fn rfc7616_examples_and_variants() {
         assert_eq!(rfc7616("MD5", "auth"), "8ca523f5e9506fed4657c9700eebdbec");
-        assert_eq!(rfc7616("SHA-256", "auth"), "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1");
-        assert_eq!(rfc7616("MD5", "auth-int"), "9aaa3cbaec2406853a7cb784c6813d11");
-        assert_eq!(rfc7616("SHA-256", "auth-int"), "2fa9fd5a55eaefc542900085331c15a0d8dcebeb505811bdd82a5b1f49ae156e");
-        assert_eq!(rfc7616("MD5-sess", "auth"), "e783283f46242139c486a698fec7211d");
-        assert_eq!(rfc7616("MD5-sess", "auth-int"), "a0dd1fdc2cda57809f734f0b1f089e7b");
-        assert_eq!(rfc7616("SHA-256-sess", "auth"), "2fd51b3a77ad75bad6afad6003e818d767133c46d9e2749e7f5232ae1ea3efd7");
-        assert_eq!(rfc7616("SHA-256-sess", "auth-int"), "351cf1de6df8006b29344896ed8e41148d9922c94d1aedab40833924f92d49c2");
+        assert_eq!(
+            rfc7616("SHA-256", "auth"),
+            "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1"
+        );
+        assert_eq!(
+            rfc7616("MD5", "auth-int"),
+            "9aaa3cbaec2406853a7cb784c6813d11"
+        );
+        assert_eq!(
+            rfc7616("SHA-256", "auth-int"),
+            "2fa9fd5a55eaefc542900085331c15a0d8dcebeb505811bdd82a5b1f49ae156e"
+        );
+        assert_eq!(
+            rfc7616("MD5-sess", "auth"),
+            "e783283f46242139c486a698fec7211d"
+        );
+        assert_eq!(
+            rfc7616("MD5-sess", "auth-int"),
+            "a0dd1fdc2cda57809f734f0b1f089e7b"
+        );
+        assert_eq!(
+            rfc7616("SHA-256-sess", "auth"),
+            "2fd51b3a77ad75bad6afad6003e818d767133c46d9e2749e7f5232ae1ea3efd7"
+        );
+        assert_eq!(
+            rfc7616("SHA-256-sess", "auth-int"),
+            "351cf1de6df8006b29344896ed8e41148d9922c94d1aedab40833924f92d49c2"
+        );
     }
 
     #[test]
     fn no_qop_is_rfc2069() {
-        let c = Challenge::parse(ChallengeKind::Proxy, &format!("Digest realm=\"http-auth@example.org\", nonce=\"{NONCE}\"")).unwrap();
+        let c = Challenge::parse(
+            ChallengeKind::Proxy,
+            &format!("Digest realm=\"http-auth@example.org\", nonce=\"{NONCE}\""),
+        )
+        .unwrap();
         let pw = SecretString::new("Circle of Life".into());
         let a = answer(&pw, CNONCE, b"");
         assert_eq!(c.response(&a), "7b2cc3b30e75b4777ea31027084363fd");
@@ -388,16 +450,39 @@ mod tests {
 
     #[test]
     fn parsing_edge_cases() {
-        let c = Challenge::parse(ChallengeKind::Www, "digest realm=\"a, b\",nonce=abc,stale=TRUE,qop=\"auth-int\"").unwrap();
-        assert_eq!((c.realm.as_str(), c.nonce.as_str(), c.stale, c.qop), ("a, b", "abc", true, Some(Qop::AuthInt)));
+        let c = Challenge::parse(
+            ChallengeKind::Www,
+            "digest realm=\"a, b\",nonce=abc,stale=TRUE,qop=\"auth-int\"",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.realm.as_str(), c.nonce.as_str(), c.stale, c.qop),
+            ("a, b", "abc", true, Some(Qop::AuthInt))
+        );
         assert!(Challenge::parse(ChallengeKind::Www, "Basic realm=\"x\"").is_none());
-        assert!(Challenge::parse(ChallengeKind::Www, "Digest realm=\"x\", nonce=\"n\", algorithm=SHA-512-256").is_none());
+        assert!(
+            Challenge::parse(
+                ChallengeKind::Www,
+                "Digest realm=\"x\", nonce=\"n\", algorithm=SHA-512-256"
+            )
+            .is_none()
+        );
         assert!(Challenge::parse(ChallengeKind::Www, "Digest realm=\"x\"").is_none());
-        assert!(Challenge::parse(ChallengeKind::Www, "Digest realm=\"x\", nonce=\"n\", qop=\"weird\"").is_none());
+        assert!(
+            Challenge::parse(
+                ChallengeKind::Www,
+                "Digest realm=\"x\", nonce=\"n\", qop=\"weird\""
+            )
+            .is_none()
+        );
         assert!(Challenge::parse(ChallengeKind::Www, "Digest nonce=\"unterminated").is_some());
         let best = Challenge::best([
             Challenge::parse(ChallengeKind::Www, "Digest realm=a, nonce=1, algorithm=MD5").unwrap(),
-            Challenge::parse(ChallengeKind::Www, "Digest realm=a, nonce=2, algorithm=SHA-256").unwrap(),
+            Challenge::parse(
+                ChallengeKind::Www,
+                "Digest realm=a, nonce=2, algorithm=SHA-256",
+            )
+            .unwrap(),
         ])
         .unwrap();
         assert_eq!(best.nonce, "2");
@@ -405,7 +490,8 @@ mod tests {
 
     #[test]
     fn quoting_in_output() {
-        let c = Challenge::parse(ChallengeKind::Www, r#"Digest realm="we\"ird", nonce="n""#).unwrap();
+        let c =
+            Challenge::parse(ChallengeKind::Www, r#"Digest realm="we\"ird", nonce="n""#).unwrap();
         assert_eq!(c.realm, "we\"ird");
         let pw = SecretString::new("p".into());
         let h = c.authorization(&answer(&pw, "c", b""));

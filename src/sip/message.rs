@@ -9,7 +9,6 @@
 
 use std::fmt::Write as _;
 
-
 /// Largest datagram accepted (and sent): the UDP payload limit.
 pub const MAX_MESSAGE_BYTES: usize = 65_507;
 /// Most header lines accepted in one message.
@@ -89,8 +88,20 @@ fn expand_compact(name: &str) -> Option<&'static str> {
 }
 
 const KNOWN_METHODS: [&str; 14] = [
-    "ACK", "BYE", "CANCEL", "INFO", "INVITE", "MESSAGE", "NOTIFY", "OPTIONS", "PRACK", "PUBLISH", "REFER",
-    "REGISTER", "SUBSCRIBE", "UPDATE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "INFO",
+    "INVITE",
+    "MESSAGE",
+    "NOTIFY",
+    "OPTIONS",
+    "PRACK",
+    "PUBLISH",
+    "REFER",
+    "REGISTER",
+    "SUBSCRIBE",
+    "UPDATE",
 ];
 
 /// A parsed SIP message.
@@ -140,7 +151,11 @@ impl Message {
         let mut first_line = first.to_owned();
         if !first.starts_with("SIP/") {
             let (method, rest) = first.split_once(' ').ok_or(ParseError::Rejected)?;
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)) {
+            if method.is_empty()
+                || !method
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+            {
                 return Err(ParseError::Rejected);
             }
             if !KNOWN_METHODS.contains(&method) {
@@ -181,7 +196,13 @@ impl Message {
             None => body,
         };
 
-        for (mandatory, _) in [("Via", ()), ("From", ()), ("To", ()), ("Call-ID", ()), ("CSeq", ())] {
+        for (mandatory, _) in [
+            ("Via", ()),
+            ("From", ()),
+            ("To", ()),
+            ("Call-ID", ()),
+            ("CSeq", ()),
+        ] {
             if find(&headers, mandatory).is_none() {
                 return Err(ParseError::MissingHeader(mandatory));
             }
@@ -229,7 +250,12 @@ impl Message {
             },
             rsip::SipMessage::Response(r) => StartLine::Response {
                 code: r.status_code.code(),
-                reason: r.status_code.to_string().split_once(' ').map(|(_, p)| p.to_owned()).unwrap_or_default(),
+                reason: r
+                    .status_code
+                    .to_string()
+                    .split_once(' ')
+                    .map(|(_, p)| p.to_owned())
+                    .unwrap_or_default(),
             },
         }
     }

@@ -170,9 +170,16 @@ pub struct Registration {
 
 impl Registration {
     /// A registration for `account`, bound as `binding`; nothing is sent until [`start`](Self::start).
-    pub fn new(account: SipAccount, settings: Settings, binding: Binding, seed: u64) -> Registration {
+    pub fn new(
+        account: SipAccount,
+        settings: Settings,
+        binding: Binding,
+        seed: u64,
+    ) -> Registration {
         let request_uri = match (&account.outbound_proxy, account.port) {
-            (None, p) if p != crate::account::DEFAULT_SIP_PORT => format!("sip:{}:{p}", account.domain),
+            (None, p) if p != crate::account::DEFAULT_SIP_PORT => {
+                format!("sip:{}:{p}", account.domain)
+            }
             _ => format!("sip:{}", account.domain),
         };
         let asking = settings.expires;
@@ -220,7 +227,10 @@ impl Registration {
 
     /// Our Contact URI.
     pub fn contact_uri(&self) -> String {
-        format!("sip:{}@{};transport=udp", self.binding.contact_user, self.binding.via_host)
+        format!(
+            "sip:{}@{};transport=udp",
+            self.binding.contact_user, self.binding.via_host
+        )
     }
 
     /// The unique Contact user part (inbound requests for this binding carry it).
@@ -265,7 +275,9 @@ impl Registration {
 
     /// Whether the goal is reached and nothing is in flight (the owner may drop it).
     pub fn is_finished(&self) -> bool {
-        self.goal == Goal::Unregistered && self.in_flight.is_none() && self.status == Status::Unregistered
+        self.goal == Goal::Unregistered
+            && self.in_flight.is_none()
+            && self.status == Status::Unregistered
     }
 
     fn begin_chain(&mut self, now: Instant) {
@@ -291,15 +303,28 @@ impl Registration {
             None => format!("<{aor}>;tag={}", self.binding.from_tag),
         };
         let mut b = Builder::request("REGISTER", &self.request_uri)
-            .header("Via", format!("SIP/2.0/UDP {};branch=z9hG4bK{};rport", self.binding.via_host, self.rng.hex()))
+            .header(
+                "Via",
+                format!(
+                    "SIP/2.0/UDP {};branch=z9hG4bK{};rport",
+                    self.binding.via_host,
+                    self.rng.hex()
+                ),
+            )
             .header("Max-Forwards", "70")
             .header("From", from)
             .header("To", format!("<{aor}>"))
             .header("Call-ID", self.binding.call_id.clone())
             .header("CSeq", format!("{} REGISTER", self.cseq))
-            .header("Contact", format!("<{}>;expires={expires}", self.contact_uri()))
+            .header(
+                "Contact",
+                format!("<{}>;expires={expires}", self.contact_uri()),
+            )
             .header("Expires", expires.to_string())
-            .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE")
+            .header(
+                "Allow",
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE",
+            )
             .header("User-Agent", self.settings.user_agent.clone());
         if let Some(ch) = &self.challenge {
             self.nc += 1;
@@ -325,7 +350,14 @@ impl Registration {
     fn send_keepalive(&mut self) {
         let aor = format!("sip:{}@{}", self.account.login, self.account.domain);
         let b = Builder::request("OPTIONS", &self.request_uri)
-            .header("Via", format!("SIP/2.0/UDP {};branch=z9hG4bK{};rport", self.binding.via_host, self.rng.hex()))
+            .header(
+                "Via",
+                format!(
+                    "SIP/2.0/UDP {};branch=z9hG4bK{};rport",
+                    self.binding.via_host,
+                    self.rng.hex()
+                ),
+            )
             .header("Max-Forwards", "70")
             .header("From", format!("<{aor}>;tag={}", self.rng.hex()))
             .header("To", format!("<{}>", self.request_uri))
@@ -382,12 +414,22 @@ impl Registration {
             }
             401 | 407 => {
                 let Some(ch) = Challenge::best(Challenge::from_response(resp)) else {
-                    return self.fail(now, code, "challenge callgate cannot answer (no usable Digest algorithm)", false);
+                    return self.fail(
+                        now,
+                        code,
+                        "challenge callgate cannot answer (no usable Digest algorithm)",
+                        false,
+                    );
                 };
                 if (self.answered_challenge && !ch.stale) || self.auth_rounds >= MAX_AUTH_ROUNDS {
                     // §22.2/§22.3: challenged again after answering → credentials refused.
                     self.challenge = None;
-                    return self.fail(now, code, &format!("{reason} (wrong user name or password)"), false);
+                    return self.fail(
+                        now,
+                        code,
+                        &format!("{reason} (wrong user name or password)"),
+                        false,
+                    );
                 }
                 if self.challenge.as_ref().is_none_or(|c| c.nonce != ch.nonce) {
                     self.nc = 0;
@@ -400,19 +442,28 @@ impl Registration {
                 self.send_register();
             }
             423 if self.goal == Goal::Registered => {
-                let min = resp.header("Min-Expires").and_then(|v| v.trim().parse::<u64>().ok());
+                let min = resp
+                    .header("Min-Expires")
+                    .and_then(|v| v.trim().parse::<u64>().ok());
                 match min {
                     Some(m) if Duration::from_secs(m) > self.asking && m <= 86_400 => {
                         self.asking = Duration::from_secs(m);
                         self.send_register();
                     }
-                    _ => self.fail(now, code, "Interval Too Brief without a usable Min-Expires", true),
+                    _ => self.fail(
+                        now,
+                        code,
+                        "Interval Too Brief without a usable Min-Expires",
+                        true,
+                    ),
                 }
             }
             403 | 404 => self.fail(now, code, &reason, false),
             _ => {
                 let retry_after = resp.header("Retry-After").and_then(|v| {
-                    v.split(|c: char| !c.is_ascii_digit()).next().and_then(|n| n.parse::<u64>().ok())
+                    v.split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
                 });
                 self.fail_with_retry(now, code, &reason, retry_after.map(Duration::from_secs));
             }
@@ -430,7 +481,12 @@ impl Registration {
             return;
         }
         self.in_flight = None;
-        self.fail(now, 408, "Request Timeout (no response from the registrar)", true);
+        self.fail(
+            now,
+            408,
+            "Request Timeout (no response from the registrar)",
+            true,
+        );
     }
 
     fn on_success(&mut self, now: Instant, resp: &Message) {
@@ -450,20 +506,32 @@ impl Registration {
                 let uri = name_addr_uri(c);
                 uri.eq_ignore_ascii_case(&mine) || uri.starts_with(&user)
             })
-            .and_then(|c| header_param(c, "expires").flatten().and_then(|v| v.parse::<u64>().ok()));
+            .and_then(|c| {
+                header_param(c, "expires")
+                    .flatten()
+                    .and_then(|v| v.parse::<u64>().ok())
+            });
         let granted = contact_expires
             .or_else(|| resp.header("Expires").and_then(|v| v.trim().parse().ok()))
             .unwrap_or(self.asking.as_secs());
         if granted == 0 {
             // The registrar dropped our binding although we asked to keep it.
-            return self.fail_with_retry(now, 200, "registrar granted no binding (expires=0)", None);
+            return self.fail_with_retry(
+                now,
+                200,
+                "registrar granted no binding (expires=0)",
+                None,
+            );
         }
         let count = match self.status {
             Status::Registered { count, .. } => count + 1,
             _ => 1,
         };
         let granted32 = u32::try_from(granted).unwrap_or(u32::MAX);
-        self.set_status(Status::Registered { expires: granted32, count });
+        self.set_status(Status::Registered {
+            expires: granted32,
+            count,
+        });
         // Refresh well before expiry: at 80 %, and at least 5 s early when the binding is long.
         let g = Duration::from_secs(granted);
         let lead = (g / 5).max(Duration::from_secs(5).min(g / 2));
@@ -511,7 +579,9 @@ impl Registration {
             .retry_min
             .saturating_mul(1u32 << self.failures.saturating_sub(1).min(16))
             .min(self.settings.retry_max);
-        let delay = hint.map_or(backoff, |h| h.clamp(self.settings.retry_min, self.settings.retry_max));
+        let delay = hint.map_or(backoff, |h| {
+            h.clamp(self.settings.retry_min, self.settings.retry_max)
+        });
         self.retry_at = Some(now + delay);
         self.set_status(Status::Failed {
             status,
@@ -527,11 +597,15 @@ impl Registration {
         if self.binding.fixed_public_address {
             return false;
         }
-        let Some(via) = resp.top_via() else { return false };
+        let Some(via) = resp.top_via() else {
+            return false;
+        };
         let (Some(received), Some(Some(rport))) = (via.received.as_deref(), via.rport) else {
             return false;
         };
-        let Ok(ip) = received.parse::<std::net::IpAddr>() else { return false };
+        let Ok(ip) = received.parse::<std::net::IpAddr>() else {
+            return false;
+        };
         let learned = std::net::SocketAddr::new(ip, rport).to_string();
         if learned == self.binding.via_host {
             return false;
@@ -573,7 +647,10 @@ impl Registration {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.refresh_at, self.retry_at, self.keepalive_at].into_iter().flatten().min()
+        [self.refresh_at, self.retry_at, self.keepalive_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 

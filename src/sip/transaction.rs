@@ -197,9 +197,19 @@ pub const MAX_TRANSACTIONS: usize = 20_000;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum ServerKey {
     /// RFC 3261: branch, sent-by, method (ACK counted as INVITE).
-    Rfc3261 { branch: String, sent_by: String, method: String },
+    Rfc3261 {
+        branch: String,
+        sent_by: String,
+        method: String,
+    },
     /// RFC 2543 fallback.
-    Rfc2543 { call_id: String, from_tag: String, cseq: u32, via: String, method: String },
+    Rfc2543 {
+        call_id: String,
+        from_tag: String,
+        cseq: u32,
+        via: String,
+        method: String,
+    },
 }
 
 #[derive(Debug)]
@@ -253,7 +263,11 @@ fn server_key(msg: &Message) -> Option<ServerKey> {
     match via.branch {
         Some(b) if b.starts_with(BRANCH_COOKIE) => Some(ServerKey::Rfc3261 {
             branch: b,
-            sent_by: format!("{}:{}", via.host.to_ascii_lowercase(), via.port.unwrap_or(5060)),
+            sent_by: format!(
+                "{}:{}",
+                via.host.to_ascii_lowercase(),
+                via.port.unwrap_or(5060)
+            ),
             method,
         }),
         _ => Some(ServerKey::Rfc2543 {
@@ -309,7 +323,12 @@ impl TransactionLayer {
 
     /// Starts a client transaction for `request` (wire bytes whose top Via carries a fresh
     /// branch) toward `dest`, and queues its first transmission.
-    pub fn send_request(&mut self, now: Instant, request: Vec<u8>, dest: SocketAddr) -> Result<TxId, TxError> {
+    pub fn send_request(
+        &mut self,
+        now: Instant,
+        request: Vec<u8>,
+        dest: SocketAddr,
+    ) -> Result<TxId, TxError> {
         let msg = Message::parse(&request).map_err(TxError::Invalid)?;
         if !msg.is_request() || msg.method() == "ACK" {
             return Err(TxError::WrongKind);
@@ -326,8 +345,16 @@ impl TransactionLayer {
         let id = self.alloc();
         let t1 = self.timers.t1;
         let mut tx = Tx {
-            kind: if invite { Kind::InviteClient } else { Kind::NonInviteClient },
-            state: if invite { State::Calling } else { State::Trying },
+            kind: if invite {
+                Kind::InviteClient
+            } else {
+                Kind::NonInviteClient
+            },
+            state: if invite {
+                State::Calling
+            } else {
+                State::Trying
+            },
             request: msg,
             request_bytes: request.clone(),
             peer: dest,
@@ -345,7 +372,10 @@ impl TransactionLayer {
             tx.set(Timer::E, now + t1);
             tx.set(Timer::F, now + self.timers.sixty_four_t1());
         }
-        self.transmits.push_back(Transmit { dest, data: request });
+        self.transmits.push_back(Transmit {
+            dest,
+            data: request,
+        });
         self.client_index.insert(key, id);
         self.txs.insert(id, tx);
         Ok(id)
@@ -360,7 +390,8 @@ impl TransactionLayer {
         let timers = self.timers;
         let tx = self.txs.get_mut(&id).ok_or(TxError::NoSuchTransaction)?;
         match (tx.kind, tx.state) {
-            (Kind::InviteServer, State::Proceeding) | (Kind::NonInviteServer, State::Trying | State::Proceeding) => {}
+            (Kind::InviteServer, State::Proceeding)
+            | (Kind::NonInviteServer, State::Trying | State::Proceeding) => {}
             (Kind::InviteServer | Kind::NonInviteServer, _) => return Err(TxError::AlreadyFinal),
             _ => return Err(TxError::NoSuchTransaction),
         }
@@ -396,7 +427,12 @@ impl TransactionLayer {
     }
 
     /// Parses and handles one datagram. Malformed ones are dropped and reported for counting.
-    pub fn handle_datagram(&mut self, now: Instant, data: &[u8], source: SocketAddr) -> Result<(), ParseError> {
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        data: &[u8],
+        source: SocketAddr,
+    ) -> Result<(), ParseError> {
         let msg = Message::parse(data)?;
         self.handle_message(now, msg, source);
         Ok(())
@@ -417,12 +453,17 @@ impl TransactionLayer {
             .and_then(|v| v.branch)
             .map(|b| (b, msg.cseq().map(|(_, m)| m.to_owned()).unwrap_or_default()));
         let Some(id) = key.and_then(|k| self.client_index.get(&k).copied()) else {
-            self.events.push_back(Event::Stray { message: msg, source });
+            self.events.push_back(Event::Stray {
+                message: msg,
+                source,
+            });
             return;
         };
         let Some(code) = msg.status() else { return };
         let timers = self.timers;
-        let Some(tx) = self.txs.get_mut(&id) else { return };
+        let Some(tx) = self.txs.get_mut(&id) else {
+            return;
+        };
         match (tx.kind, tx.state, code) {
             (Kind::InviteClient, State::Calling | State::Proceeding, 100..=199) => {
                 tx.state = State::Proceeding;
@@ -441,7 +482,10 @@ impl TransactionLayer {
             }
             (Kind::InviteClient, State::Calling | State::Proceeding, 300..) => {
                 let ack = build_ack(&tx.request, &msg);
-                self.transmits.push_back(Transmit { dest: tx.peer, data: ack.clone() });
+                self.transmits.push_back(Transmit {
+                    dest: tx.peer,
+                    data: ack.clone(),
+                });
                 tx.ack = Some(ack);
                 tx.state = State::Completed;
                 tx.timers.clear();
@@ -450,7 +494,10 @@ impl TransactionLayer {
             }
             (Kind::InviteClient, State::Completed, 300..) => {
                 if let Some(ack) = &tx.ack {
-                    self.transmits.push_back(Transmit { dest: tx.peer, data: ack.clone() });
+                    self.transmits.push_back(Transmit {
+                        dest: tx.peer,
+                        data: ack.clone(),
+                    });
                 }
             }
             (Kind::NonInviteClient, State::Trying | State::Proceeding, 100..=199) => {
@@ -474,7 +521,9 @@ impl TransactionLayer {
         let Some(key) = server_key(&msg) else { return };
         if let Some(&id) = self.server_index.get(&key) {
             let timers = self.timers;
-            let Some(tx) = self.txs.get_mut(&id) else { return };
+            let Some(tx) = self.txs.get_mut(&id) else {
+                return;
+            };
             let is_ack = msg.method() == "ACK";
             match (tx.kind, tx.state, is_ack) {
                 (Kind::InviteServer, State::Completed, true) => {
@@ -485,7 +534,10 @@ impl TransactionLayer {
                 (Kind::InviteServer, State::Proceeding | State::Completed, false)
                 | (Kind::NonInviteServer, State::Proceeding | State::Completed, false) => {
                     if let Some(r) = &tx.last_response {
-                        self.transmits.push_back(Transmit { dest: tx.peer, data: r.clone() });
+                        self.transmits.push_back(Transmit {
+                            dest: tx.peer,
+                            data: r.clone(),
+                        });
                     }
                 }
                 // Trying (no response yet), Confirmed, Accepted: absorb.
@@ -495,7 +547,10 @@ impl TransactionLayer {
         }
         if msg.method() == "ACK" {
             // ACK for a 2xx (its own transaction, RFC 3261 §17.2.1 / RFC 6026): the dialog's.
-            self.events.push_back(Event::Stray { message: msg, source });
+            self.events.push_back(Event::Stray {
+                message: msg,
+                source,
+            });
             return;
         }
         let peer = response_destination(&msg, source);
@@ -503,14 +558,25 @@ impl TransactionLayer {
             let resp = response_to(&msg, 503, "Service Unavailable", None)
                 .header("Retry-After", "5")
                 .build();
-            self.transmits.push_back(Transmit { dest: peer, data: resp });
+            self.transmits.push_back(Transmit {
+                dest: peer,
+                data: resp,
+            });
             return;
         }
         let invite = msg.method() == "INVITE";
         let id = self.alloc();
         let mut tx = Tx {
-            kind: if invite { Kind::InviteServer } else { Kind::NonInviteServer },
-            state: if invite { State::Proceeding } else { State::Trying },
+            kind: if invite {
+                Kind::InviteServer
+            } else {
+                Kind::NonInviteServer
+            },
+            state: if invite {
+                State::Proceeding
+            } else {
+                State::Trying
+            },
             request: msg.clone(),
             request_bytes: Vec::new(),
             peer,
@@ -524,12 +590,19 @@ impl TransactionLayer {
         if invite {
             // §17.2.1: 100 Trying at once, so the client stops retransmitting.
             let trying = response_to(&msg, 100, "Trying", None).build();
-            self.transmits.push_back(Transmit { dest: peer, data: trying.clone() });
+            self.transmits.push_back(Transmit {
+                dest: peer,
+                data: trying.clone(),
+            });
             tx.last_response = Some(trying);
         }
         self.server_index.insert(key, id);
         self.txs.insert(id, tx);
-        self.events.push_back(Event::Request { id, request: msg, source });
+        self.events.push_back(Event::Request {
+            id,
+            request: msg,
+            source,
+        });
     }
 
     /// Fires every timer due at `now`.
@@ -537,7 +610,12 @@ impl TransactionLayer {
         let due: Vec<(TxId, Timer)> = self
             .txs
             .iter()
-            .flat_map(|(id, tx)| tx.timers.iter().filter(|(_, at)| *at <= now).map(move |(t, _)| (*id, *t)))
+            .flat_map(|(id, tx)| {
+                tx.timers
+                    .iter()
+                    .filter(|(_, at)| *at <= now)
+                    .map(move |(t, _)| (*id, *t))
+            })
             .collect();
         for (id, timer) in due {
             self.fire(now, id, timer);
@@ -546,7 +624,9 @@ impl TransactionLayer {
 
     fn fire(&mut self, now: Instant, id: TxId, timer: Timer) {
         let timers = self.timers;
-        let Some(tx) = self.txs.get_mut(&id) else { return };
+        let Some(tx) = self.txs.get_mut(&id) else {
+            return;
+        };
         // Another timer of the same batch may have changed state; check this one is still armed.
         if !tx.timers.iter().any(|(t, at)| *t == timer && *at <= now) {
             return;
@@ -555,12 +635,18 @@ impl TransactionLayer {
         let mut terminate = false;
         match timer {
             Timer::A => {
-                self.transmits.push_back(Transmit { dest: tx.peer, data: tx.request_bytes.clone() });
+                self.transmits.push_back(Transmit {
+                    dest: tx.peer,
+                    data: tx.request_bytes.clone(),
+                });
                 tx.interval = tx.interval.saturating_mul(2);
                 tx.set(Timer::A, now + tx.interval);
             }
             Timer::E => {
-                self.transmits.push_back(Transmit { dest: tx.peer, data: tx.request_bytes.clone() });
+                self.transmits.push_back(Transmit {
+                    dest: tx.peer,
+                    data: tx.request_bytes.clone(),
+                });
                 tx.interval = if tx.state == State::Proceeding {
                     timers.t2
                 } else {
@@ -570,7 +656,10 @@ impl TransactionLayer {
             }
             Timer::G => {
                 if let Some(r) = &tx.last_response {
-                    self.transmits.push_back(Transmit { dest: tx.peer, data: r.clone() });
+                    self.transmits.push_back(Transmit {
+                        dest: tx.peer,
+                        data: r.clone(),
+                    });
                 }
                 tx.interval = tx.interval.saturating_mul(2).min(timers.t2);
                 tx.set(Timer::G, now + tx.interval);
@@ -621,12 +710,18 @@ impl TransactionLayer {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.txs.values().flat_map(|t| t.timers.iter().map(|(_, at)| *at)).min()
+        self.txs
+            .values()
+            .flat_map(|t| t.timers.iter().map(|(_, at)| *at))
+            .min()
     }
 
     /// A fresh To tag for a response that creates a dialog (unique within this process).
     pub fn new_tag(&mut self) -> String {
-        self.to_tag_seed = self.to_tag_seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.to_tag_seed = self
+            .to_tag_seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         format!("{:016x}", self.to_tag_seed)
     }
 }
@@ -634,11 +729,18 @@ impl TransactionLayer {
 /// Where responses to `req` go (RFC 3261 §18.2.2 with RFC 3581): the source address when `rport`
 /// was requested or `received` would be set, else the top Via's sent-by.
 pub fn response_destination(req: &Message, source: SocketAddr) -> SocketAddr {
-    let Some(via) = req.top_via() else { return source };
+    let Some(via) = req.top_via() else {
+        return source;
+    };
     if via.rport.is_some() {
         return source;
     }
-    match (via.host.trim_matches(['[', ']']).parse::<std::net::IpAddr>(), via.port) {
+    match (
+        via.host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>(),
+        via.port,
+    ) {
         (Ok(ip), port) if ip == source.ip() => SocketAddr::new(ip, port.unwrap_or(5060)),
         // sent-by differs from the packet's source (NAT): reply to the source, as `received` says.
         _ => source,
@@ -653,7 +755,10 @@ fn build_ack(invite: &Message, response: &Message) -> Vec<u8> {
     };
     let mut b = Builder::request("ACK", &uri);
     if let Some(v) = invite.headers("Via").next() {
-        b = b.header("Via", super::message::split_list(v).first().copied().unwrap_or(v));
+        b = b.header(
+            "Via",
+            super::message::split_list(v).first().copied().unwrap_or(v),
+        );
     }
     for r in invite.headers("Route") {
         b = b.header("Route", r);

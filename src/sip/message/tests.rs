@@ -29,7 +29,10 @@ fn compact_names_are_expanded() {
 t: <sip:1001@a>;tag=2\r\ni: abc\r\nCSeq: 1 REGISTER\r\nm: <sip:1001@127.0.0.1:5070>;expires=60\r\nl: 0\r\n\r\n";
     let m = Message::parse(raw.as_bytes()).unwrap();
     assert_eq!(m.call_id(), Some("abc"));
-    assert_eq!(m.header("Contact"), Some("<sip:1001@127.0.0.1:5070>;expires=60"));
+    assert_eq!(
+        m.header("Contact"),
+        Some("<sip:1001@127.0.0.1:5070>;expires=60")
+    );
     assert_eq!(m.top_via().unwrap().branch.as_deref(), Some("z9hG4bK1"));
 }
 
@@ -50,7 +53,9 @@ To: <sip:1001@a>\r\nCall-ID: x\r\nCSeq: 1 FOO\r\nContent-Length: 0\r\n\r\n";
     let m = Message::parse(raw.as_bytes()).unwrap();
     assert_eq!(m.unknown_method(), Some("FOO"));
     assert_eq!(m.method(), "FOO");
-    let resp = response_to(&m, 501, "Not Implemented", Some("t1")).into_message().unwrap();
+    let resp = response_to(&m, 501, "Not Implemented", Some("t1"))
+        .into_message()
+        .unwrap();
     assert_eq!(resp.cseq(), Some((1, "FOO")));
     assert_eq!(resp.to_tag(), Some("t1"));
 }
@@ -65,7 +70,9 @@ fn bare_lf_and_leading_crlf() {
 #[test]
 fn content_length_is_honoured() {
     let base = "INVITE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n";
-    let m = Message::parse(format!("{base}Content-Length: 4\r\n\r\nv=0\r\ntrailing junk").as_bytes()).unwrap();
+    let m =
+        Message::parse(format!("{base}Content-Length: 4\r\n\r\nv=0\r\ntrailing junk").as_bytes())
+            .unwrap();
     assert_eq!(m.body(), b"v=0\r");
     let e = Message::parse(format!("{base}Content-Length: 400\r\n\r\nv=0\r\n").as_bytes());
     assert_eq!(e.err(), Some(ParseError::BadContentLength));
@@ -75,15 +82,27 @@ fn content_length_is_honoured() {
 
 #[test]
 fn limits_and_garbage() {
-    assert_eq!(Message::parse(b"\r\n\r\n").err(), Some(ParseError::Keepalive));
-    assert_eq!(Message::parse(&vec![b'a'; MAX_MESSAGE_BYTES + 1]).err(), Some(ParseError::TooLarge));
+    assert_eq!(
+        Message::parse(b"\r\n\r\n").err(),
+        Some(ParseError::Keepalive)
+    );
+    assert_eq!(
+        Message::parse(&vec![b'a'; MAX_MESSAGE_BYTES + 1]).err(),
+        Some(ParseError::TooLarge)
+    );
     let many = format!(
         "OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\n{}\r\n",
         "X-A: 1\r\n".repeat(200)
     );
-    assert_eq!(Message::parse(many.as_bytes()).err(), Some(ParseError::TooManyHeaders));
+    assert_eq!(
+        Message::parse(many.as_bytes()).err(),
+        Some(ParseError::TooManyHeaders)
+    );
     let no_callid = "OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCSeq: 1 OPTIONS\r\n\r\n";
-    assert_eq!(Message::parse(no_callid.as_bytes()).err(), Some(ParseError::MissingHeader("Call-ID")));
+    assert_eq!(
+        Message::parse(no_callid.as_bytes()).err(),
+        Some(ParseError::MissingHeader("Call-ID"))
+    );
     assert_eq!(Message::parse(b"hello").err(), Some(ParseError::Truncated));
     assert!(Message::parse(b"GARBAGE\r\n\r\n").is_err());
 }
@@ -92,14 +111,24 @@ fn limits_and_garbage() {
 fn list_and_param_helpers() {
     assert_eq!(
         split_list("<sip:a@b;x=1,2>;expires=5, \"Bo, b\" <sip:c@d>, sip:e@f"),
-        vec!["<sip:a@b;x=1,2>;expires=5", "\"Bo, b\" <sip:c@d>", "sip:e@f"]
+        vec![
+            "<sip:a@b;x=1,2>;expires=5",
+            "\"Bo, b\" <sip:c@d>",
+            "sip:e@f"
+        ]
     );
-    assert_eq!(header_param("<sip:a@b;tag=no>;tag=yes;lr", "tag"), Some(Some("yes")));
+    assert_eq!(
+        header_param("<sip:a@b;tag=no>;tag=yes;lr", "tag"),
+        Some(Some("yes"))
+    );
     assert_eq!(header_param("<sip:a@b>;lr", "lr"), Some(None));
     assert_eq!(name_addr_uri("\"A\" <sip:a@b;x>;tag=1"), "sip:a@b;x");
     assert_eq!(name_addr_uri("sip:a@b;tag=1"), "sip:a@b");
     let v = Via::parse("SIP/2.0/UDP [::1]:5060;branch=z9hG4bKq;rport").unwrap();
-    assert_eq!((v.host.as_str(), v.port, v.rport), ("[::1]", Some(5060), Some(None)));
+    assert_eq!(
+        (v.host.as_str(), v.port, v.rport),
+        ("[::1]", Some(5060), Some(None))
+    );
 }
 
 /// No datagram panics the parser: random bytes and mutations of real messages.
@@ -130,7 +159,13 @@ fn no_panic_sweep() {
             }
         }
         if let Ok(msg) = Message::parse(&m) {
-            let _ = (msg.top_via(), msg.cseq(), msg.start_line(), msg.from_tag(), msg.to_tag());
+            let _ = (
+                msg.top_via(),
+                msg.cseq(),
+                msg.start_line(),
+                msg.from_tag(),
+                msg.to_tag(),
+            );
         }
         let len = (next() % 300) as usize;
         let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();

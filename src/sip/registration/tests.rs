@@ -16,7 +16,16 @@ fn settings() -> Settings {
 }
 
 fn reg() -> Registration {
-    let account = account_from_cli("1001", None, "pass1001".into(), "example.com", None, 5060, Some("Alice")).unwrap();
+    let account = account_from_cli(
+        "1001",
+        None,
+        "pass1001".into(),
+        "example.com",
+        None,
+        5060,
+        Some("Alice"),
+    )
+    .unwrap();
     let binding = Binding {
         via_host: "127.0.0.1:5070".into(),
         contact_user: "1001-abc".into(),
@@ -37,7 +46,10 @@ fn challenge(req: &Message, nonce: &str, stale: bool) -> Message {
     response_to(req, 401, "Unauthorized", Some("rt"))
         .header(
             "WWW-Authenticate",
-            format!("Digest realm=\"example.com\", nonce=\"{nonce}\", qop=\"auth\", algorithm=MD5{}", if stale { ", stale=true" } else { "" }),
+            format!(
+                "Digest realm=\"example.com\", nonce=\"{nonce}\", qop=\"auth\", algorithm=MD5{}",
+                if stale { ", stale=true" } else { "" }
+            ),
         )
         .into_message()
         .unwrap()
@@ -53,15 +65,24 @@ fn ok(req: &Message, extra: &[(&str, &str)]) -> Message {
 
 /// The registrar's check: the Authorization is right for password `pw`.
 fn auth_ok(req: &Message, pw: &str) -> bool {
-    let Some(h) = req.header("Authorization") else { return false };
+    let Some(h) = req.header("Authorization") else {
+        return false;
+    };
     let get = |k: &str| {
         h.split(", ")
-            .find_map(|p| p.strip_prefix(&format!("{k}=")).map(|v| v.trim_matches('"').to_owned()))
+            .find_map(|p| {
+                p.strip_prefix(&format!("{k}="))
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
             .unwrap_or_default()
     };
     let ch = Challenge::parse(
         ChallengeKind::Www,
-        &format!("Digest realm=\"{}\", nonce=\"{}\", qop=\"auth\"", get("realm"), get("nonce")),
+        &format!(
+            "Digest realm=\"{}\", nonce=\"{}\", qop=\"auth\"",
+            get("realm"),
+            get("nonce")
+        ),
     )
     .unwrap();
     let pw = crate::secret::SecretString::new(pw.into());
@@ -90,39 +111,90 @@ fn register_through_challenge_then_refresh_with_preemptive_credentials() {
     let first = sent(&mut r);
     assert_eq!(first.header("Expires"), Some("600"));
     assert!(first.header("Authorization").is_none());
-    assert_eq!(first.header("Contact"), Some("<sip:1001-abc@127.0.0.1:5070;transport=udp>;expires=600"));
-    assert_eq!(first.header("From"), Some("\"Alice\" <sip:1001@example.com>;tag=ft"));
-    assert!(matches!(first.start_line(), crate::sip::message::StartLine::Request { uri, .. } if uri == "sip:example.com"));
+    assert_eq!(
+        first.header("Contact"),
+        Some("<sip:1001-abc@127.0.0.1:5070;transport=udp>;expires=600")
+    );
+    assert_eq!(
+        first.header("From"),
+        Some("\"Alice\" <sip:1001@example.com>;tag=ft")
+    );
+    assert!(
+        matches!(first.start_line(), crate::sip::message::StartLine::Request { uri, .. } if uri == "sip:example.com")
+    );
     r.handle_response(t0, Purpose::Register, &challenge(&first, "n1", false));
     let second = sent(&mut r);
     assert!(auth_ok(&second, "pass1001"));
     assert_eq!(second.cseq(), Some((2, "REGISTER")));
-    assert_ne!(first.top_via().unwrap().branch, second.top_via().unwrap().branch);
+    assert_ne!(
+        first.top_via().unwrap().branch,
+        second.top_via().unwrap().branch
+    );
     // The registrar grants 120 s on our Contact (another device's contact says 3600).
     r.handle_response(
         t0,
         Purpose::Register,
         &ok(&second, &[("Contact", "<sip:other@10.0.0.9>;expires=3600, <sip:1001-abc@127.0.0.1:5070;transport=udp>;expires=120")]),
     );
-    assert_eq!(events(&mut r), vec![Status::Registering, Status::Registered { expires: 120, count: 1 }]);
+    assert_eq!(
+        events(&mut r),
+        vec![
+            Status::Registering,
+            Status::Registered {
+                expires: 120,
+                count: 1
+            }
+        ]
+    );
     // Refresh at 80 % (lead = max(24 s, 5 s)) → 96 s; keepalive is sooner at 30 s.
     assert_eq!(r.poll_timeout(), Some(t0 + Duration::from_secs(30)));
     r.handle_timeout(t0 + Duration::from_secs(30));
     let ka = sent(&mut r);
     assert_eq!(ka.method(), "OPTIONS");
-    r.handle_response(t0 + Duration::from_secs(30), Purpose::Keepalive, &ok(&ka, &[]));
+    r.handle_response(
+        t0 + Duration::from_secs(30),
+        Purpose::Keepalive,
+        &ok(&ka, &[]),
+    );
     r.handle_timeout(t0 + Duration::from_secs(96));
     let refresh = sent(&mut r);
     assert_eq!(refresh.call_id(), Some("reg-call"), "§10.2.4: same Call-ID");
     assert_eq!(refresh.cseq(), Some((3, "REGISTER")));
-    assert!(auth_ok(&refresh, "pass1001"), "preemptive credentials with the cached nonce");
-    assert!(refresh.header("Authorization").unwrap().contains("nc=00000002"));
+    assert!(
+        auth_ok(&refresh, "pass1001"),
+        "preemptive credentials with the cached nonce"
+    );
+    assert!(
+        refresh
+            .header("Authorization")
+            .unwrap()
+            .contains("nc=00000002")
+    );
     // The registrar's nonce has expired and it challenges (not stale): that is not a wrong password.
-    r.handle_response(t0 + Duration::from_secs(96), Purpose::Register, &challenge(&refresh, "n2", false));
+    r.handle_response(
+        t0 + Duration::from_secs(96),
+        Purpose::Register,
+        &challenge(&refresh, "n2", false),
+    );
     let answered = sent(&mut r);
-    assert!(answered.header("Authorization").unwrap().contains("nc=00000001"));
-    r.handle_response(t0 + Duration::from_secs(96), Purpose::Register, &ok(&answered, &[("Expires", "120")]));
-    assert_eq!(events(&mut r), vec![Status::Registered { expires: 120, count: 2 }]);
+    assert!(
+        answered
+            .header("Authorization")
+            .unwrap()
+            .contains("nc=00000001")
+    );
+    r.handle_response(
+        t0 + Duration::from_secs(96),
+        Purpose::Register,
+        &ok(&answered, &[("Expires", "120")]),
+    );
+    assert_eq!(
+        events(&mut r),
+        vec![Status::Registered {
+            expires: 120,
+            count: 2
+        }]
+    );
 }
 
 #[test]
@@ -137,7 +209,11 @@ fn wrong_password_stops_after_one_retry() {
     assert!(r.poll_request().is_none(), "no loop");
     assert_eq!(r.poll_timeout(), None, "no retry timer");
     match events(&mut r).last() {
-        Some(Status::Failed { status: 401, retrying: false, reason }) => assert!(reason.contains("wrong")),
+        Some(Status::Failed {
+            status: 401,
+            retrying: false,
+            reason,
+        }) => assert!(reason.contains("wrong")),
         other => panic!("{other:?}"),
     }
 }
@@ -152,9 +228,17 @@ fn stale_nonce_is_retried_without_counting() {
     let second = sent(&mut r);
     r.handle_response(t0, Purpose::Register, &challenge(&second, "n2", true));
     let third = sent(&mut r);
-    assert!(third.header("Authorization").unwrap().contains("nonce=\"n2\""));
+    assert!(
+        third
+            .header("Authorization")
+            .unwrap()
+            .contains("nonce=\"n2\"")
+    );
     r.handle_response(t0, Purpose::Register, &ok(&third, &[]));
-    assert!(matches!(r.status(), Status::Registered { expires: 600, .. }));
+    assert!(matches!(
+        r.status(),
+        Status::Registered { expires: 600, .. }
+    ));
     // But a registrar that says stale forever is cut off.
     let mut r = reg();
     r.start(t0);
@@ -163,9 +247,20 @@ fn stale_nonce_is_retried_without_counting() {
     for i in 1..10 {
         let Some(out) = r.poll_request() else { break };
         req = Message::parse(&out.data).unwrap();
-        r.handle_response(t0, Purpose::Register, &challenge(&req, &format!("s{i}"), true));
+        r.handle_response(
+            t0,
+            Purpose::Register,
+            &challenge(&req, &format!("s{i}"), true),
+        );
     }
-    assert!(matches!(r.status(), Status::Failed { status: 401, retrying: false, .. }));
+    assert!(matches!(
+        r.status(),
+        Status::Failed {
+            status: 401,
+            retrying: false,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -174,14 +269,27 @@ fn interval_too_brief_uses_min_expires() {
     let mut r = reg();
     r.start(t0);
     let first = sent(&mut r);
-    let resp = response_to(&first, 423, "Interval Too Brief", Some("x")).header("Min-Expires", "1800").into_message().unwrap();
+    let resp = response_to(&first, 423, "Interval Too Brief", Some("x"))
+        .header("Min-Expires", "1800")
+        .into_message()
+        .unwrap();
     r.handle_response(t0, Purpose::Register, &resp);
     let second = sent(&mut r);
     assert_eq!(second.header("Expires"), Some("1800"));
     // The same 423 again (Min-Expires not above what we asked): give up but retry later.
-    let resp = response_to(&second, 423, "Interval Too Brief", Some("x")).header("Min-Expires", "1800").into_message().unwrap();
+    let resp = response_to(&second, 423, "Interval Too Brief", Some("x"))
+        .header("Min-Expires", "1800")
+        .into_message()
+        .unwrap();
     r.handle_response(t0, Purpose::Register, &resp);
-    assert!(matches!(r.status(), Status::Failed { status: 423, retrying: true, .. }));
+    assert!(matches!(
+        r.status(),
+        Status::Failed {
+            status: 423,
+            retrying: true,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -194,7 +302,14 @@ fn timeouts_back_off_and_recover() {
     let mut delays = Vec::new();
     for _ in 0..5 {
         r.handle_tx_timeout(now, Purpose::Register);
-        assert!(matches!(r.status(), Status::Failed { status: 408, retrying: true, .. }));
+        assert!(matches!(
+            r.status(),
+            Status::Failed {
+                status: 408,
+                retrying: true,
+                ..
+            }
+        ));
         let at = r.poll_timeout().unwrap();
         delays.push((at - now).as_secs());
         now = at;
@@ -217,14 +332,30 @@ fn retry_after_and_definitive_failures() {
     let mut r = reg();
     r.start(t0);
     let req = sent(&mut r);
-    let resp = response_to(&req, 503, "Service Unavailable", Some("x")).header("Retry-After", "45 (maintenance)").into_message().unwrap();
+    let resp = response_to(&req, 503, "Service Unavailable", Some("x"))
+        .header("Retry-After", "45 (maintenance)")
+        .into_message()
+        .unwrap();
     r.handle_response(t0, Purpose::Register, &resp);
     assert_eq!(r.poll_timeout(), Some(t0 + Duration::from_secs(45)));
     let mut r = reg();
     r.start(t0);
     let req = sent(&mut r);
-    r.handle_response(t0, Purpose::Register, &response_to(&req, 403, "Forbidden", Some("x")).into_message().unwrap());
-    assert!(matches!(r.status(), Status::Failed { status: 403, retrying: false, .. }));
+    r.handle_response(
+        t0,
+        Purpose::Register,
+        &response_to(&req, 403, "Forbidden", Some("x"))
+            .into_message()
+            .unwrap(),
+    );
+    assert!(matches!(
+        r.status(),
+        Status::Failed {
+            status: 403,
+            retrying: false,
+            ..
+        }
+    ));
     assert_eq!(r.poll_timeout(), None);
 }
 
@@ -245,7 +376,11 @@ fn unregister_removes_the_binding_with_credentials() {
     r.handle_response(t0, Purpose::Register, &ok(&un, &[]));
     assert_eq!(r.status(), &Status::Unregistered);
     assert!(r.is_finished());
-    assert_eq!(r.poll_timeout(), None, "no refresh or keepalive after unregistering");
+    assert_eq!(
+        r.poll_timeout(),
+        None,
+        "no refresh or keepalive after unregistering"
+    );
 }
 
 #[test]
@@ -255,7 +390,10 @@ fn unregister_while_registering_waits_for_the_outcome() {
     r.start(t0);
     let a = sent(&mut r);
     r.unregister(t0);
-    assert!(r.poll_request().is_none(), "§10.2: not while one is in flight");
+    assert!(
+        r.poll_request().is_none(),
+        "§10.2: not while one is in flight"
+    );
     r.handle_response(t0, Purpose::Register, &ok(&a, &[]));
     let un = sent(&mut r);
     assert_eq!(un.header("Expires"), Some("0"));
@@ -288,7 +426,10 @@ fn received_and_rport_fix_the_contact() {
     r.start(t0);
     let a = sent(&mut r);
     // The registrar saw us from 198.51.100.4:40001 (NAT) and says so in the Via.
-    let via = a.header("Via").unwrap().replace(";rport", ";rport=40001;received=198.51.100.4");
+    let via = a
+        .header("Via")
+        .unwrap()
+        .replace(";rport", ";rport=40001;received=198.51.100.4");
     let resp = Builder::response(200, "OK")
         .header("Via", via)
         .header("From", a.header("From").unwrap())
@@ -298,8 +439,16 @@ fn received_and_rport_fix_the_contact() {
         .into_message()
         .unwrap();
     r.handle_response(t0, Purpose::Register, &resp);
-    assert_eq!(r.contact_uri(), "sip:1001-abc@198.51.100.4:40001;transport=udp");
+    assert_eq!(
+        r.contact_uri(),
+        "sip:1001-abc@198.51.100.4:40001;transport=udp"
+    );
     r.handle_timeout(t0);
     let again = sent(&mut r);
-    assert!(again.header("Contact").unwrap().contains("198.51.100.4:40001"));
+    assert!(
+        again
+            .header("Contact")
+            .unwrap()
+            .contains("198.51.100.4:40001")
+    );
 }

@@ -18,7 +18,10 @@ fn ms(n: u64) -> Duration {
 
 fn request(method: &str, branch: &str) -> Vec<u8> {
     Builder::request(method, "sip:1002@127.0.0.1")
-        .header("Via", format!("SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport"))
+        .header(
+            "Via",
+            format!("SIP/2.0/UDP 127.0.0.1:5070;branch={branch};rport"),
+        )
         .header("Max-Forwards", "70")
         .header("From", "<sip:1001@127.0.0.1>;tag=f1")
         .header("To", "<sip:1002@127.0.0.1>")
@@ -97,14 +100,21 @@ impl Harness {
 #[test]
 fn non_invite_client_retransmits_and_times_out() {
     let mut h = Harness::new();
-    let id = h.layer.send_request(h.now, request("REGISTER", "z9hG4bKa"), peer()).unwrap();
+    let id = h
+        .layer
+        .send_request(h.now, request("REGISTER", "z9hG4bKa"), peer())
+        .unwrap();
     h.run_until(Duration::from_secs(40));
-    let expect: Vec<Duration> = [0, 500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500]
-        .into_iter()
-        .map(ms)
-        .collect();
+    let expect: Vec<Duration> = [
+        0, 500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500,
+    ]
+    .into_iter()
+    .map(ms)
+    .collect();
     assert_eq!(h.sent_times("REGISTER"), expect);
-    assert!(matches!(h.events.as_slice(), [(t, Event::Timeout { id: i })] if *t == ms(32_000) && *i == id));
+    assert!(
+        matches!(h.events.as_slice(), [(t, Event::Timeout { id: i })] if *t == ms(32_000) && *i == id)
+    );
     assert!(h.layer.is_empty());
 }
 
@@ -138,11 +148,19 @@ fn non_invite_client_proceeding_completed_k() {
 #[test]
 fn invite_client_timer_a_and_b() {
     let mut h = Harness::new();
-    let id = h.layer.send_request(h.now, request("INVITE", "z9hG4bKc"), peer()).unwrap();
+    let id = h
+        .layer
+        .send_request(h.now, request("INVITE", "z9hG4bKc"), peer())
+        .unwrap();
     h.run_until(Duration::from_secs(40));
-    let expect: Vec<Duration> = [0, 500, 1500, 3500, 7500, 15500, 31500].into_iter().map(ms).collect();
+    let expect: Vec<Duration> = [0, 500, 1500, 3500, 7500, 15500, 31500]
+        .into_iter()
+        .map(ms)
+        .collect();
     assert_eq!(h.sent_times("INVITE"), expect);
-    assert!(matches!(h.events.as_slice(), [(t, Event::Timeout { id: i })] if *t == ms(32_000) && *i == id));
+    assert!(
+        matches!(h.events.as_slice(), [(t, Event::Timeout { id: i })] if *t == ms(32_000) && *i == id)
+    );
 }
 
 /// A non-2xx final is ACKed by the transaction (To tag from the response, same branch, Route
@@ -154,10 +172,18 @@ fn invite_client_non_2xx_ack_and_timer_d() {
     let id = h.layer.send_request(h.now, req.clone(), peer()).unwrap();
     h.feed(&reply(&req, 180));
     h.run_until(Duration::from_secs(10));
-    assert_eq!(h.sent_times("INVITE"), vec![ms(0)], "a provisional stops Timer A and B");
+    assert_eq!(
+        h.sent_times("INVITE"),
+        vec![ms(0)],
+        "a provisional stops Timer A and B"
+    );
     h.feed(&reply(&req, 486));
     h.feed(&reply(&req, 486));
-    let acks: Vec<_> = h.sent.iter().filter(|(_, d)| d.starts_with(b"ACK ")).collect();
+    let acks: Vec<_> = h
+        .sent
+        .iter()
+        .filter(|(_, d)| d.starts_with(b"ACK "))
+        .collect();
     assert_eq!(acks.len(), 2);
     let ack = Message::parse(&acks[0].1).unwrap();
     assert_eq!(ack.top_via().unwrap().branch.as_deref(), Some("z9hG4bKd"));
@@ -169,7 +195,11 @@ fn invite_client_non_2xx_ack_and_timer_d() {
     assert_eq!(h.layer.state(id), Some(State::Completed));
     h.run_until(Duration::from_secs(43));
     assert_eq!(h.layer.state(id), None);
-    let responses = h.events.iter().filter(|(_, e)| matches!(e, Event::Response { .. })).count();
+    let responses = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Response { .. }))
+        .count();
     assert_eq!(responses, 2, "180 and the first 486 only");
 }
 
@@ -183,13 +213,23 @@ fn invite_client_2xx_accepted_timer_m() {
     h.run_until(ms(1000));
     h.feed(&reply(&req, 200));
     assert_eq!(h.layer.state(id), Some(State::Accepted));
-    let oks = h.events.iter().filter(|(_, e)| matches!(e, Event::Response { .. })).count();
+    let oks = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Response { .. }))
+        .count();
     assert_eq!(oks, 2);
-    assert!(h.sent_times("ACK").is_empty(), "the dialog ACKs a 2xx, not the transaction");
+    assert!(
+        h.sent_times("ACK").is_empty(),
+        "the dialog ACKs a 2xx, not the transaction"
+    );
     h.run_until(Duration::from_secs(33));
     assert_eq!(h.layer.state(id), None);
     h.feed(&reply(&req, 200));
-    assert!(matches!(h.events.last(), Some((_, Event::Stray { .. }))), "after M: stray, for the dialog");
+    assert!(
+        matches!(h.events.last(), Some((_, Event::Stray { .. }))),
+        "after M: stray, for the dialog"
+    );
 }
 
 /// Server INVITE: immediate 100; retransmitted INVITE re-sends the last response; non-2xx final
@@ -208,7 +248,11 @@ fn invite_server_g_ack_i() {
     };
     assert_eq!(h.sent_times("SIP/2.0 100").len(), 1);
     h.feed(&req);
-    assert_eq!(h.sent_times("SIP/2.0 100").len(), 2, "retransmitted INVITE gets the 100 again");
+    assert_eq!(
+        h.sent_times("SIP/2.0 100").len(),
+        2,
+        "retransmitted INVITE gets the 100 again"
+    );
     assert_eq!(h.events.len(), 1, "and is not a new request");
     h.layer.respond(h.now, id, reply(&req, 486)).unwrap();
     h.run_until(ms(9_000));
@@ -239,7 +283,9 @@ fn invite_server_timer_h() {
     let mut h = Harness::new();
     let req = request("INVITE", "z9hG4bKg");
     h.feed(&req);
-    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else { panic!() };
+    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else {
+        panic!()
+    };
     h.layer.respond(h.now, id, reply(&req, 603)).unwrap();
     h.run_until(Duration::from_secs(40));
     assert!(matches!(h.events.last(), Some((t, Event::AckTimeout { .. })) if *t == ms(32_000)));
@@ -255,11 +301,16 @@ fn invite_server_accepted_timer_l() {
     let mut h = Harness::new();
     let req = request("INVITE", "z9hG4bKh");
     h.feed(&req);
-    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else { panic!() };
+    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else {
+        panic!()
+    };
     h.layer.respond(h.now, id, reply(&req, 200)).unwrap();
     h.feed(&req);
     assert_eq!(h.events.len(), 1);
-    assert_eq!(h.layer.respond(h.now, id, reply(&req, 200)), Err(TxError::AlreadyFinal));
+    assert_eq!(
+        h.layer.respond(h.now, id, reply(&req, 200)),
+        Err(TxError::AlreadyFinal)
+    );
     let ack = Builder::request("ACK", "sip:1002@127.0.0.1")
         .header("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKother")
         .header("From", "<sip:1001@127.0.0.1>;tag=f1")
@@ -283,7 +334,9 @@ fn non_invite_server_j() {
     h.feed(&req);
     assert_eq!(h.events.len(), 1);
     assert!(h.sent.is_empty());
-    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else { panic!() };
+    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else {
+        panic!()
+    };
     h.layer.respond(h.now, id, reply(&req, 200)).unwrap();
     h.feed(&req);
     assert_eq!(h.sent_times("SIP/2.0 200").len(), 2);
@@ -309,10 +362,15 @@ fn responses_with_unknown_branch_are_stray_and_bad_input_is_refused() {
     h.feed(&reply(&request("OPTIONS", "z9hG4bKnobody"), 200));
     assert!(matches!(h.events.as_slice(), [(_, Event::Stray { .. })]));
     assert_eq!(
-        h.layer.send_request(h.now, request("OPTIONS", "nocookie"), peer()),
+        h.layer
+            .send_request(h.now, request("OPTIONS", "nocookie"), peer()),
         Err(TxError::BadBranch)
     );
-    assert!(h.layer.send_request(h.now, b"junk".to_vec(), peer()).is_err());
+    assert!(
+        h.layer
+            .send_request(h.now, b"junk".to_vec(), peer())
+            .is_err()
+    );
     assert_eq!(
         h.layer.handle_datagram(h.now, b"junk\r\n\r\n", peer()),
         Err(crate::sip::message::ParseError::Rejected)
@@ -332,5 +390,8 @@ fn rport_and_received_decide_where_responses_go() {
         .header("CSeq", "1 OPTIONS")
         .into_message()
         .unwrap();
-    assert_eq!(response_destination(&plain, src), "192.0.2.7:5062".parse().unwrap());
+    assert_eq!(
+        response_destination(&plain, src),
+        "192.0.2.7:5062".parse().unwrap()
+    );
 }
