@@ -34,7 +34,7 @@ fn bench(c: &mut Criterion) {
         "pass1001".into(),
         "sip.example.com",
         Some("proxy.example.com:5060"),
-        5060,
+        None,
         Some("Alice Agent"),
     )
     .expect("account");

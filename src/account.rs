@@ -26,6 +26,8 @@ pub struct SipAccount {
     pub outbound_proxy: Option<HostPort>,
     /// Port of the domain (or of the proxy when the proxy names none).
     pub port: u16,
+    /// Whether the token named the port (if not, the domain's DNS SRV records may choose one).
+    pub port_explicit: bool,
     /// Display name for the From header.
     pub visible_name: Option<String>,
 }
@@ -213,9 +215,12 @@ pub(crate) fn account_from_fields(
         None => None,
     };
 
-    let port = match get(Field::Port).filter(|v| !v.is_empty()) {
-        Some(v) => parse_port(&v).map_err(|why| invalid(Field::Port, why))?,
-        None => DEFAULT_SIP_PORT,
+    let (port, port_explicit) = match get(Field::Port).filter(|v| !v.is_empty()) {
+        Some(v) => (
+            parse_port(&v).map_err(|why| invalid(Field::Port, why))?,
+            true,
+        ),
+        None => (DEFAULT_SIP_PORT, false),
     };
 
     let visible_name = get(Field::VisibleName).filter(|v| !v.is_empty());
@@ -230,6 +235,7 @@ pub(crate) fn account_from_fields(
         domain,
         outbound_proxy,
         port,
+        port_explicit,
         visible_name,
     })
 }
@@ -241,10 +247,10 @@ pub fn account_from_cli(
     password: String,
     domain: &str,
     outbound_proxy: Option<&str>,
-    port: u16,
+    port: Option<u16>,
     visible_name: Option<&str>,
 ) -> Result<SipAccount, TokenError> {
-    let port = port.to_string();
+    let port = port.map(|p| p.to_string());
     account_from_fields(
         |f| {
             match f {
@@ -252,7 +258,7 @@ pub fn account_from_cli(
                 Field::AuthenticationName => auth_name,
                 Field::Domain => Some(domain),
                 Field::OutboundProxy => outbound_proxy,
-                Field::Port => Some(port.as_str()),
+                Field::Port => port.as_deref(),
                 Field::VisibleName => visible_name,
                 _ => None,
             }

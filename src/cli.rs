@@ -84,7 +84,14 @@ pub fn inspect_report(v: &VerifiedToken, now_unix: i64) -> String {
             .as_ref()
             .map_or_else(|| "(none)".to_owned(), |p| p.to_string()),
     );
-    line("port", &a.port.to_string());
+    line(
+        "port",
+        &if a.port_explicit {
+            a.port.to_string()
+        } else {
+            format!("{} (default; DNS SRV may override)", a.port)
+        },
+    );
     line("visibleName", a.visible_name.as_deref().unwrap_or("(none)"));
     let expires = match v.expires() {
         Some(e) => format!("{} (in {}s)", rfc3339(e), e - now_unix),

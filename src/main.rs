@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
-use callgate::account::{DEFAULT_SIP_PORT, account_from_cli};
+use callgate::account::account_from_cli;
 use callgate::config::{Config, LogFormat};
 use callgate::token::Mode;
 use callgate::{cli, logging, server};
@@ -88,9 +88,9 @@ struct MintArgs {
     /// Outbound proxy, host[:port].
     #[arg(long)]
     outbound_proxy: Option<String>,
-    /// SIP port of the domain.
-    #[arg(long, default_value_t = DEFAULT_SIP_PORT)]
-    port: u16,
+    /// SIP port of the domain (default 5060, or what the domain's DNS SRV records say).
+    #[arg(long)]
+    port: Option<u16>,
     /// Display name.
     #[arg(long)]
     visible_name: Option<String>,

@@ -49,6 +49,7 @@ async fn passwords_never_logged() {
         },
         grace: Duration::ZERO,
         max_registrations: 10,
+        dns_server: None,
     };
     let ep = Endpoint::bind(settings).await.expect("bind");
     let good = account_from_cli(
@@ -57,7 +58,7 @@ async fn passwords_never_logged() {
         "pass1001".into(),
         "127.0.0.1",
         None,
-        kam.port,
+        Some(kam.port),
         None,
     )
     .unwrap();
@@ -67,7 +68,7 @@ async fn passwords_never_logged() {
         "Wr0ng-Secret".into(),
         "127.0.0.1",
         None,
-        kam.port,
+        Some(kam.port),
         None,
     )
     .unwrap();

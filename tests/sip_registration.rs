@@ -14,7 +14,16 @@ use callgate::sip::transaction::Timers;
 use common::peers::{Kamailio, free_udp_port, sipp_probe};
 
 fn account(login: &str, password: &str, port: u16) -> SipAccount {
-    account_from_cli(login, None, password.into(), "127.0.0.1", None, port, None).expect("account")
+    account_from_cli(
+        login,
+        None,
+        password.into(),
+        "127.0.0.1",
+        None,
+        Some(port),
+        None,
+    )
+    .expect("account")
 }
 
 fn settings(expires: u64, grace: Duration, t1: Duration) -> Settings {
@@ -34,6 +43,7 @@ fn settings(expires: u64, grace: Duration, t1: Duration) -> Settings {
         },
         grace,
         max_registrations: 10,
+        dns_server: None,
     }
 }
 
@@ -272,4 +282,66 @@ async fn shutdown_unregisters() {
     within(Duration::from_secs(10), "shutdown", ep.shutdown()).await;
     assert_eq!(h.status(), Status::Unregistered);
     probe_until(kam.port, "1003", 404, Duration::from_secs(5)).await;
+}
+
+/// A domain with no port in the token is located through its `_sip._udp` SRV record (RFC 3263):
+/// a DNS responder in the test points `sip.test` at Kamailio's port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_located_by_dns_srv() {
+    use callgate::sip::dns::{Srv, build_srv_answer};
+    let kam = Kamailio::start(free_udp_port());
+    let dns = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    dns.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let dns_addr = dns.local_addr().unwrap();
+    let kam_port = kam.port;
+    let responder = std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        let (n, from) = dns.recv_from(&mut buf).expect("a DNS query");
+        let query = buf[..n].to_vec();
+        let asked = String::from_utf8_lossy(&query).into_owned();
+        let answer = build_srv_answer(
+            &query,
+            &[Srv {
+                priority: 10,
+                weight: 1,
+                port: kam_port,
+                target: "127.0.0.1".into(),
+            }],
+        )
+        .expect("answer");
+        dns.send_to(&answer, from).expect("reply");
+        asked
+    });
+    let mut s = settings(60, Duration::ZERO, Duration::from_millis(500));
+    s.dns_server = Some(dns_addr);
+    let ep = Endpoint::bind(s).await.expect("bind");
+    let acct = account_from_cli(
+        "1001",
+        None,
+        "pass1001".into(),
+        "sip.test",
+        None,
+        None,
+        None,
+    )
+    .unwrap();
+    let mut h = ep.register(acct).await.expect("register via SRV");
+    let st = within(
+        Duration::from_secs(5),
+        "registered",
+        h.wait_for(|s| !matches!(s, Status::Registering)),
+    )
+    .await;
+    assert!(
+        matches!(st, Some(Status::Registered { .. })),
+        "{st:?}\n{}",
+        kam.log()
+    );
+    let asked = responder.join().expect("responder");
+    assert!(
+        asked.contains("_sip") && asked.contains("_udp") && asked.contains("test"),
+        "{asked:?}"
+    );
+    drop(h);
+    ep.shutdown().await;
 }

@@ -82,6 +82,8 @@ pub struct Sip {
     pub registration_grace: Duration,
     /// Most registrations at once.
     pub max_registrations: usize,
+    /// DNS server for SRV lookups (`None`: /etc/resolv.conf).
+    pub dns_server: Option<SocketAddr>,
 }
 
 impl Sip {
@@ -100,6 +102,7 @@ impl Sip {
             },
             grace: self.registration_grace,
             max_registrations: self.max_registrations,
+            dns_server: self.dns_server,
         }
     }
 }
@@ -433,6 +436,23 @@ impl Config {
             1_000_000,
             "",
         );
+        let dns_server = if raw.sip.dns_server.is_empty() {
+            None
+        } else {
+            let v = &raw.sip.dns_server;
+            let parsed = v
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            if parsed.is_none() {
+                c.add(
+                    &file,
+                    "sip.dns_server",
+                    format!("{v:?} is not an IP address or address:port"),
+                );
+            }
+            parsed
+        };
         if t2 < t1 {
             c.add(&file, "sip.t2_ms", "must be at least sip.t1_ms");
         }
@@ -592,6 +612,7 @@ impl Config {
                 keepalive: (keepalive > 0).then(|| Duration::from_secs(keepalive)),
                 registration_grace: Duration::from_secs(grace),
                 max_registrations: usize::try_from(max_regs).unwrap_or(10_000),
+                dns_server,
             },
             media: Media {
                 listen_ip,

@@ -43,6 +43,7 @@ pub(crate) struct RawSip {
     pub(crate) keepalive_secs: i64,
     pub(crate) registration_grace_secs: i64,
     pub(crate) max_registrations: i64,
+    pub(crate) dns_server: String,
 }
 
 impl Default for RawSip {
@@ -60,6 +61,7 @@ impl Default for RawSip {
             keepalive_secs: 30,
             registration_grace_secs: 10,
             max_registrations: 10_000,
+            dns_server: String::new(),
         }
     }
 }

@@ -195,3 +195,33 @@ fn ctr_mode_warns() {
             .any(|w| w.contains("\"old\" uses mode \"ctr\"") && w.contains("ctr-hmac"))
     );
 }
+
+#[test]
+fn sip_timer_and_registration_keys() {
+    let main = "[sip]\nt1_ms = 1\nt2_ms = 5\nregister_expires_secs = 5\nregister_retry_min_secs = 60\n\
+                register_retry_max_secs = 30\nkeepalive_secs = -1\ndns_server = \"resolver\"\n";
+    let got = problems(main, GOOD_APPS);
+    for key in [
+        "sip.t1_ms",
+        "sip.t2_ms",
+        "sip.register_expires_secs",
+        "sip.register_retry_max_secs",
+        "sip.keepalive_secs",
+        "sip.dns_server",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(&format!("{key}:"))),
+            "{key} not reported in {got:#?}"
+        );
+    }
+    let ok = "[sip]\nt1_ms = 100\nkeepalive_secs = 0\ndns_server = \"127.0.0.1\"\n";
+    let dir = tempdir();
+    std::fs::write(dir.join("callgate.toml"), ok).unwrap();
+    std::fs::write(dir.join("apps.toml"), GOOD_APPS).unwrap();
+    let c = Config::load(&dir.join("callgate.toml")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = c.sip.endpoint_settings();
+    assert_eq!(s.timers.t1, Duration::from_millis(100));
+    assert_eq!(s.registration.keepalive, None);
+    assert_eq!(s.dns_server, Some("127.0.0.1:53".parse().unwrap()));
+}

@@ -36,6 +36,8 @@ pub struct Settings {
     pub grace: Duration,
     /// Most registrations at once.
     pub max_registrations: usize,
+    /// DNS server for SRV lookups (`None`: the first nameserver of /etc/resolv.conf).
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// Why a registration could not be set up.
@@ -197,34 +199,76 @@ impl Endpoint {
         &self.stats
     }
 
-    /// Where requests for `account` go: the outbound proxy, else the domain (A/AAAA).
-    pub async fn resolve(account: &SipAccount) -> Result<SocketAddr, EndpointError> {
-        let (host, port) = match &account.outbound_proxy {
-            Some(p) => (p.host.as_str().to_owned(), p.port.unwrap_or(account.port)),
-            None => (account.domain.as_str().to_owned(), account.port),
+    /// Where requests for `account` go (RFC 3263, UDP only): the outbound proxy, else the domain;
+    /// when no port was given and the host is a name, its `_sip._udp` SRV records first, then
+    /// A/AAAA (preferring our socket's address family).
+    pub async fn resolve(&self, account: &SipAccount) -> Result<SocketAddr, EndpointError> {
+        let (host, port, explicit) = match &account.outbound_proxy {
+            Some(p) => (
+                p.host.as_str().to_owned(),
+                p.port.unwrap_or(account.port),
+                p.port.is_some() || account.port_explicit,
+            ),
+            None => (
+                account.domain.as_str().to_owned(),
+                account.port,
+                account.port_explicit,
+            ),
         };
-        let name = format!("{}:{port}", host.trim_matches(['[', ']']));
-        let lookup = if host.starts_with('[') {
-            format!("{host}:{port}")
-        } else {
-            name.clone()
-        };
-        let mut addrs =
-            tokio::net::lookup_host(lookup)
-                .await
-                .map_err(|e| EndpointError::Resolve {
-                    host: name.clone(),
-                    why: e.to_string(),
-                })?;
-        addrs.next().ok_or(EndpointError::Resolve {
-            host: name,
-            why: "no address".into(),
-        })
+        let bare = host.trim_matches(['[', ']']).to_owned();
+        if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        if !explicit {
+            if let Some(server) = self
+                .settings
+                .dns_server
+                .or_else(super::dns::system_nameserver)
+            {
+                let name = format!("_sip._udp.{bare}");
+                match super::dns::lookup_srv(server, &name, Duration::from_secs(2)).await {
+                    Ok(records) => {
+                        let ordered = super::dns::order(records, |total| {
+                            (random_u64() % (u64::from(total) + 1)) as u32
+                        });
+                        for r in ordered {
+                            if let Ok(addr) = self.lookup(&r.target, r.port).await {
+                                tracing::debug!(%name, target = %r.target, %addr, "SIP server from DNS SRV");
+                                return Ok(addr);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(%name, "no SRV answer ({e}); using A/AAAA"),
+                }
+            }
+        }
+        self.lookup(&bare, port).await
+    }
+
+    async fn lookup(&self, host: &str, port: u16) -> Result<SocketAddr, EndpointError> {
+        let name = format!("{host}:{port}");
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| EndpointError::Resolve {
+                host: name.clone(),
+                why: e.to_string(),
+            })?
+            .collect();
+        let same_family = addrs
+            .iter()
+            .find(|a| a.is_ipv4() == self.local.is_ipv4())
+            .copied();
+        same_family
+            .or_else(|| addrs.first().copied())
+            .ok_or(EndpointError::Resolve {
+                host: name,
+                why: "no address".into(),
+            })
     }
 
     /// Registers `account` (or joins its existing registration) and returns a handle.
     pub async fn register(&self, account: SipAccount) -> Result<RegistrationHandle, EndpointError> {
-        let target = Endpoint::resolve(&account).await?;
+        let target = self.resolve(&account).await?;
         let (via_host, fixed) = match &self.settings.public_address {
             Some(hp) => (
                 format!("{}:{}", hp.host, hp.port.unwrap_or(self.local.port())),

@@ -1,6 +1,7 @@
 //! SIP: messages, digest authentication, transactions, registration, UDP transport.
 
 pub mod digest;
+pub mod dns;
 pub mod endpoint;
 pub mod message;
 pub mod registration;

@@ -345,7 +345,7 @@ impl Keyring {
         if let Some(p) = &proxy {
             pairs.push((Field::OutboundProxy, p));
         }
-        if account.port != crate::account::DEFAULT_SIP_PORT {
+        if account.port_explicit {
             pairs.push((Field::Port, &port));
         }
         if let Some(v) = &account.visible_name {

@@ -22,7 +22,7 @@ fn reg() -> Registration {
         "pass1001".into(),
         "example.com",
         None,
-        5060,
+        None,
         Some("Alice"),
     )
     .unwrap();
