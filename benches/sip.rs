@@ -33,11 +33,18 @@ fn bench(c: &mut Criterion) {
     let reg = register();
     let parsed = Message::parse(&reg).unwrap();
     let ok = response_to(&parsed, 200, "OK", Some("as8d7f6"))
-        .header("Contact", "<sip:1001-1a2b3c4d@203.0.113.5:5060;transport=udp>;expires=600")
+        .header(
+            "Contact",
+            "<sip:1001-1a2b3c4d@203.0.113.5:5060;transport=udp>;expires=600",
+        )
         .build();
     let mut g = c.benchmark_group("sip");
-    g.bench_function("parse REGISTER", |b| b.iter(|| Message::parse(black_box(&reg)).is_ok()));
-    g.bench_function("parse 200 OK", |b| b.iter(|| Message::parse(black_box(&ok)).is_ok()));
+    g.bench_function("parse REGISTER", |b| {
+        b.iter(|| Message::parse(black_box(&reg)).is_ok())
+    });
+    g.bench_function("parse 200 OK", |b| {
+        b.iter(|| Message::parse(black_box(&ok)).is_ok())
+    });
     g.bench_function("build REGISTER", |b| b.iter(register));
     g.bench_function("build 200 OK from request", |b| {
         b.iter(|| response_to(black_box(&parsed), 200, "OK", Some("as8d7f6")).build())
