@@ -5,4 +5,5 @@ pub mod dns;
 pub mod endpoint;
 pub mod message;
 pub mod registration;
+pub mod sdp;
 pub mod transaction;
