@@ -110,6 +110,8 @@ pub struct Message {
     inner: rsip::SipMessage,
     headers: Vec<(String, String)>,
     unknown_method: Option<String>,
+    /// The reason phrase as received (rsip substitutes its own names).
+    reason: String,
 }
 
 /// The first line of a message.
@@ -149,7 +151,19 @@ impl Message {
         let first = lines.next().ok_or(ParseError::Truncated)?.trim();
         let mut unknown_method = None;
         let mut first_line = first.to_owned();
-        if !first.starts_with("SIP/") {
+        let mut reason = String::new();
+        if let Some(status) = first.strip_prefix("SIP/") {
+            // "2.0 486 Busy Here"
+            let mut parts = status.splitn(3, ' ');
+            let _ = (parts.next(), parts.next());
+            reason = parts
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .take(128)
+                .collect();
+        } else {
             let (method, rest) = first.split_once(' ').ok_or(ParseError::Rejected)?;
             if method.is_empty()
                 || !method
@@ -225,6 +239,7 @@ impl Message {
             inner,
             headers,
             unknown_method,
+            reason,
         };
         msg.cseq().ok_or(ParseError::MissingHeader("CSeq"))?;
         msg.top_via().ok_or(ParseError::MissingHeader("Via"))?;
@@ -250,12 +265,7 @@ impl Message {
             },
             rsip::SipMessage::Response(r) => StartLine::Response {
                 code: r.status_code.code(),
-                reason: r
-                    .status_code
-                    .to_string()
-                    .split_once(' ')
-                    .map(|(_, p)| p.to_owned())
-                    .unwrap_or_default(),
+                reason: self.reason.clone(),
             },
         }
     }

@@ -1,5 +1,6 @@
 //! SIP: messages, digest authentication, transactions, registration, UDP transport.
 
+pub mod call;
 pub mod digest;
 pub mod dns;
 pub mod endpoint;

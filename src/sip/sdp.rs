@@ -143,7 +143,9 @@ impl AudioSdp {
         let mut in_audio = false;
         let mut seen_audio = false;
         for line in text.lines().map(str::trim_end) {
-            let Some((kind, value)) = line.split_once('=') else { continue };
+            let Some((kind, value)) = line.split_once('=') else {
+                continue;
+            };
             match kind {
                 "o" => {
                     let f: Vec<&str> = value.split_whitespace().collect();
@@ -161,12 +163,20 @@ impl AudioSdp {
                             .and_then(|p| p.split('/').next())
                             .and_then(|p| p.parse().ok())
                             .ok_or(SdpError::Malformed("bad m= port"))?;
-                        let pts = f.iter().skip(3).filter_map(|p| p.parse::<u8>().ok()).take(32).collect();
+                        let pts = f
+                            .iter()
+                            .skip(3)
+                            .filter_map(|p| p.parse::<u8>().ok())
+                            .take(32)
+                            .collect();
                         media = Some((port, pts));
                     }
                 }
                 "c" => {
-                    let addr = value.split_whitespace().nth(2).and_then(|a| a.split('/').next()?.parse().ok());
+                    let addr = value
+                        .split_whitespace()
+                        .nth(2)
+                        .and_then(|a| a.split('/').next()?.parse().ok());
                     if in_audio {
                         media_addr = addr;
                     } else if !seen_audio {
@@ -195,7 +205,9 @@ impl AudioSdp {
                     }
                     match name {
                         "rtpmap" => {
-                            let (pt, enc) = arg.split_once(' ').ok_or(SdpError::Malformed("bad rtpmap"))?;
+                            let (pt, enc) = arg
+                                .split_once(' ')
+                                .ok_or(SdpError::Malformed("bad rtpmap"))?;
                             let mut parts = enc.split('/');
                             let enc_name = parts.next().unwrap_or_default().to_ascii_uppercase();
                             let rate = parts.next().and_then(|r| r.parse().ok()).unwrap_or(8000);
@@ -218,7 +230,9 @@ impl AudioSdp {
             }
         }
         let (port, pts) = media.ok_or(SdpError::NoAudio)?;
-        let addr = media_addr.or(session_addr).ok_or(SdpError::Malformed("no c= address"))?;
+        let addr = media_addr
+            .or(session_addr)
+            .ok_or(SdpError::Malformed("no c= address"))?;
         let codecs = pts
             .into_iter()
             .filter_map(|pt| {
@@ -253,7 +267,9 @@ impl AudioSdp {
 
     /// The first voice codec (not telephone-event / CN).
     pub fn voice_codec(&self) -> Option<&Codec> {
-        self.codecs.iter().find(|c| matches!(c.name.as_str(), "PCMU" | "PCMA"))
+        self.codecs
+            .iter()
+            .find(|c| matches!(c.name.as_str(), "PCMU" | "PCMA"))
     }
 
     /// The telephone-event/8000 format, if negotiated.
@@ -293,7 +309,13 @@ impl AudioSdp {
 
     /// An offer of `codecs` (names in preference order, e.g. `["PCMU", "PCMA"]`) with
     /// telephone-event/8000 as payload type 101.
-    pub fn offer(addr: IpAddr, port: u16, codecs: &[&str], session_id: u64, direction: Direction) -> AudioSdp {
+    pub fn offer(
+        addr: IpAddr,
+        port: u16,
+        codecs: &[&str],
+        session_id: u64,
+        direction: Direction,
+    ) -> AudioSdp {
         let mut list: Vec<Codec> = codecs
             .iter()
             .filter_map(|n| match n.to_ascii_uppercase().as_str() {
@@ -333,7 +355,11 @@ impl AudioSdp {
         }
         s.push_str("\r\n");
         for c in &self.codecs {
-            let name = if c.is_telephone_event() { "telephone-event" } else { c.name.as_str() };
+            let name = if c.is_telephone_event() {
+                "telephone-event"
+            } else {
+                c.name.as_str()
+            };
             let _ = write!(s, "a=rtpmap:{} {}/{}\r\n", c.pt, name, c.rate);
             if let Some(f) = &c.fmtp {
                 let _ = write!(s, "a=fmtp:{} {f}\r\n", c.pt);
@@ -359,38 +385,91 @@ a=fmtp:101 0-15\r\na=ptime:20\r\n";
     fn parse_offer_and_answer_in_offerer_order() {
         let offer = AudioSdp::parse(SIPP_OFFER.as_bytes()).unwrap();
         assert_eq!(offer.port, 6000);
-        assert_eq!(offer.codecs.iter().map(|c| c.pt).collect::<Vec<_>>(), vec![8, 0, 101]);
-        assert_eq!(offer.codecs[0].name, "PCMA", "static payload type without rtpmap");
+        assert_eq!(
+            offer.codecs.iter().map(|c| c.pt).collect::<Vec<_>>(),
+            vec![8, 0, 101]
+        );
+        assert_eq!(
+            offer.codecs[0].name, "PCMA",
+            "static payload type without rtpmap"
+        );
         assert_eq!(offer.telephone_event().map(|c| c.pt), Some(101));
         assert_eq!(offer.session_id, 53655765);
-        let ans = AudioSdp::answer(&offer, "127.0.0.1".parse().unwrap(), 20000, &["PCMU", "PCMA"], 7, Direction::SendRecv).unwrap();
-        assert_eq!(ans.codecs.iter().map(|c| c.pt).collect::<Vec<_>>(), vec![8, 101]);
+        let ans = AudioSdp::answer(
+            &offer,
+            "127.0.0.1".parse().unwrap(),
+            20000,
+            &["PCMU", "PCMA"],
+            7,
+            Direction::SendRecv,
+        )
+        .unwrap();
+        assert_eq!(
+            ans.codecs.iter().map(|c| c.pt).collect::<Vec<_>>(),
+            vec![8, 101]
+        );
         let text = ans.to_sdp();
         assert!(text.contains("m=audio 20000 RTP/AVP 8 101\r\n"), "{text}");
-        assert!(text.contains("a=rtpmap:101 telephone-event/8000\r\n"), "{text}");
+        assert!(
+            text.contains("a=rtpmap:101 telephone-event/8000\r\n"),
+            "{text}"
+        );
         assert_eq!(AudioSdp::parse(text.as_bytes()).unwrap(), ans);
     }
 
     #[test]
     fn hold_directions() {
-        assert_eq!(Direction::SendOnly.answer_to(Direction::SendRecv), Direction::RecvOnly);
-        assert_eq!(Direction::Inactive.answer_to(Direction::SendRecv), Direction::Inactive);
-        assert_eq!(Direction::SendRecv.answer_to(Direction::SendOnly), Direction::SendOnly);
-        assert_eq!(Direction::RecvOnly.answer_to(Direction::SendRecv), Direction::SendOnly);
+        assert_eq!(
+            Direction::SendOnly.answer_to(Direction::SendRecv),
+            Direction::RecvOnly
+        );
+        assert_eq!(
+            Direction::Inactive.answer_to(Direction::SendRecv),
+            Direction::Inactive
+        );
+        assert_eq!(
+            Direction::SendRecv.answer_to(Direction::SendOnly),
+            Direction::SendOnly
+        );
+        assert_eq!(
+            Direction::RecvOnly.answer_to(Direction::SendRecv),
+            Direction::SendOnly
+        );
         let old_hold = SIPP_OFFER.replace("c=IN IP4 127.0.0.1", "c=IN IP4 0.0.0.0");
-        assert_eq!(AudioSdp::parse(old_hold.as_bytes()).unwrap().direction, Direction::SendOnly);
+        assert_eq!(
+            AudioSdp::parse(old_hold.as_bytes()).unwrap().direction,
+            Direction::SendOnly
+        );
         let inactive = format!("{SIPP_OFFER}a=inactive\r\n");
-        assert_eq!(AudioSdp::parse(inactive.as_bytes()).unwrap().direction, Direction::Inactive);
+        assert_eq!(
+            AudioSdp::parse(inactive.as_bytes()).unwrap().direction,
+            Direction::Inactive
+        );
     }
 
     #[test]
     fn refusals() {
-        assert_eq!(AudioSdp::parse(b"v=0\r\nm=video 5000 RTP/AVP 96\r\n"), Err(SdpError::NoAudio));
-        assert_eq!(AudioSdp::parse(b"v=0\r\nm=audio 5000 RTP/AVP 0\r\n"), Err(SdpError::Malformed("no c= address")));
-        let g729 = SIPP_OFFER.replace("RTP/AVP 8 0 101", "RTP/AVP 18").replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:18 G729/8000\r\n");
+        assert_eq!(
+            AudioSdp::parse(b"v=0\r\nm=video 5000 RTP/AVP 96\r\n"),
+            Err(SdpError::NoAudio)
+        );
+        assert_eq!(
+            AudioSdp::parse(b"v=0\r\nm=audio 5000 RTP/AVP 0\r\n"),
+            Err(SdpError::Malformed("no c= address"))
+        );
+        let g729 = SIPP_OFFER
+            .replace("RTP/AVP 8 0 101", "RTP/AVP 18")
+            .replace("a=rtpmap:0 PCMU/8000\r\n", "a=rtpmap:18 G729/8000\r\n");
         let offer = AudioSdp::parse(g729.as_bytes()).unwrap();
         assert_eq!(
-            AudioSdp::answer(&offer, "127.0.0.1".parse().unwrap(), 1, &["PCMU"], 1, Direction::SendRecv),
+            AudioSdp::answer(
+                &offer,
+                "127.0.0.1".parse().unwrap(),
+                1,
+                &["PCMU"],
+                1,
+                Direction::SendRecv
+            ),
             Err(SdpError::NoCommonCodec)
         );
         assert!(AudioSdp::parse(&vec![b'a'; MAX_SDP_BYTES + 1]).is_err());
@@ -401,7 +480,13 @@ a=fmtp:101 0-15\r\na=ptime:20\r\n";
 
     #[test]
     fn our_offer() {
-        let o = AudioSdp::offer("192.0.2.1".parse().unwrap(), 20002, &["PCMA", "PCMU"], 99, Direction::SendRecv);
+        let o = AudioSdp::offer(
+            "192.0.2.1".parse().unwrap(),
+            20002,
+            &["PCMA", "PCMU"],
+            99,
+            Direction::SendRecv,
+        );
         let t = o.to_sdp();
         assert!(t.contains("m=audio 20002 RTP/AVP 8 0 101\r\n"), "{t}");
         assert!(t.contains("a=fmtp:101 0-16\r\n"));

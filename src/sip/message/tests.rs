@@ -172,3 +172,16 @@ fn no_panic_sweep() {
         let _ = Message::parse(&junk);
     }
 }
+
+#[test]
+fn reason_phrase_is_the_peers() {
+    let raw = "SIP/2.0 486 Busy Here Right Now\r\nVia: SIP/2.0/UDP h;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>;tag=2\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n";
+    let m = Message::parse(raw.as_bytes()).unwrap();
+    assert_eq!(
+        m.start_line(),
+        StartLine::Response {
+            code: 486,
+            reason: "Busy Here Right Now".into()
+        }
+    );
+}

@@ -1,0 +1,940 @@
+//! One call's INVITE dialog (RFC 3261 §12-§15), both directions, sans-IO.
+//!
+//! The owner (the endpoint driver) performs the [`Output`]s: `Request` in a new client
+//! transaction toward `dest`, `Respond` on a server transaction, `Send` as a bare datagram (the
+//! ACK for a 2xx and 2xx retransmissions live outside transactions, §13.3.1.4 and §17.1.1.3). It
+//! feeds back responses and timeouts of the call's transactions, in-dialog requests, stray ACKs
+//! and 2xx, and calls [`Call::handle_timeout`] at [`Call::poll_timeout`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::digest::{Answer, Challenge};
+use super::message::{Builder, Message, StartLine, name_addr_uri, response_to, split_list};
+use super::sdp::AudioSdp;
+use super::transaction::{Timers, TxId, response_destination};
+use crate::account::SipAccount;
+
+/// What a request of the call is for (handed back with its response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// The initial INVITE.
+    Invite,
+    /// CANCEL of the initial INVITE.
+    Cancel,
+    /// BYE.
+    Bye,
+}
+
+/// Something for the owner to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Start a client transaction with `data` toward `dest`.
+    Request {
+        /// For what.
+        purpose: Purpose,
+        /// Wire bytes.
+        data: Vec<u8>,
+        /// Next hop.
+        dest: SocketAddr,
+    },
+    /// Answer on server transaction `tx`.
+    Respond {
+        /// The server transaction.
+        tx: TxId,
+        /// Wire bytes.
+        data: Vec<u8>,
+    },
+    /// Send a datagram outside any transaction.
+    Send {
+        /// Destination.
+        dest: SocketAddr,
+        /// Wire bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// Why a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// We hung up (BYE sent).
+    LocalHangup,
+    /// The far end hung up (BYE received).
+    RemoteHangup,
+    /// We cancelled our call before it was answered.
+    Cancelled,
+    /// The caller cancelled before we answered.
+    Missed,
+    /// We rejected the incoming call.
+    Rejected,
+    /// Our call was refused (3xx-6xx) or got no answer (408).
+    Failed,
+    /// The peer vanished (no ACK for our 2xx).
+    Timeout,
+}
+
+impl EndReason {
+    /// Stable code for APIs and CDRs.
+    pub fn code(self) -> &'static str {
+        match self {
+            EndReason::LocalHangup => "local_hangup",
+            EndReason::RemoteHangup => "remote_hangup",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Missed => "missed",
+            EndReason::Rejected => "rejected",
+            EndReason::Failed => "failed",
+            EndReason::Timeout => "timeout",
+        }
+    }
+}
+
+/// A party as a SIP header names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Party {
+    /// The URI.
+    pub uri: String,
+    /// The display name, if any.
+    pub display: Option<String>,
+}
+
+impl Party {
+    fn from_header(value: &str) -> Party {
+        let display = value
+            .split_once('<')
+            .map(|(d, _)| d.trim().trim_matches('"').trim().to_owned())
+            .filter(|d| !d.is_empty());
+        Party {
+            uri: name_addr_uri(value).to_owned(),
+            display,
+        }
+    }
+
+    /// The user part of the URI (`1002` of `sip:1002@host`).
+    pub fn user(&self) -> &str {
+        let u = self
+            .uri
+            .split_once(':')
+            .map_or(self.uri.as_str(), |(_, r)| r);
+        u.split_once('@').map_or("", |(user, _)| user)
+    }
+}
+
+/// What the call tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallEvent {
+    /// An incoming call (the call has sent 180 Ringing).
+    Incoming {
+        /// From.
+        from: Party,
+        /// P-Asserted-Identity, when the network vouches for the caller.
+        asserted: Option<Party>,
+        /// The caller's SDP offer.
+        offer: Option<AudioSdp>,
+    },
+    /// The far end is ringing (180, or 183 without SDP).
+    Ringing,
+    /// Early media: a provisional with an SDP answer.
+    EarlyMedia {
+        /// The answer.
+        answer: AudioSdp,
+    },
+    /// Our call was answered.
+    Answered {
+        /// The final SDP answer (absent if it came with early media only).
+        answer: Option<AudioSdp>,
+    },
+    /// Incoming call: the caller ACKed our 2xx, the dialog is confirmed.
+    Confirmed,
+    /// The call is over.
+    Ended {
+        /// Why.
+        reason: EndReason,
+        /// The SIP status that ended it, if one did.
+        status: Option<u16>,
+        /// Its reason phrase.
+        phrase: String,
+    },
+}
+
+/// Who we are in this call.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// Our address of record, `sip:login@domain`.
+    pub aor: String,
+    /// Our Contact URI (the registration's).
+    pub contact: String,
+    /// host:port for Via.
+    pub via_host: String,
+    /// Where requests go first (outbound proxy / registrar address).
+    pub target: SocketAddr,
+    /// User-Agent.
+    pub user_agent: String,
+}
+
+/// Why a dial string was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid destination: use an extension, a number or a sip: URI")]
+pub struct BadDestination;
+
+/// Turns what an agent dialled into a request URI: `1002` → `sip:1002@domain`, `+4930123` →
+/// `sip:+4930123@domain;user=phone`, `sip:bob@example.com` kept. Separators (spaces, dashes, dots
+/// and parentheses) in numbers are dropped.
+pub fn dial_uri(to: &str, domain: &str) -> Result<String, BadDestination> {
+    let to = to.trim();
+    if to.is_empty()
+        || to.len() > 256
+        || to
+            .chars()
+            .any(|c| c.is_control() || c == '<' || c == '>' || c == '"')
+    {
+        return Err(BadDestination);
+    }
+    if let Some(rest) = to.strip_prefix("sip:").or_else(|| to.strip_prefix("sips:")) {
+        let (user, host) = rest.split_once('@').ok_or(BadDestination)?;
+        crate::account::check_sip_user(user).map_err(|_| BadDestination)?;
+        let host_only = host.split([';', '?']).next().unwrap_or_default();
+        crate::account::HostPort::parse(host_only).map_err(|_| BadDestination)?;
+        return Ok(format!("sip:{user}@{host_only}"));
+    }
+    if let Some((user, host)) = to.split_once('@') {
+        crate::account::check_sip_user(user).map_err(|_| BadDestination)?;
+        crate::account::HostPort::parse(host).map_err(|_| BadDestination)?;
+        return Ok(format!("sip:{user}@{host}"));
+    }
+    let digits: String = to.chars().filter(|c| !" -.()".contains(*c)).collect();
+    if let Some(e164) = digits.strip_prefix('+') {
+        if !e164.is_empty() && e164.len() <= 15 && e164.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(format!("sip:+{e164}@{domain};user=phone"));
+        }
+        return Err(BadDestination);
+    }
+    crate::account::check_sip_user(&digits).map_err(|_| BadDestination)?;
+    Ok(format!("sip:{digits}@{domain}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// UAC: INVITE sent, nothing back yet. UAS: ringing, not answered.
+    Initial,
+    /// UAC: a provisional arrived.
+    Proceeding,
+    /// 2xx sent (UAS, waiting for ACK) or received (UAC).
+    Established,
+    /// Over.
+    Ended,
+}
+
+/// Retransmission of our 2xx until the ACK (§13.3.1.4).
+#[derive(Debug)]
+struct OkRetransmit {
+    data: Vec<u8>,
+    dest: SocketAddr,
+    next: Instant,
+    interval: Duration,
+    give_up: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn hex(&mut self) -> String {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        format!("{:016x}", self.0.wrapping_mul(0x2545_f491_4f6c_dd1d))
+    }
+}
+
+/// Is this an outbound or an inbound call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We called (UAC).
+    Outbound,
+    /// We were called (UAS).
+    Inbound,
+}
+
+/// One call.
+#[derive(Debug)]
+pub struct Call {
+    role: Role,
+    state: State,
+    timers: Timers,
+    local: Local,
+    account: SipAccount,
+    call_id: String,
+    local_tag: String,
+    /// From (UAC) or To-with-our-tag (UAS) header value.
+    local_header: String,
+    /// To (UAC, tag added once known) or From (UAS) header value.
+    remote_header: String,
+    remote_tag: Option<String>,
+    remote_target: String,
+    route_set: Vec<String>,
+    local_cseq: u32,
+    invite_cseq: u32,
+    remote_cseq: u32,
+    request_uri: String,
+    /// UAC: our latest INVITE. UAS: theirs.
+    invite: Option<Message>,
+    invite_tx: Option<TxId>,
+    invite_source: Option<SocketAddr>,
+    local_sdp: Option<String>,
+    challenge: Option<Challenge>,
+    nc: u32,
+    answered_challenge: bool,
+    provisional_seen: bool,
+    ringing_reported: bool,
+    early_reported: bool,
+    cancel_pending: bool,
+    cancel_sent: bool,
+    ack: Option<(Vec<u8>, SocketAddr)>,
+    ok_retransmit: Option<OkRetransmit>,
+    confirmed: bool,
+    pending: Vec<Purpose>,
+    rng: Rng,
+    out: VecDeque<Output>,
+    events: VecDeque<CallEvent>,
+}
+
+/// The host:port of an IP-literal SIP URI (`sip:x@127.0.0.1:5060;lr`).
+fn uri_socket(uri: &str) -> Option<SocketAddr> {
+    let rest = uri.split_once(':')?.1;
+    let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = hostport.split([';', '?', '>']).next()?;
+    let hp = crate::account::HostPort::parse(hostport).ok()?;
+    let ip: std::net::IpAddr = hp.host.as_str().trim_matches(['[', ']']).parse().ok()?;
+    Some(SocketAddr::new(ip, hp.port.unwrap_or(5060)))
+}
+
+impl Call {
+    fn blank(role: Role, local: Local, account: SipAccount, timers: Timers, seed: u64) -> Call {
+        let mut rng = Rng(seed | 1);
+        Call {
+            role,
+            state: State::Initial,
+            timers,
+            local_tag: rng.hex(),
+            call_id: format!("{}@callgate", rng.hex()),
+            local,
+            account,
+            local_header: String::new(),
+            remote_header: String::new(),
+            remote_tag: None,
+            remote_target: String::new(),
+            route_set: Vec::new(),
+            local_cseq: 0,
+            invite_cseq: 0,
+            remote_cseq: 0,
+            request_uri: String::new(),
+            invite: None,
+            invite_tx: None,
+            invite_source: None,
+            local_sdp: None,
+            challenge: None,
+            nc: 0,
+            answered_challenge: false,
+            provisional_seen: false,
+            ringing_reported: false,
+            early_reported: false,
+            cancel_pending: false,
+            cancel_sent: false,
+            ack: None,
+            ok_retransmit: None,
+            confirmed: false,
+            pending: Vec::new(),
+            rng,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Starts an outbound call to `request_uri` (see [`dial_uri`]) offering `sdp`.
+    pub fn outgoing(
+        local: Local,
+        account: SipAccount,
+        request_uri: String,
+        sdp: String,
+        timers: Timers,
+        seed: u64,
+    ) -> Call {
+        let mut c = Call::blank(Role::Outbound, local, account, timers, seed);
+        c.local_header = match &c.account.visible_name {
+            Some(n) => format!("\"{n}\" <{}>;tag={}", c.local.aor, c.local_tag),
+            None => format!("<{}>;tag={}", c.local.aor, c.local_tag),
+        };
+        c.remote_header = format!("<{request_uri}>");
+        c.remote_target = request_uri.clone();
+        c.request_uri = request_uri;
+        c.local_sdp = Some(sdp);
+        c.local_cseq = 1;
+        c.send_invite();
+        c
+    }
+
+    /// Takes an incoming INVITE (already on server transaction `tx`, 100 sent by it): sends 180
+    /// and reports [`CallEvent::Incoming`]. A body that is not usable SDP is refused with 488.
+    pub fn incoming(
+        local: Local,
+        account: SipAccount,
+        invite: Message,
+        tx: TxId,
+        source: SocketAddr,
+        timers: Timers,
+        seed: u64,
+    ) -> Call {
+        let mut c = Call::blank(Role::Inbound, local, account, timers, seed);
+        c.call_id = invite.call_id().unwrap_or_default().to_owned();
+        c.remote_header = invite.header("From").unwrap_or_default().to_owned();
+        c.remote_tag = invite.from_tag().map(str::to_owned);
+        c.local_header = format!(
+            "{};tag={}",
+            invite.header("To").unwrap_or_default(),
+            c.local_tag
+        );
+        c.remote_target = invite
+            .header("Contact")
+            .map(|v| name_addr_uri(v).to_owned())
+            .unwrap_or_default();
+        c.route_set = invite
+            .headers("Record-Route")
+            .flat_map(split_list)
+            .map(str::to_owned)
+            .collect();
+        c.remote_cseq = invite.cseq().map_or(0, |(n, _)| n);
+        c.invite_tx = Some(tx);
+        c.invite_source = Some(source);
+        c.local_cseq = 1;
+        let offer = if invite.body().is_empty() {
+            Ok(None)
+        } else {
+            AudioSdp::parse(invite.body()).map(Some)
+        };
+        let from = Party::from_header(&c.remote_header);
+        let asserted = invite.header("P-Asserted-Identity").map(Party::from_header);
+        c.invite = Some(invite);
+        match offer {
+            Ok(offer) => {
+                let ringing = c.response(180, "Ringing", None);
+                c.out.push_back(Output::Respond { tx, data: ringing });
+                c.events.push_back(CallEvent::Incoming {
+                    from,
+                    asserted,
+                    offer,
+                });
+            }
+            Err(_) => {
+                let resp = c.response(488, "Not Acceptable Here", None);
+                c.out.push_back(Output::Respond { tx, data: resp });
+                c.end(EndReason::Rejected, Some(488), "Not Acceptable Here");
+            }
+        }
+        c
+    }
+
+    /// Inbound or outbound.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The SIP Call-ID.
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// Our tag (identifies the dialog together with the Call-ID).
+    pub fn local_tag(&self) -> &str {
+        &self.local_tag
+    }
+
+    /// Whether the call is over and nothing of it is in flight (the owner may drop it).
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Ended && self.pending.is_empty() && self.ok_retransmit.is_none()
+    }
+
+    /// Whether the call has ended (events may still be in flight).
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    fn end(&mut self, reason: EndReason, status: Option<u16>, phrase: &str) {
+        if self.state != State::Ended {
+            self.state = State::Ended;
+            self.events.push_back(CallEvent::Ended {
+                reason,
+                status,
+                phrase: phrase.to_owned(),
+            });
+        }
+    }
+
+    fn next_hop(&self) -> SocketAddr {
+        match self.route_set.first() {
+            Some(r) => uri_socket(name_addr_uri(r)),
+            None => uri_socket(&self.remote_target),
+        }
+        .unwrap_or(self.local.target)
+    }
+
+    fn branch(&mut self) -> String {
+        format!("z9hG4bK{}", self.rng.hex())
+    }
+
+    fn send_invite(&mut self) {
+        self.invite_cseq = self.local_cseq;
+        let branch = self.branch();
+        let mut b = Builder::request("INVITE", &self.request_uri)
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {};branch={branch};rport", self.local.via_host),
+            )
+            .header("Max-Forwards", "70")
+            .header("From", self.local_header.clone())
+            .header("To", self.remote_header.clone())
+            .header("Call-ID", self.call_id.clone())
+            .header("CSeq", format!("{} INVITE", self.invite_cseq))
+            .header("Contact", format!("<{}>", self.local.contact))
+            .header(
+                "Allow",
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE",
+            )
+            .header("User-Agent", self.local.user_agent.clone());
+        if let Some(ch) = &self.challenge {
+            self.nc += 1;
+            let cnonce = self.rng.hex();
+            let body = self.local_sdp.clone().unwrap_or_default();
+            let auth = ch.authorization(&Answer {
+                username: &self.account.auth_name,
+                password: &self.account.password,
+                method: "INVITE",
+                uri: &self.request_uri,
+                body: body.as_bytes(),
+                cnonce: &cnonce,
+                nc: self.nc,
+            });
+            b = b.header(ch.kind.answer_header(), auth);
+        }
+        if let Some(sdp) = &self.local_sdp {
+            b = b.body("application/sdp", sdp.clone().into_bytes());
+        }
+        let data = b.build();
+        self.invite = Message::parse(&data).ok();
+        self.pending.push(Purpose::Invite);
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Invite,
+            data,
+            dest: self.local.target,
+        });
+    }
+
+    fn send_cancel(&mut self) {
+        let Some(inv) = &self.invite else { return };
+        // §9.1: same Request-URI, Call-ID, From, To (no tag), CSeq number, top Via, Route.
+        let mut b = Builder::request("CANCEL", &self.request_uri);
+        if let Some(v) = inv.headers("Via").next() {
+            b = b.header("Via", v);
+        }
+        b = b
+            .header("Max-Forwards", "70")
+            .header("From", self.local_header.clone())
+            .header("To", inv.header("To").unwrap_or_default())
+            .header("Call-ID", self.call_id.clone())
+            .header("CSeq", format!("{} CANCEL", self.invite_cseq));
+        for r in inv.headers("Route") {
+            b = b.header("Route", r);
+        }
+        self.cancel_sent = true;
+        self.pending.push(Purpose::Cancel);
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Cancel,
+            data: b.build(),
+            dest: self.local.target,
+        });
+    }
+
+    fn in_dialog(&mut self, method: &str) -> Builder {
+        self.local_cseq += 1;
+        let branch = self.branch();
+        let mut b = Builder::request(method, &self.remote_target)
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {};branch={branch};rport", self.local.via_host),
+            )
+            .header("Max-Forwards", "70");
+        for r in &self.route_set {
+            b = b.header("Route", r.clone());
+        }
+        b.header("From", self.local_header.clone())
+            .header("To", self.remote_header.clone())
+            .header("Call-ID", self.call_id.clone())
+            .header("CSeq", format!("{} {method}", self.local_cseq))
+    }
+
+    fn send_bye(&mut self) {
+        let data = self
+            .in_dialog("BYE")
+            .header("User-Agent", self.local.user_agent.clone())
+            .build();
+        let dest = self.next_hop();
+        self.pending.push(Purpose::Bye);
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Bye,
+            data,
+            dest,
+        });
+    }
+
+    /// A response to the INVITE on our side of the dialog (UAS), with our tag and Contact.
+    fn response(&self, code: u16, reason: &str, body: Option<&str>) -> Vec<u8> {
+        let Some(inv) = &self.invite else {
+            return Vec::new();
+        };
+        let mut b = response_to(inv, code, reason, Some(&self.local_tag));
+        if (101..300).contains(&code) {
+            for rr in inv.headers("Record-Route") {
+                b = b.header("Record-Route", rr);
+            }
+            b = b.header("Contact", format!("<{}>", self.local.contact));
+        }
+        if code == 200 {
+            b = b.header(
+                "Allow",
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE",
+            );
+        }
+        b = b.header("User-Agent", self.local.user_agent.clone());
+        if let Some(sdp) = body {
+            b = b.body("application/sdp", sdp.as_bytes().to_vec());
+        }
+        b.build()
+    }
+
+    /// Answers an incoming call with our SDP. Ignored unless the call is ringing.
+    pub fn answer(&mut self, now: Instant, sdp: String) {
+        if self.role != Role::Inbound || self.state != State::Initial {
+            return;
+        }
+        let Some(tx) = self.invite_tx else { return };
+        let data = self.response(200, "OK", Some(&sdp));
+        self.local_sdp = Some(sdp);
+        self.out.push_back(Output::Respond {
+            tx,
+            data: data.clone(),
+        });
+        let dest = match (&self.invite, self.invite_source) {
+            (Some(inv), Some(src)) => response_destination(inv, src),
+            (_, Some(src)) => src,
+            _ => self.local.target,
+        };
+        self.ok_retransmit = Some(OkRetransmit {
+            data,
+            dest,
+            next: now + self.timers.t1,
+            interval: self.timers.t1,
+            give_up: now + self.timers.sixty_four_t1(),
+        });
+        self.state = State::Established;
+    }
+
+    /// Rejects an incoming call (486 Busy Here, 603 Decline, ...). Ignored unless ringing.
+    pub fn reject(&mut self, code: u16, reason: &str) {
+        if self.role != Role::Inbound || self.state != State::Initial {
+            return;
+        }
+        let code = if (300..700).contains(&code) {
+            code
+        } else {
+            603
+        };
+        if let Some(tx) = self.invite_tx {
+            let data = self.response(code, reason, None);
+            self.out.push_back(Output::Respond { tx, data });
+        }
+        self.end(EndReason::Rejected, Some(code), reason);
+    }
+
+    /// Hangs up in whatever state: CANCEL, BYE, or 603 for an unanswered incoming call.
+    pub fn hangup(&mut self, now: Instant) {
+        let _ = now;
+        match (self.role, self.state) {
+            (_, State::Ended) => {}
+            (Role::Inbound, State::Initial | State::Proceeding) => self.reject(603, "Decline"),
+            (Role::Outbound, State::Initial) => {
+                // §9.1: no CANCEL before a provisional response; send it when one arrives.
+                self.cancel_pending = true;
+                if self.provisional_seen {
+                    self.send_cancel();
+                }
+            }
+            (Role::Outbound, State::Proceeding) => {
+                if !self.cancel_sent {
+                    self.send_cancel();
+                }
+                self.cancel_pending = true;
+            }
+            (_, State::Established) => {
+                self.ok_retransmit = None;
+                self.send_bye();
+                self.end(EndReason::LocalHangup, None, "");
+            }
+        }
+    }
+
+    /// A response on one of the call's client transactions.
+    pub fn handle_response(&mut self, now: Instant, purpose: Purpose, resp: &Message) {
+        let Some(code) = resp.status() else { return };
+        if code >= 200 {
+            if let Some(i) = self.pending.iter().position(|p| *p == purpose) {
+                self.pending.remove(i);
+            }
+        }
+        match purpose {
+            Purpose::Invite => self.invite_response(now, code, resp),
+            // CANCEL's 200 says nothing about the call; the INVITE's 487 does.
+            Purpose::Cancel => {}
+            Purpose::Bye => {}
+        }
+    }
+
+    fn phrase(resp: &Message) -> String {
+        match resp.start_line() {
+            StartLine::Response { reason, .. } => reason,
+            StartLine::Request { .. } => String::new(),
+        }
+    }
+
+    fn invite_response(&mut self, now: Instant, code: u16, resp: &Message) {
+        let _ = now;
+        match code {
+            100..=199 => {
+                if self.state == State::Ended {
+                    return;
+                }
+                self.provisional_seen = true;
+                if code > 100 {
+                    self.state = State::Proceeding;
+                    let sdp = (!resp.body().is_empty())
+                        .then(|| AudioSdp::parse(resp.body()).ok())
+                        .flatten();
+                    match sdp {
+                        Some(answer) if !self.early_reported => {
+                            self.early_reported = true;
+                            self.events.push_back(CallEvent::EarlyMedia { answer });
+                        }
+                        None if !self.ringing_reported && (code == 180 || code == 183) => {
+                            self.ringing_reported = true;
+                            self.events.push_back(CallEvent::Ringing);
+                        }
+                        _ => {}
+                    }
+                }
+                if self.cancel_pending && !self.cancel_sent {
+                    self.send_cancel();
+                }
+            }
+            200..=299 => self.on_2xx(resp),
+            401 | 407 if self.state != State::Ended && !self.cancel_pending => {
+                match Challenge::best(Challenge::from_response(resp)) {
+                    Some(ch) if !self.answered_challenge || ch.stale => {
+                        self.answered_challenge = true;
+                        self.nc = 0;
+                        self.challenge = Some(ch);
+                        self.local_cseq += 1;
+                        self.provisional_seen = false;
+                        self.send_invite();
+                    }
+                    _ => self.end(EndReason::Failed, Some(code), &Call::phrase(resp)),
+                }
+            }
+            _ => {
+                if self.cancel_sent && code == 487 {
+                    self.end(EndReason::Cancelled, Some(487), &Call::phrase(resp));
+                } else {
+                    self.end(EndReason::Failed, Some(code), &Call::phrase(resp));
+                }
+            }
+        }
+    }
+
+    fn on_2xx(&mut self, resp: &Message) {
+        if let Some((ack, dest)) = &self.ack {
+            // A retransmitted 2xx: our ACK was lost (§13.2.2.4).
+            self.out.push_back(Output::Send {
+                dest: *dest,
+                data: ack.clone(),
+            });
+            return;
+        }
+        self.remote_tag = resp.to_tag().map(str::to_owned);
+        self.remote_header = resp.header("To").unwrap_or_default().to_owned();
+        if let Some(c) = resp.header("Contact") {
+            self.remote_target = name_addr_uri(c).to_owned();
+        }
+        // §12.1.2: the UAC's route set is the Record-Route list, reversed.
+        let mut rr: Vec<String> = resp
+            .headers("Record-Route")
+            .flat_map(split_list)
+            .map(str::to_owned)
+            .collect();
+        rr.reverse();
+        self.route_set = rr;
+        let branch = self.branch();
+        let mut b = Builder::request("ACK", &self.remote_target)
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {};branch={branch};rport", self.local.via_host),
+            )
+            .header("Max-Forwards", "70");
+        for r in &self.route_set {
+            b = b.header("Route", r.clone());
+        }
+        let ack = b
+            .header("From", self.local_header.clone())
+            .header("To", self.remote_header.clone())
+            .header("Call-ID", self.call_id.clone())
+            .header("CSeq", format!("{} ACK", self.invite_cseq))
+            .build();
+        let dest = self.next_hop();
+        self.out.push_back(Output::Send {
+            dest,
+            data: ack.clone(),
+        });
+        self.ack = Some((ack, dest));
+        if self.state == State::Ended || self.cancel_pending {
+            // Answered although we hung up meanwhile (the 2xx crossed our CANCEL): end it.
+            self.state = State::Established;
+            self.send_bye();
+            self.end(EndReason::Cancelled, None, "");
+            return;
+        }
+        self.state = State::Established;
+        let answer = (!resp.body().is_empty())
+            .then(|| AudioSdp::parse(resp.body()).ok())
+            .flatten();
+        self.events.push_back(CallEvent::Answered { answer });
+    }
+
+    /// A client transaction of the call timed out.
+    pub fn handle_tx_timeout(&mut self, purpose: Purpose) {
+        if let Some(i) = self.pending.iter().position(|p| *p == purpose) {
+            self.pending.remove(i);
+        }
+        if purpose == Purpose::Invite {
+            self.end(EndReason::Failed, Some(408), "Request Timeout");
+        }
+    }
+
+    /// An in-dialog request (BYE, re-INVITE, INFO, ...) or a CANCEL for our incoming INVITE, on
+    /// server transaction `tx`.
+    pub fn handle_request(&mut self, tx: TxId, req: &Message) {
+        let method = req.method().to_owned();
+        let respond = |c: &Call, code: u16, reason: &str| {
+            response_to(req, code, reason, Some(&c.local_tag)).build()
+        };
+        if method == "CANCEL" {
+            let ok = respond(self, 200, "OK");
+            self.out.push_back(Output::Respond { tx, data: ok });
+            if self.role == Role::Inbound && self.state == State::Initial {
+                if let Some(itx) = self.invite_tx {
+                    let data = self.response(487, "Request Terminated", None);
+                    self.out.push_back(Output::Respond { tx: itx, data });
+                }
+                self.end(EndReason::Missed, Some(487), "Request Terminated");
+            }
+            return;
+        }
+        let cseq = req.cseq().map_or(0, |(n, _)| n);
+        if cseq < self.remote_cseq && self.remote_cseq != 0 {
+            let data = respond(self, 500, "Server Internal Error");
+            self.out.push_back(Output::Respond { tx, data });
+            return;
+        }
+        self.remote_cseq = self.remote_cseq.max(cseq);
+        match method.as_str() {
+            "BYE" => {
+                let data = respond(self, 200, "OK");
+                self.out.push_back(Output::Respond { tx, data });
+                self.ok_retransmit = None;
+                if self.role == Role::Inbound && self.state == State::Initial {
+                    if let Some(itx) = self.invite_tx {
+                        let data = self.response(487, "Request Terminated", None);
+                        self.out.push_back(Output::Respond { tx: itx, data });
+                    }
+                }
+                self.end(EndReason::RemoteHangup, None, "");
+            }
+            "OPTIONS" | "INFO" => {
+                let data = respond(self, 200, "OK");
+                self.out.push_back(Output::Respond { tx, data });
+            }
+            _ => {
+                let data = response_to(req, 501, "Not Implemented", Some(&self.local_tag))
+                    .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
+                    .build();
+                self.out.push_back(Output::Respond { tx, data });
+            }
+        }
+    }
+
+    /// An ACK for our 2xx (incoming calls).
+    pub fn handle_ack(&mut self) {
+        if self.ok_retransmit.take().is_some() && !self.confirmed {
+            self.confirmed = true;
+            if self.state == State::Established {
+                self.events.push_back(CallEvent::Confirmed);
+            }
+        }
+    }
+
+    /// A 2xx for our INVITE that arrived after its transaction ended.
+    pub fn handle_stray_2xx(&mut self, resp: &Message) {
+        self.on_2xx(resp);
+    }
+
+    /// Fires the 2xx retransmission timer.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(r) = &mut self.ok_retransmit else {
+            return;
+        };
+        if now >= r.give_up {
+            // §13.3.1.4: no ACK within 64*T1 → confirm then end the dialog with a BYE.
+            self.ok_retransmit = None;
+            self.send_bye();
+            self.end(EndReason::Timeout, Some(408), "no ACK for 200 OK");
+            return;
+        }
+        if now >= r.next {
+            self.out.push_back(Output::Send {
+                dest: r.dest,
+                data: r.data.clone(),
+            });
+            r.interval = (r.interval * 2).min(self.timers.t2);
+            r.next = now + r.interval;
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next run.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.ok_retransmit.as_ref().map(|r| r.next.min(r.give_up))
+    }
+
+    /// The next thing to do.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The next event.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<CallEvent> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests;

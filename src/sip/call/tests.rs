@@ -1,0 +1,516 @@
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::account::account_from_cli;
+use crate::sip::message::{Builder, Message, response_to};
+use crate::sip::transaction::{TransactionLayer, TxId};
+
+const SDP: &str = "v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\n";
+
+fn local() -> Local {
+    Local {
+        aor: "sip:1001@example.com".into(),
+        contact: "sip:1001-abc@127.0.0.1:5070;transport=udp".into(),
+        via_host: "127.0.0.1:5070".into(),
+        target: "127.0.0.1:5060".parse().unwrap(),
+        user_agent: "t".into(),
+    }
+}
+
+fn account() -> crate::account::SipAccount {
+    account_from_cli(
+        "1001",
+        None,
+        "pass1001".into(),
+        "example.com",
+        None,
+        None,
+        None,
+    )
+    .unwrap()
+}
+
+fn outputs(c: &mut Call) -> Vec<Output> {
+    std::iter::from_fn(|| c.poll_output()).collect()
+}
+
+fn events(c: &mut Call) -> Vec<CallEvent> {
+    std::iter::from_fn(|| c.poll_event()).collect()
+}
+
+fn request_of(o: &Output) -> (Purpose, Message, std::net::SocketAddr) {
+    match o {
+        Output::Request {
+            purpose,
+            data,
+            dest,
+        } => (*purpose, Message::parse(data).unwrap(), *dest),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn sent(o: &Output) -> (Message, std::net::SocketAddr) {
+    match o {
+        Output::Send { data, dest } => (Message::parse(data).unwrap(), *dest),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn reply(req: &Message, code: u16, extra: &[(&str, &str)], body: Option<&str>) -> Message {
+    let mut b = response_to(req, code, "R", if code > 100 { Some("far") } else { None });
+    for (k, v) in extra {
+        b = b.header(k, *v);
+    }
+    if let Some(s) = body {
+        b = b.body("application/sdp", s.as_bytes().to_vec());
+    }
+    b.into_message().unwrap()
+}
+
+#[test]
+fn outbound_auth_ring_answer_ack_bye() {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let out = outputs(&mut c);
+    let (p, inv, dest) = request_of(&out[0]);
+    assert_eq!(
+        (p, dest),
+        (Purpose::Invite, "127.0.0.1:5060".parse().unwrap())
+    );
+    assert_eq!(inv.body(), SDP.as_bytes());
+    assert_eq!(inv.cseq(), Some((1, "INVITE")));
+    c.handle_response(
+        t0,
+        Purpose::Invite,
+        &reply(
+            &inv,
+            407,
+            &[(
+                "Proxy-Authenticate",
+                "Digest realm=\"example.com\", nonce=\"n\", qop=\"auth\"",
+            )],
+            None,
+        ),
+    );
+    let (_, inv2, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(inv2.cseq(), Some((2, "INVITE")));
+    assert_eq!(inv2.call_id(), inv.call_id());
+    assert_eq!(inv2.from_tag(), inv.from_tag());
+    assert!(
+        inv2.header("Proxy-Authorization")
+            .unwrap()
+            .contains("uri=\"sip:1002@example.com\"")
+    );
+    c.handle_response(t0, Purpose::Invite, &reply(&inv2, 180, &[], None));
+    let rr = [
+        ("Record-Route", "<sip:10.9.9.9;lr>, <sip:127.0.0.1:5060;lr>"),
+        ("Contact", "<sip:1002@127.0.0.1:6060>"),
+    ];
+    let ok = reply(&inv2, 200, &rr, Some(SDP));
+    c.handle_response(t0, Purpose::Invite, &ok);
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ringing, CallEvent::Answered { answer: Some(_) }]
+    ));
+    let out = outputs(&mut c);
+    let (ack, dest) = sent(&out[0]);
+    assert_eq!(
+        dest,
+        "127.0.0.1:5060".parse().unwrap(),
+        "first hop of the reversed Record-Route"
+    );
+    assert_eq!(ack.method(), "ACK");
+    assert_eq!(ack.cseq(), Some((2, "ACK")));
+    assert_eq!(ack.to_tag(), Some("far"));
+    assert_eq!(
+        ack.headers("Route").collect::<Vec<_>>(),
+        vec!["<sip:127.0.0.1:5060;lr>", "<sip:10.9.9.9;lr>"]
+    );
+    assert!(
+        matches!(ack.start_line(), StartLine::Request { uri, .. } if uri == "sip:1002@127.0.0.1:6060")
+    );
+    // A retransmitted 200 is ACKed again.
+    c.handle_stray_2xx(&ok);
+    assert_eq!(sent(&outputs(&mut c)[0]).0.method(), "ACK");
+    c.hangup(t0);
+    let (p, bye, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(p, Purpose::Bye);
+    assert_eq!(bye.cseq(), Some((3, "BYE")));
+    assert_eq!(bye.to_tag(), Some("far"));
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            reason: EndReason::LocalHangup,
+            ..
+        }]
+    ));
+    assert!(!c.is_finished(), "BYE in flight");
+    c.handle_response(t0, Purpose::Bye, &reply(&bye, 200, &[], None));
+    assert!(c.is_finished());
+}
+
+#[test]
+fn outbound_failures_carry_status() {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    let busy = response_to(&inv, 486, "Busy Here", Some("x"))
+        .into_message()
+        .unwrap();
+    c.handle_response(t0, Purpose::Invite, &busy);
+    assert_eq!(
+        events(&mut c),
+        vec![CallEvent::Ended {
+            reason: EndReason::Failed,
+            status: Some(486),
+            phrase: "Busy Here".into()
+        }]
+    );
+    assert!(c.is_finished());
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let _ = outputs(&mut c);
+    c.handle_tx_timeout(Purpose::Invite);
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            status: Some(408),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn cancel_waits_for_a_provisional() {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    c.hangup(t0);
+    assert!(
+        outputs(&mut c).is_empty(),
+        "§9.1: no CANCEL before a provisional"
+    );
+    c.handle_response(t0, Purpose::Invite, &reply(&inv, 100, &[], None));
+    let (p, cancel, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(p, Purpose::Cancel);
+    assert_eq!(
+        cancel.top_via().unwrap().branch,
+        inv.top_via().unwrap().branch
+    );
+    assert_eq!(cancel.cseq(), Some((1, "CANCEL")));
+    assert_eq!(cancel.to_tag(), None);
+    c.handle_response(t0, Purpose::Cancel, &reply(&cancel, 200, &[], None));
+    c.handle_response(t0, Purpose::Invite, &reply(&inv, 487, &[], None));
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            reason: EndReason::Cancelled,
+            status: Some(487),
+            ..
+        }]
+    ));
+    assert!(c.is_finished());
+}
+
+#[test]
+fn answer_crossing_cancel_is_acked_and_byed() {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    c.handle_response(t0, Purpose::Invite, &reply(&inv, 180, &[], None));
+    c.hangup(t0);
+    let _cancel = outputs(&mut c);
+    c.handle_response(
+        t0,
+        Purpose::Invite,
+        &reply(
+            &inv,
+            200,
+            &[("Contact", "<sip:1002@127.0.0.1:6060>")],
+            Some(SDP),
+        ),
+    );
+    let out = outputs(&mut c);
+    assert_eq!(sent(&out[0]).0.method(), "ACK");
+    assert_eq!(request_of(&out[1]).0, Purpose::Bye);
+    assert!(events(&mut c).iter().any(|e| matches!(
+        e,
+        CallEvent::Ended {
+            reason: EndReason::Cancelled,
+            ..
+        }
+    )));
+}
+
+fn incoming(body: &str) -> (Call, Message) {
+    let inv = Builder::request("INVITE", "sip:1001-abc@127.0.0.1:5070")
+        .header(
+            "Via",
+            "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKkam;rport=5060",
+        )
+        .header("Record-Route", "<sip:127.0.0.1:5060;lr>")
+        .header("From", "\"Bob B\" <sip:1002@example.com>;tag=bob")
+        .header("To", "<sip:1001@example.com>")
+        .header("Call-ID", "in-1")
+        .header("CSeq", "7 INVITE")
+        .header("Contact", "<sip:1002@127.0.0.1:6060>")
+        .header(
+            "P-Asserted-Identity",
+            "\"Bob Verified\" <sip:+15551234@example.com>",
+        )
+        .body("application/sdp", body.as_bytes().to_vec())
+        .into_message()
+        .unwrap();
+    let mut layer = TransactionLayer::new(Timers::default(), 1);
+    layer.handle_message(
+        Instant::now(),
+        inv.clone(),
+        "127.0.0.1:5060".parse().unwrap(),
+    );
+    let tx: TxId = match layer.poll_event() {
+        Some(crate::sip::transaction::Event::Request { id, .. }) => id,
+        other => panic!("{other:?}"),
+    };
+    let c = Call::incoming(
+        local(),
+        account(),
+        inv.clone(),
+        tx,
+        "127.0.0.1:5060".parse().unwrap(),
+        Timers::default(),
+        9,
+    );
+    (c, inv)
+}
+
+fn responded(o: &Output) -> Message {
+    match o {
+        Output::Respond { data, .. } => Message::parse(data).unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn inbound_ring_answer_retransmit_ack_remote_bye() {
+    let t0 = Instant::now();
+    let (mut c, inv) = incoming(SDP);
+    let r180 = responded(&outputs(&mut c)[0]);
+    assert_eq!(r180.status(), Some(180));
+    assert!(r180.to_tag().is_some());
+    assert_eq!(r180.header("Record-Route"), Some("<sip:127.0.0.1:5060;lr>"));
+    match events(&mut c).as_slice() {
+        [
+            CallEvent::Incoming {
+                from,
+                asserted,
+                offer,
+            },
+        ] => {
+            assert_eq!(from.display.as_deref(), Some("Bob B"));
+            assert_eq!(from.user(), "1002");
+            assert_eq!(asserted.as_ref().map(|p| p.user()), Some("+15551234"));
+            assert!(offer.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    c.answer(t0, SDP.into());
+    let ok = responded(&outputs(&mut c)[0]);
+    assert_eq!(ok.status(), Some(200));
+    assert_eq!(ok.body(), SDP.as_bytes());
+    assert_eq!(ok.to_tag(), r180.to_tag(), "one dialog, one tag");
+    let t1 = Duration::from_millis(500);
+    assert_eq!(c.poll_timeout(), Some(t0 + t1));
+    c.handle_timeout(t0 + t1);
+    c.handle_timeout(t0 + t1 * 3);
+    let resent: Vec<_> = outputs(&mut c).iter().map(|o| sent(o).0.status()).collect();
+    assert_eq!(resent, vec![Some(200), Some(200)]);
+    c.handle_ack();
+    assert_eq!(c.poll_timeout(), None);
+    assert_eq!(events(&mut c), vec![CallEvent::Confirmed]);
+    let bye = Builder::request("BYE", "sip:1001-abc@127.0.0.1:5070")
+        .header("Via", "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKbye")
+        .header("From", inv.header("From").unwrap())
+        .header(
+            "To",
+            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
+        )
+        .header("Call-ID", "in-1")
+        .header("CSeq", "8 BYE")
+        .into_message()
+        .unwrap();
+    c.handle_request(TxId_for_test(), &bye);
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(200));
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            reason: EndReason::RemoteHangup,
+            ..
+        }]
+    ));
+    assert!(c.is_finished());
+}
+
+#[allow(non_snake_case)]
+fn TxId_for_test() -> TxId {
+    let mut layer = TransactionLayer::new(Timers::default(), 1);
+    let req = Builder::request("OPTIONS", "sip:x@127.0.0.1")
+        .header("Via", "SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKt")
+        .header("From", "<sip:a@b>;tag=1")
+        .header("To", "<sip:a@b>")
+        .header("Call-ID", "t")
+        .header("CSeq", "1 OPTIONS")
+        .build();
+    layer
+        .handle_datagram(Instant::now(), &req, "127.0.0.1:9".parse().unwrap())
+        .unwrap();
+    match layer.poll_event() {
+        Some(crate::sip::transaction::Event::Request { id, .. }) => id,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn inbound_without_ack_ends_with_bye() {
+    let t0 = Instant::now();
+    let (mut c, _) = incoming(SDP);
+    let _ = (outputs(&mut c), events(&mut c));
+    c.answer(t0, SDP.into());
+    let _ = outputs(&mut c);
+    let mut now = t0;
+    for _ in 0..100 {
+        match c.poll_timeout() {
+            Some(t) => {
+                now = t;
+                c.handle_timeout(now);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(now - t0, Duration::from_secs(32));
+    let out = outputs(&mut c);
+    let (p, bye, _) = request_of(out.last().unwrap());
+    assert_eq!((p, bye.method()), (Purpose::Bye, "BYE"));
+    assert_eq!(
+        bye.header("Route"),
+        Some("<sip:127.0.0.1:5060;lr>"),
+        "UAS route set: Record-Route in order"
+    );
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            reason: EndReason::Timeout,
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn inbound_cancel_is_missed_and_reject_is_rejected() {
+    let (mut c, inv) = incoming(SDP);
+    let _ = (outputs(&mut c), events(&mut c));
+    let cancel = Builder::request("CANCEL", "sip:1001-abc@127.0.0.1:5070")
+        .header("Via", inv.header("Via").unwrap())
+        .header("From", inv.header("From").unwrap())
+        .header("To", inv.header("To").unwrap())
+        .header("Call-ID", "in-1")
+        .header("CSeq", "7 CANCEL")
+        .into_message()
+        .unwrap();
+    c.handle_request(TxId_for_test(), &cancel);
+    let codes: Vec<_> = outputs(&mut c)
+        .iter()
+        .map(|o| responded(o).status())
+        .collect();
+    assert_eq!(codes, vec![Some(200), Some(487)]);
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            reason: EndReason::Missed,
+            ..
+        }]
+    ));
+
+    let (mut c, _) = incoming(SDP);
+    let _ = (outputs(&mut c), events(&mut c));
+    c.reject(486, "Busy Here");
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(486));
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Ended {
+            reason: EndReason::Rejected,
+            status: Some(486),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn unusable_offer_is_refused_with_488() {
+    let (mut c, _) = incoming("v=0\r\nm=video 1 RTP/AVP 96\r\n");
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(488));
+    assert!(c.is_ended());
+}
+
+#[test]
+fn dial_strings() {
+    assert_eq!(
+        dial_uri("1002", "example.com"),
+        Ok("sip:1002@example.com".into())
+    );
+    assert_eq!(
+        dial_uri("+49 (30) 123-45", "example.com"),
+        Ok("sip:+493012345@example.com;user=phone".into())
+    );
+    assert_eq!(
+        dial_uri("sip:bob@other.example:5080;transport=udp", "x"),
+        Ok("sip:bob@other.example:5080".into())
+    );
+    assert_eq!(
+        dial_uri("bob@other.example", "x"),
+        Ok("sip:bob@other.example".into())
+    );
+    for bad in [
+        "",
+        "a b\r\nVia: x",
+        "sip:nohost",
+        "<sip:a@b>",
+        "+12ab",
+        "+1234567890123456",
+    ] {
+        assert!(dial_uri(bad, "example.com").is_err(), "{bad:?}");
+    }
+}
