@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use callgate::account::{SipAccount, account_from_cli};
-use callgate::sip::endpoint::{Endpoint, Settings};
+use callgate::sip::endpoint::{Endpoint, RegistrationHandle, Settings};
 use callgate::sip::registration::{self, Status};
 use callgate::sip::transaction::Timers;
 use common::peers::{Kamailio, free_udp_port, sipp_probe};
@@ -53,16 +53,32 @@ async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Outp
         .unwrap_or_else(|_| panic!("{what}: not within {limit:?}"))
 }
 
-/// Polls sipp until the probe sees `code` (the registrar's view may lag by a transaction).
-async fn probe_until(port: u16, callee: &str, code: u16, limit: Duration) {
+/// Polls sipp until the probe sees `code` (the registrar's view may lag by a transaction). While
+/// callgate holds the registration, the agent side (`agent`) refuses the probe call with 480.
+async fn probe_until(
+    port: u16,
+    callee: &str,
+    code: u16,
+    limit: Duration,
+    mut agent: Option<&mut RegistrationHandle>,
+) {
     let deadline = Instant::now() + limit;
     loop {
-        let (ok, out) = tokio::task::spawn_blocking({
+        let mut sipp = tokio::task::spawn_blocking({
             let callee = callee.to_owned();
             move || sipp_probe(port, &callee, code)
-        })
-        .await
-        .expect("sipp task");
+        });
+        let (ok, out) = loop {
+            tokio::select! {
+                r = &mut sipp => break r.expect("sipp task"),
+                Some(inc) = async {
+                    match agent.as_deref_mut() {
+                        Some(a) => a.next_incoming().await,
+                        None => std::future::pending().await,
+                    }
+                } => inc.call.reject(480, "Temporarily Unavailable"),
+            }
+        };
         if ok {
             return;
         }
@@ -103,8 +119,15 @@ async fn register_share_and_unregister() {
         "{}",
         kam.log()
     );
-    // Kamailio now routes calls for 1001 to callgate (which refuses them until call control lands).
-    probe_until(kam.port, "1001", 480, Duration::from_secs(10)).await;
+    // Kamailio now routes calls for 1001 to callgate, whose agent side refuses this one with 480.
+    probe_until(
+        kam.port,
+        "1001",
+        480,
+        Duration::from_secs(10),
+        Some(&mut first),
+    )
+    .await;
 
     // A second session of the same identity joins the registration: no new REGISTER.
     let sent_before = ep.stats().sent.load(std::sync::atomic::Ordering::Relaxed);
@@ -128,7 +151,7 @@ async fn register_share_and_unregister() {
 
     // Last handle gone: after the grace period callgate unregisters, and the registrar forgets us.
     drop(second);
-    probe_until(kam.port, "1001", 404, Duration::from_secs(10)).await;
+    probe_until(kam.port, "1001", 404, Duration::from_secs(10), None).await;
     ep.shutdown().await;
 }
 
@@ -203,7 +226,7 @@ async fn refreshes_before_expiry() {
     );
     // Well past the first binding's expiry, the registrar still has us.
     assert!(t0.elapsed() >= Duration::from_secs(3));
-    probe_until(kam.port, "1001", 480, Duration::from_secs(5)).await;
+    probe_until(kam.port, "1001", 480, Duration::from_secs(5), Some(&mut h)).await;
     drop(h);
     ep.shutdown().await;
 }
@@ -281,7 +304,7 @@ async fn shutdown_unregisters() {
     .await;
     within(Duration::from_secs(10), "shutdown", ep.shutdown()).await;
     assert_eq!(h.status(), Status::Unregistered);
-    probe_until(kam.port, "1003", 404, Duration::from_secs(5)).await;
+    probe_until(kam.port, "1003", 404, Duration::from_secs(5), None).await;
 }
 
 /// A domain with no port in the token is located through its `_sip._udp` SRV record (RFC 3263):

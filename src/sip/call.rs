@@ -446,6 +446,11 @@ impl Call {
         &self.call_id
     }
 
+    /// The far end's tag, once known.
+    pub fn remote_tag(&self) -> Option<&str> {
+        self.remote_tag.as_deref()
+    }
+
     /// Our tag (identifies the dialog together with the Call-ID).
     pub fn local_tag(&self) -> &str {
         &self.local_tag

@@ -1,10 +1,12 @@
-//! The tokio shell around the SIP cores: one task owns the UDP socket, the transaction layer and
-//! every registration. Others hold an [`Endpoint`] (commands in) and [`RegistrationHandle`]s
-//! (status out, through a `watch` channel). No locks: the task is the only owner.
+//! The tokio shell around the SIP cores: one task owns the UDP socket, the transaction layer,
+//! every registration and every call's dialog. Others hold an [`Endpoint`] (commands in),
+//! [`RegistrationHandle`]s (status through a `watch` channel, incoming calls through a queue) and
+//! [`CallHandle`]s (commands in, [`CallEvent`]s out). No locks: the task is the only owner.
 //!
 //! Two handles for the same SIP identity share one registration (reference counted). When the last
 //! handle is dropped the registration lingers for a grace period (a page reload must not
-//! REGISTER again, providers limit registrations), then unregisters.
+//! REGISTER again, providers limit registrations), then unregisters. An incoming call goes to the
+//! newest live handle of its registration (the page the agent opened last).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,8 +18,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::message::{Message, response_to};
+use super::call::{self, BadDestination, Call, CallEvent, Local, Party, dial_uri};
+use super::message::{Message, StartLine, response_to};
 use super::registration::{self, Binding, Purpose, Registration, Status};
+use super::sdp::AudioSdp;
 use super::transaction::{Event, Timers, TransactionLayer, TxId};
 use crate::account::{HostPort, SipAccount};
 
@@ -58,6 +62,15 @@ pub enum EndpointError {
     /// The endpoint task is gone (shutting down).
     #[error("SIP endpoint is shutting down")]
     Closed,
+    /// The dialled destination is not usable.
+    #[error("{0}")]
+    BadDestination(#[from] BadDestination),
+    /// The registration this call needs is gone.
+    #[error("not registered")]
+    NotRegistered,
+    /// Too many calls.
+    #[error("call limit reached ({0})")]
+    TooManyCalls(usize),
 }
 
 /// Counters for metrics.
@@ -77,15 +90,41 @@ enum Command {
         target: SocketAddr,
         via_host: String,
         fixed: bool,
-        reply: oneshot::Sender<Result<(String, watch::Receiver<Status>), EndpointError>>,
+        reply: oneshot::Sender<Result<Acquired, EndpointError>>,
     },
     Release {
         key: String,
+    },
+    Dial {
+        key: String,
+        to: String,
+        sdp: String,
+        reply: oneshot::Sender<Result<CallHandle, EndpointError>>,
+    },
+    Call {
+        id: u64,
+        action: CallAction,
     },
     Shutdown {
         done: oneshot::Sender<()>,
     },
 }
+
+struct Acquired {
+    key: String,
+    status: watch::Receiver<Status>,
+    incoming: mpsc::UnboundedReceiver<IncomingCall>,
+}
+
+#[derive(Debug)]
+enum CallAction {
+    Answer(String),
+    Reject(u16, String),
+    Hangup,
+}
+
+/// Most calls at once per endpoint.
+pub const MAX_CALLS: usize = 10_000;
 
 /// A running SIP endpoint.
 #[derive(Clone)]
@@ -100,6 +139,7 @@ pub struct Endpoint {
 pub struct RegistrationHandle {
     key: String,
     status: watch::Receiver<Status>,
+    incoming: mpsc::UnboundedReceiver<IncomingCall>,
     cmds: mpsc::UnboundedSender<Command>,
 }
 
@@ -127,6 +167,11 @@ impl RegistrationHandle {
             self.status.changed().await.ok()?;
         }
     }
+
+    /// The next incoming call for this registration (already ringing at the caller).
+    pub async fn next_incoming(&mut self) -> Option<IncomingCall> {
+        self.incoming.recv().await
+    }
 }
 
 impl Drop for RegistrationHandle {
@@ -134,6 +179,66 @@ impl Drop for RegistrationHandle {
         let _ = self.cmds.send(Command::Release {
             key: std::mem::take(&mut self.key),
         });
+    }
+}
+
+/// An incoming call offered to the agent.
+pub struct IncomingCall {
+    /// Control of the call.
+    pub call: CallHandle,
+    /// The caller as From says.
+    pub from: Party,
+    /// The caller as the network asserts (P-Asserted-Identity).
+    pub asserted: Option<Party>,
+    /// The caller's SDP offer.
+    pub offer: Option<AudioSdp>,
+}
+
+/// Control of one call; dropping it hangs the call up.
+pub struct CallHandle {
+    id: u64,
+    sip_call_id: String,
+    events: mpsc::UnboundedReceiver<CallEvent>,
+    cmds: mpsc::UnboundedSender<Command>,
+}
+
+impl CallHandle {
+    /// The SIP Call-ID.
+    pub fn sip_call_id(&self) -> &str {
+        &self.sip_call_id
+    }
+
+    /// The next event; `None` once the call is over and all events were read.
+    pub async fn next_event(&mut self) -> Option<CallEvent> {
+        self.events.recv().await
+    }
+
+    fn act(&self, action: CallAction) {
+        let _ = self.cmds.send(Command::Call {
+            id: self.id,
+            action,
+        });
+    }
+
+    /// Answers an incoming call with our SDP.
+    pub fn answer(&self, sdp: String) {
+        self.act(CallAction::Answer(sdp));
+    }
+
+    /// Rejects an incoming call with `code` (486, 603, ...).
+    pub fn reject(&self, code: u16, reason: &str) {
+        self.act(CallAction::Reject(code, reason.to_owned()));
+    }
+
+    /// Hangs up (CANCEL, BYE or decline, whatever the state needs).
+    pub fn hangup(&self) {
+        self.act(CallAction::Hangup);
+    }
+}
+
+impl Drop for CallHandle {
+    fn drop(&mut self) {
+        self.act(CallAction::Hangup);
     }
 }
 
@@ -175,10 +280,15 @@ impl Endpoint {
             socket,
             layer: TransactionLayer::new(settings.timers, random_u64()),
             regs: HashMap::new(),
+            calls: HashMap::new(),
+            dialogs: HashMap::new(),
             owners: HashMap::new(),
+            sends: Vec::new(),
             settings: settings.clone(),
             stats: stats.clone(),
+            cmds: tx.clone(),
             shutdown: None,
+            next_call: 1,
         };
         tokio::spawn(task.run(rx));
         Ok(Endpoint {
@@ -286,12 +396,32 @@ impl Endpoint {
                 reply,
             })
             .map_err(|_| EndpointError::Closed)?;
-        let (key, status) = rx.await.map_err(|_| EndpointError::Closed)??;
+        let acquired = rx.await.map_err(|_| EndpointError::Closed)??;
         Ok(RegistrationHandle {
-            key,
-            status,
+            key: acquired.key,
+            status: acquired.status,
+            incoming: acquired.incoming,
             cmds: self.cmds.clone(),
         })
+    }
+
+    /// Calls `to` (extension, number or SIP URI) as the registration's account, offering `sdp`.
+    pub async fn dial(
+        &self,
+        reg: &RegistrationHandle,
+        to: &str,
+        sdp: String,
+    ) -> Result<CallHandle, EndpointError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Dial {
+                key: reg.key.clone(),
+                to: to.to_owned(),
+                sdp,
+                reply,
+            })
+            .map_err(|_| EndpointError::Closed)?;
+        rx.await.map_err(|_| EndpointError::Closed)?
     }
 
     /// Our address as seen from the interface that routes to `target` (when bound to 0.0.0.0).
@@ -312,7 +442,7 @@ impl Endpoint {
         }
     }
 
-    /// Unregisters everything (bounded by Timer F) and stops the task.
+    /// Hangs up every call, unregisters everything (bounded by Timer F) and stops the task.
     pub async fn shutdown(&self) {
         let (done, rx) = oneshot::channel();
         if self.cmds.send(Command::Shutdown { done }).is_ok() {
@@ -327,25 +457,48 @@ struct Entry {
     refs: usize,
     release_at: Option<Instant>,
     status: watch::Sender<Status>,
+    /// One queue per live handle, newest last.
+    incoming: Vec<mpsc::UnboundedSender<IncomingCall>>,
+}
+
+struct CallEntry {
+    call: Call,
+    events: Option<mpsc::UnboundedSender<CallEvent>>,
+    /// The registration key, until the Incoming event is delivered.
+    deliver_to: Option<String>,
+}
+
+#[derive(Clone)]
+enum Owner {
+    Registration(String, Purpose),
+    Call(u64, call::Purpose),
 }
 
 struct Task {
     socket: UdpSocket,
     layer: TransactionLayer,
     regs: HashMap<String, Entry>,
-    owners: HashMap<TxId, (String, Purpose)>,
+    calls: HashMap<u64, CallEntry>,
+    /// (Call-ID, our tag) → call.
+    dialogs: HashMap<(String, String), u64>,
+    owners: HashMap<TxId, Owner>,
+    /// Datagrams to send outside transactions.
+    sends: Vec<(SocketAddr, Vec<u8>)>,
     settings: Arc<Settings>,
     stats: Arc<Stats>,
+    cmds: mpsc::UnboundedSender<Command>,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
+    next_call: u64,
 }
 
 impl Task {
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Command>) {
         let mut buf = vec![0u8; super::message::MAX_MESSAGE_BYTES + 1];
+        let mut cmds_open = true;
         loop {
             self.pump(Instant::now()).await;
             if let Some((_, deadline)) = &self.shutdown {
-                if self.regs.is_empty() || Instant::now() >= *deadline {
+                if (self.regs.is_empty() && self.calls.is_empty()) || Instant::now() >= *deadline {
                     if let Some((done, _)) = self.shutdown.take() {
                         let _ = done.send(());
                     }
@@ -359,19 +512,24 @@ impl Task {
                     Ok((n, src)) => {
                         self.stats.received.fetch_add(1, Ordering::Relaxed);
                         let data = buf.get(..n).unwrap_or_default();
+                        if tracing::enabled!(tracing::Level::DEBUG) {
+                            let line = data.split(|b| *b == b'\r').next().unwrap_or_default();
+                            tracing::debug!(%src, "SIP in: {}", String::from_utf8_lossy(line));
+                        }
                         if let Err(e) = self.layer.handle_datagram(now_std(), data, src) {
                             if e != super::message::ParseError::Keepalive {
                                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(%src, error = e.code(), "dropped malformed SIP datagram");
+                                tracing::debug!(%src, error = e.code(), "dropped malformed SIP datagram: {e}");
                             }
                         }
                     }
                     Err(e) => tracing::debug!("SIP socket receive error: {e}"),
                 },
-                cmd = cmds.recv() => match cmd {
+                cmd = cmds.recv(), if cmds_open => match cmd {
                     Some(c) => self.command(c),
                     None => {
-                        // Every Endpoint clone is gone: unregister and stop.
+                        // Every Endpoint and handle is gone: unregister and stop.
+                        cmds_open = false;
                         self.begin_shutdown();
                     }
                 },
@@ -382,10 +540,13 @@ impl Task {
 
     fn begin_shutdown(&mut self) {
         let now = Instant::now();
+        for c in self.calls.values_mut() {
+            c.call.hangup(now.into_std());
+        }
         for e in self.regs.values_mut() {
             e.reg.unregister(now.into_std());
         }
-        // Leave time for one unregister transaction (Timer F), no more.
+        // Leave time for one BYE / unregister transaction (Timer F), no more.
         let limit = now
             + self
                 .settings
@@ -414,10 +575,12 @@ impl Task {
                 }
                 let account = *account;
                 let key = registration_key(&account);
+                let (in_tx, in_rx) = mpsc::unbounded_channel();
                 if let Some(e) = self.regs.get_mut(&key) {
                     e.refs += 1;
                     e.release_at = None;
                     e.target = target;
+                    e.incoming.push(in_tx);
                     e.reg.update_account(account);
                     if matches!(
                         e.reg.status(),
@@ -430,7 +593,11 @@ impl Task {
                     {
                         e.reg.start(now.into_std());
                     }
-                    let _ = reply.send(Ok((key, e.status.subscribe())));
+                    let _ = reply.send(Ok(Acquired {
+                        key,
+                        status: e.status.subscribe(),
+                        incoming: in_rx,
+                    }));
                     return;
                 }
                 if self.regs.len() >= self.settings.max_registrations {
@@ -463,15 +630,39 @@ impl Task {
                         refs: 1,
                         release_at: None,
                         status,
+                        incoming: vec![in_tx],
                     },
                 );
-                let _ = reply.send(Ok((key, rx)));
+                let _ = reply.send(Ok(Acquired {
+                    key,
+                    status: rx,
+                    incoming: in_rx,
+                }));
             }
             Command::Release { key } => {
                 if let Some(e) = self.regs.get_mut(&key) {
                     e.refs = e.refs.saturating_sub(1);
+                    e.incoming.retain(|tx| !tx.is_closed());
                     if e.refs == 0 {
                         e.release_at = Some(now + self.settings.grace);
+                    }
+                }
+            }
+            Command::Dial {
+                key,
+                to,
+                sdp,
+                reply,
+            } => {
+                let result = self.dial(&key, &to, sdp);
+                let _ = reply.send(result);
+            }
+            Command::Call { id, action } => {
+                if let Some(c) = self.calls.get_mut(&id) {
+                    match action {
+                        CallAction::Answer(sdp) => c.call.answer(now.into_std(), sdp),
+                        CallAction::Reject(code, reason) => c.call.reject(code, &reason),
+                        CallAction::Hangup => c.call.hangup(now.into_std()),
                     }
                 }
             }
@@ -485,19 +676,80 @@ impl Task {
         }
     }
 
+    fn local_for(&self, key: &str) -> Option<(Local, SipAccount)> {
+        let e = self.regs.get(key)?;
+        let account = e.reg.account().clone();
+        let local = Local {
+            aor: format!("sip:{}@{}", account.login, account.domain),
+            contact: e.reg.contact_uri(),
+            via_host: e.reg.via_host().to_owned(),
+            target: e.target,
+            user_agent: self.settings.registration.user_agent.clone(),
+        };
+        Some((local, account))
+    }
+
+    fn new_call(
+        &mut self,
+        call: Call,
+        deliver_to: Option<String>,
+    ) -> (u64, mpsc::UnboundedReceiver<CallEvent>) {
+        let id = self.next_call;
+        self.next_call += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.dialogs
+            .insert((call.call_id().to_owned(), call.local_tag().to_owned()), id);
+        self.calls.insert(
+            id,
+            CallEntry {
+                call,
+                events: Some(tx),
+                deliver_to,
+            },
+        );
+        (id, rx)
+    }
+
+    fn dial(&mut self, key: &str, to: &str, sdp: String) -> Result<CallHandle, EndpointError> {
+        if self.shutdown.is_some() {
+            return Err(EndpointError::Closed);
+        }
+        if self.calls.len() >= MAX_CALLS {
+            return Err(EndpointError::TooManyCalls(MAX_CALLS));
+        }
+        let (local, account) = self.local_for(key).ok_or(EndpointError::NotRegistered)?;
+        let uri = dial_uri(to, account.domain.as_str())?;
+        tracing::info!(from = %local.aor, "dialling");
+        let call = Call::outgoing(local, account, uri, sdp, self.settings.timers, random_u64());
+        let sip_call_id = call.call_id().to_owned();
+        let (id, events) = self.new_call(call, None);
+        Ok(CallHandle {
+            id,
+            sip_call_id,
+            events,
+            cmds: self.cmds.clone(),
+        })
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let to_tokio = |i: std::time::Instant| Instant::from_std(i);
         let mut d = self.layer.poll_timeout().map(to_tokio);
+        let mut consider = |t: Instant| d = Some(d.map_or(t, |x: Instant| x.min(t)));
         for e in self.regs.values() {
             for t in [e.reg.poll_timeout().map(to_tokio), e.release_at]
                 .into_iter()
                 .flatten()
             {
-                d = Some(d.map_or(t, |x| x.min(t)));
+                consider(t);
+            }
+        }
+        for c in self.calls.values() {
+            if let Some(t) = c.call.poll_timeout() {
+                consider(to_tokio(t));
             }
         }
         if let Some((_, t)) = &self.shutdown {
-            d = Some(d.map_or(*t, |x| x.min(*t)));
+            consider(*t);
         }
         d
     }
@@ -514,6 +766,9 @@ impl Task {
             }
             e.reg.handle_timeout(std_now);
         }
+        for c in self.calls.values_mut() {
+            c.call.handle_timeout(std_now);
+        }
         for _ in 0..64 {
             let mut progressed = false;
             while let Some(ev) = self.layer.poll_event() {
@@ -525,7 +780,8 @@ impl Task {
                     progressed = true;
                     match self.layer.send_request(std_now, out.data, e.target) {
                         Ok(id) => {
-                            self.owners.insert(id, (key.clone(), out.purpose));
+                            self.owners
+                                .insert(id, Owner::Registration(key.clone(), out.purpose));
                         }
                         Err(err) => tracing::error!("cannot start a SIP transaction: {err}"),
                     }
@@ -536,31 +792,143 @@ impl Task {
                     let _ = e.status.send(s);
                 }
             }
+            progressed |= self.pump_calls(std_now);
             if !progressed {
                 break;
             }
         }
-        // Registrations nobody holds that are done: forget them.
+        // Registrations nobody holds that are done, and finished calls: forget them.
         self.regs
             .retain(|_, e| !(e.refs == 0 && e.release_at.is_none() && e.reg.is_finished()));
         if self.shutdown.is_some() {
             self.regs.retain(|_, e| !e.reg.is_finished());
         }
-        while let Some(t) = self.layer.poll_transmit() {
-            self.stats.sent.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.socket.send_to(&t.data, t.dest).await {
-                tracing::debug!(dest = %t.dest, "SIP send failed: {e}");
+        let finished: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.call.is_finished())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in finished {
+            if let Some(c) = self.calls.remove(&id) {
+                self.dialogs
+                    .remove(&(c.call.call_id().to_owned(), c.call.local_tag().to_owned()));
             }
         }
+        while let Some(t) = self.layer.poll_transmit() {
+            self.sends.push((t.dest, t.data));
+        }
+        for (dest, data) in std::mem::take(&mut self.sends) {
+            self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                // The start line only: never headers (Authorization) or bodies.
+                let line = data.split(|b| *b == b'\r').next().unwrap_or_default();
+                tracing::debug!(%dest, "SIP out: {}", String::from_utf8_lossy(line));
+            }
+            if let Err(e) = self.socket.send_to(&data, dest).await {
+                tracing::debug!(%dest, "SIP send failed: {e}");
+            }
+        }
+    }
+
+    fn pump_calls(&mut self, now: std::time::Instant) -> bool {
+        let mut progressed = false;
+        let ids: Vec<u64> = self.calls.keys().copied().collect();
+        for id in ids {
+            let Some(c) = self.calls.get_mut(&id) else {
+                continue;
+            };
+            while let Some(out) = c.call.poll_output() {
+                progressed = true;
+                match out {
+                    call::Output::Request {
+                        purpose,
+                        data,
+                        dest,
+                    } => match self.layer.send_request(now, data, dest) {
+                        Ok(tx) => {
+                            self.owners.insert(tx, Owner::Call(id, purpose));
+                        }
+                        Err(err) => tracing::error!("cannot start a SIP transaction: {err}"),
+                    },
+                    call::Output::Respond { tx, data } => {
+                        if let Err(err) = self.layer.respond(now, tx, data) {
+                            tracing::debug!("cannot respond: {err}");
+                        }
+                    }
+                    call::Output::Send { dest, data } => self.sends.push((dest, data)),
+                }
+            }
+            while let Some(ev) = c.call.poll_event() {
+                progressed = true;
+                if let CallEvent::Ended { reason, status, .. } = &ev {
+                    tracing::info!(call = %c.call.call_id(), reason = reason.code(), status, "call ended");
+                }
+                match (ev, c.deliver_to.take()) {
+                    (
+                        CallEvent::Incoming {
+                            from,
+                            asserted,
+                            offer,
+                        },
+                        Some(key),
+                    ) => {
+                        let handle = CallHandle {
+                            id,
+                            sip_call_id: c.call.call_id().to_owned(),
+                            events: match c.events.take() {
+                                Some(tx) => {
+                                    let (new_tx, rx) = mpsc::unbounded_channel();
+                                    drop(tx);
+                                    c.events = Some(new_tx);
+                                    rx
+                                }
+                                None => mpsc::unbounded_channel().1,
+                            },
+                            cmds: self.cmds.clone(),
+                        };
+                        let mut pending = Some(IncomingCall {
+                            call: handle,
+                            from,
+                            asserted,
+                            offer,
+                        });
+                        if let Some(e) = self.regs.get_mut(&key) {
+                            e.incoming.retain(|tx| !tx.is_closed());
+                            for tx in e.incoming.iter().rev() {
+                                let Some(offered) = pending.take() else { break };
+                                if let Err(mpsc::error::SendError(back)) = tx.send(offered) {
+                                    pending = Some(back);
+                                }
+                            }
+                        }
+                        if let Some(undelivered) = pending {
+                            // Nobody to ring (all pages closed during the grace period). Reject
+                            // before the handle's drop asks for a hang-up (then a no-op).
+                            c.call.reject(480, "Temporarily Unavailable");
+                            drop(undelivered);
+                        }
+                    }
+                    (ev, deliver_to) => {
+                        c.deliver_to = deliver_to;
+                        if let Some(tx) = &c.events {
+                            let _ = tx.send(ev);
+                        }
+                    }
+                }
+            }
+        }
+        progressed
     }
 
     fn tx_event(&mut self, now: std::time::Instant, ev: Event) {
         match ev {
             Event::Response { id, response } => {
-                let Some((key, purpose)) = self.owners.get(&id).cloned() else {
+                let Some(owner) = self.owners.get(&id).cloned() else {
                     return;
                 };
-                if response.status().is_some_and(|c| c >= 200) {
+                let final_ = response.status().is_some_and(|c| c >= 200);
+                if final_ {
                     self.owners.remove(&id);
                 }
                 tracing::debug!(
@@ -568,52 +936,76 @@ impl Task {
                     method = response.method(),
                     "SIP response"
                 );
-                if let Some(e) = self.regs.get_mut(&key) {
-                    e.reg.handle_response(now, purpose, &response);
+                match owner {
+                    Owner::Registration(key, purpose) => {
+                        if let Some(e) = self.regs.get_mut(&key) {
+                            e.reg.handle_response(now, purpose, &response);
+                        }
+                    }
+                    Owner::Call(cid, purpose) => {
+                        if let Some(c) = self.calls.get_mut(&cid) {
+                            c.call.handle_response(now, purpose, &response);
+                        }
+                    }
                 }
             }
-            Event::Timeout { id } => {
-                if let Some((key, purpose)) = self.owners.remove(&id) {
+            Event::Timeout { id } => match self.owners.remove(&id) {
+                Some(Owner::Registration(key, purpose)) => {
                     if let Some(e) = self.regs.get_mut(&key) {
                         e.reg.handle_tx_timeout(now, purpose);
                     }
                 }
-            }
-            Event::Request { id, request, .. } => self.request(now, id, &request),
-            Event::AckTimeout { .. } | Event::Stray { .. } => {}
+                Some(Owner::Call(cid, purpose)) => {
+                    if let Some(c) = self.calls.get_mut(&cid) {
+                        c.call.handle_tx_timeout(purpose);
+                    }
+                }
+                None => {}
+            },
+            Event::Request {
+                id,
+                request,
+                source,
+            } => self.request(now, id, &request, source),
+            Event::Stray { message, .. } => self.stray(&message),
+            Event::AckTimeout { .. } => {}
         }
     }
 
-    /// Requests outside calls. Calls arrive with the call-control layer; until then an INVITE
-    /// for a registered agent is refused with 480.
-    fn request(&mut self, now: std::time::Instant, id: TxId, req: &Message) {
-        let to_tag = self.layer.new_tag();
-        let (code, reason) = if req.unknown_method().is_some() {
-            (501, "Not Implemented")
-        } else {
-            match req.method() {
-                "OPTIONS" => (200, "OK"),
-                "INVITE" => {
-                    let user = match req.start_line() {
-                        super::message::StartLine::Request { uri, .. } => uri
-                            .strip_prefix("sip:")
-                            .and_then(|u| u.split_once('@'))
-                            .map(|(u, _)| u.to_owned()),
-                        super::message::StartLine::Response { .. } => None,
-                    };
-                    let known =
-                        user.is_some_and(|u| self.regs.values().any(|e| e.reg.contact_user() == u));
-                    if known {
-                        (480, "Temporarily Unavailable")
-                    } else {
-                        (404, "Not Found")
-                    }
+    fn dialog_of(&self, call_id: Option<&str>, tag: Option<&str>) -> Option<u64> {
+        self.dialogs
+            .get(&(call_id?.to_owned(), tag?.to_owned()))
+            .copied()
+    }
+
+    /// ACKs for our 2xx, and 2xx retransmissions after the INVITE transaction ended.
+    fn stray(&mut self, msg: &Message) {
+        if msg.is_request() && msg.method() == "ACK" {
+            if let Some(id) = self.dialog_of(msg.call_id(), msg.to_tag()) {
+                if let Some(c) = self.calls.get_mut(&id) {
+                    c.call.handle_ack();
                 }
-                _ => (481, "Call/Transaction Does Not Exist"),
             }
-        };
-        tracing::debug!(method = req.method(), code, "answering SIP request");
-        let mut b = response_to(req, code, reason, Some(&to_tag));
+        } else if msg.status().is_some_and(|s| (200..300).contains(&s)) && msg.method() == "INVITE"
+        {
+            if let Some(id) = self.dialog_of(msg.call_id(), msg.from_tag()) {
+                if let Some(c) = self.calls.get_mut(&id) {
+                    c.call.handle_stray_2xx(msg);
+                }
+            }
+        }
+    }
+
+    fn respond(
+        &mut self,
+        now: std::time::Instant,
+        id: TxId,
+        req: &Message,
+        code: u16,
+        reason: &str,
+    ) {
+        let tag = self.layer.new_tag();
+        let mut b = response_to(req, code, reason, Some(&tag));
         if code == 200 || code == 501 {
             b = b.header(
                 "Allow",
@@ -623,6 +1015,82 @@ impl Task {
         if let Err(e) = self.layer.respond(now, id, b.build()) {
             tracing::debug!("cannot answer: {e}");
         }
+    }
+
+    fn request(&mut self, now: std::time::Instant, id: TxId, req: &Message, source: SocketAddr) {
+        if req.unknown_method().is_some() {
+            return self.respond(now, id, req, 501, "Not Implemented");
+        }
+        let method = req.method();
+        // In-dialog requests carry our tag in To.
+        if req.to_tag().is_some() {
+            match self
+                .dialog_of(req.call_id(), req.to_tag())
+                .and_then(|d| self.calls.get_mut(&d))
+            {
+                Some(c) => c.call.handle_request(id, req),
+                None => self.respond(now, id, req, 481, "Call/Transaction Does Not Exist"),
+            }
+            return;
+        }
+        match method {
+            "CANCEL" => {
+                let target = self
+                    .calls
+                    .iter_mut()
+                    .find(|(_, c)| {
+                        c.call.role() == call::Role::Inbound
+                            && Some(c.call.call_id()) == req.call_id()
+                            && c.call.remote_tag() == req.from_tag()
+                    })
+                    .map(|(k, _)| *k);
+                match target.and_then(|t| self.calls.get_mut(&t)) {
+                    Some(c) => c.call.handle_request(id, req),
+                    None => self.respond(now, id, req, 481, "Call/Transaction Does Not Exist"),
+                }
+            }
+            "OPTIONS" => self.respond(now, id, req, 200, "OK"),
+            "INVITE" => self.incoming(now, id, req, source),
+            _ => self.respond(now, id, req, 405, "Method Not Allowed"),
+        }
+    }
+
+    fn incoming(&mut self, now: std::time::Instant, id: TxId, req: &Message, source: SocketAddr) {
+        let user = match req.start_line() {
+            StartLine::Request { uri, .. } => uri
+                .strip_prefix("sip:")
+                .and_then(|u| u.split_once('@'))
+                .map(|(u, _)| u.to_owned()),
+            StartLine::Response { .. } => None,
+        };
+        let key = user.and_then(|u| {
+            self.regs
+                .iter()
+                .find(|(_, e)| e.reg.contact_user() == u)
+                .map(|(k, _)| k.clone())
+        });
+        let Some(key) = key else {
+            return self.respond(now, id, req, 404, "Not Found");
+        };
+        if self.shutdown.is_some() || self.calls.len() >= MAX_CALLS {
+            return self.respond(now, id, req, 503, "Service Unavailable");
+        }
+        let Some((local, account)) = self.local_for(&key) else {
+            return self.respond(now, id, req, 404, "Not Found");
+        };
+        tracing::info!(to = %local.aor, "incoming call");
+        let call = Call::incoming(
+            local,
+            account,
+            req.clone(),
+            id,
+            source,
+            self.settings.timers,
+            random_u64(),
+        );
+        let (_, rx) = self.new_call(call, Some(key));
+        // The handle's receiver is created when the Incoming event is delivered.
+        drop(rx);
     }
 }
 

@@ -233,6 +233,11 @@ impl Registration {
         )
     }
 
+    /// host:port we put in Via (and Contact).
+    pub fn via_host(&self) -> &str {
+        &self.binding.via_host
+    }
+
     /// The unique Contact user part (inbound requests for this binding carry it).
     pub fn contact_user(&self) -> &str {
         &self.binding.contact_user

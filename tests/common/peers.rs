@@ -202,3 +202,104 @@ pub fn sipp_probe(proxy_port: u16, callee: &str, expected: u16) -> (bool, String
     );
     (out.status.success(), text)
 }
+
+impl Proc {
+    /// Waits up to `limit` for the process to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A sipp process running a scenario from tests/peers in the background.
+pub struct Sipp {
+    proc_: Proc,
+    dir: TempDir,
+}
+
+impl Sipp {
+    fn spawn(proxy_port: u16, scenario: &str, local_port: u16, args: &[&str]) -> Sipp {
+        require_tool("sipp", "apt-get install sip-tester");
+        let dir = TempDir::new("sipp");
+        let log = std::fs::File::create(dir.path().join("sipp.log")).expect("log");
+        let proc_ = Proc::spawn(
+            "sipp",
+            Command::new("sipp")
+                .arg(format!("127.0.0.1:{proxy_port}"))
+                .arg("-sf")
+                .arg(fixture(scenario))
+                .args([
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    &local_port.to_string(),
+                    "-mp",
+                    &free_udp_port().to_string(),
+                ])
+                .args([
+                    "-m",
+                    "1",
+                    "-nostdin",
+                    "-timeout",
+                    "20s",
+                    "-timeout_error",
+                    "-trace_err",
+                ])
+                .args(args)
+                .current_dir(dir.path())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+        );
+        Sipp { proc_, dir }
+    }
+
+    /// A far end registered as `user` that then runs `scenario` (UAS) on the same port.
+    pub fn uas(proxy_port: u16, user: &str, password: &str, scenario: &str) -> Sipp {
+        let port = free_udp_port();
+        let mut reg = Sipp::spawn(
+            proxy_port,
+            "reg.xml",
+            port,
+            &["-s", user, "-au", user, "-ap", password],
+        );
+        let ok = reg.wait(Duration::from_secs(10));
+        assert!(ok.0, "sipp could not register {user}:\n{}", ok.1);
+        Sipp::spawn(proxy_port, scenario, port, &["-s", user])
+    }
+
+    /// A caller (as 1002) calling `callee` through the proxy with `scenario` (UAC).
+    pub fn uac(proxy_port: u16, callee: &str, scenario: &str) -> Sipp {
+        Sipp::spawn(
+            proxy_port,
+            scenario,
+            free_udp_port(),
+            &[
+                "-s", callee, "-key", "caller", "1002", "-au", "1002", "-ap", "pass1002",
+            ],
+        )
+    }
+
+    /// Waits for the scenario to end: (succeeded, sipp's output and error log).
+    pub fn wait(&mut self, limit: Duration) -> (bool, String) {
+        let status = self.proc_.wait(limit);
+        let mut log = std::fs::read_to_string(self.dir.path().join("sipp.log")).unwrap_or_default();
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().ends_with("_errors.log") {
+                log.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        (status.is_some_and(|s| s.success()), log)
+    }
+}

@@ -1,0 +1,240 @@
+//! Calls through a real Kamailio to and from sipp far ends: answered and hung up from each side,
+//! busy, unknown number, CANCEL while ringing, inbound answered / rejected / missed.
+//! Run inside a private network namespace (tests/run). Media is not exchanged here (SDP only).
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use callgate::account::account_from_cli;
+use callgate::sip::call::{CallEvent, EndReason};
+use callgate::sip::endpoint::{CallHandle, Endpoint, RegistrationHandle, Settings};
+use callgate::sip::registration::{self, Status};
+use callgate::sip::sdp::{AudioSdp, Direction};
+use callgate::sip::transaction::Timers;
+use common::peers::{Kamailio, Sipp, free_udp_port};
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+struct Agent {
+    kam: Kamailio,
+    ep: Endpoint,
+    reg: RegistrationHandle,
+}
+
+async fn agent() -> Agent {
+    // RUST_LOG=callgate=debug shows the SIP flow (methods and status codes only).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let kam = Kamailio::start(free_udp_port());
+    let ep = Endpoint::bind(Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        public_address: None,
+        timers: Timers::default(),
+        registration: registration::Settings {
+            expires: Duration::from_secs(60),
+            ..registration::Settings::default()
+        },
+        grace: Duration::ZERO,
+        max_registrations: 10,
+        dns_server: None,
+    })
+    .await
+    .expect("bind");
+    let acct = account_from_cli(
+        "1001",
+        None,
+        "pass1001".into(),
+        "127.0.0.1",
+        None,
+        Some(kam.port),
+        Some("Agent One"),
+    )
+    .unwrap();
+    let mut reg = ep.register(acct).await.expect("register");
+    let s = tokio::time::timeout(LIMIT, reg.wait_for(|s| !matches!(s, Status::Registering)))
+        .await
+        .expect("registration");
+    assert!(
+        matches!(s, Some(Status::Registered { .. })),
+        "{s:?}\n{}",
+        kam.log()
+    );
+    Agent { kam, ep, reg }
+}
+
+fn sdp() -> String {
+    AudioSdp::offer(
+        "127.0.0.1".parse().unwrap(),
+        40000,
+        &["PCMU", "PCMA"],
+        1,
+        Direction::SendRecv,
+    )
+    .to_sdp()
+}
+
+async fn next(call: &mut CallHandle) -> CallEvent {
+    tokio::time::timeout(LIMIT, call.next_event())
+        .await
+        .expect("a call event in time")
+        .expect("call events end only after Ended")
+}
+
+async fn until_ended(call: &mut CallHandle) -> (Vec<CallEvent>, EndReason, Option<u16>) {
+    let mut seen = Vec::new();
+    loop {
+        match next(call).await {
+            CallEvent::Ended { reason, status, .. } => return (seen, reason, status),
+            other => seen.push(other),
+        }
+    }
+}
+
+async fn sipp_done(mut sipp: Sipp) {
+    let (ok, log) = tokio::task::spawn_blocking(move || sipp.wait(LIMIT))
+        .await
+        .expect("join");
+    assert!(ok, "sipp scenario failed:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_answered_and_hung_up_by_us() {
+    let a = agent().await;
+    let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_answer.xml");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    let mut seen = Vec::new();
+    loop {
+        match next(&mut call).await {
+            CallEvent::Answered { answer } => {
+                let answer = answer.expect("SDP answer in the 200");
+                assert_eq!(answer.voice_codec().map(|c| c.name.as_str()), Some("PCMU"));
+                break;
+            }
+            CallEvent::Ended { .. } => panic!("ended early: {seen:?}\n{}", a.kam.log()),
+            other => seen.push(other),
+        }
+    }
+    assert!(seen.contains(&CallEvent::Ringing), "{seen:?}");
+    call.hangup();
+    let (_, reason, _) = until_ended(&mut call).await;
+    assert_eq!(reason, EndReason::LocalHangup);
+    sipp_done(far).await; // sipp saw our ACK and our BYE, and answered the BYE
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_answered_and_hung_up_by_them() {
+    let a = agent().await;
+    let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_hangup.xml");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    let (seen, reason, _) = until_ended(&mut call).await;
+    assert!(
+        seen.iter().any(|e| matches!(e, CallEvent::Answered { .. })),
+        "{seen:?}"
+    );
+    assert_eq!(reason, EndReason::RemoteHangup);
+    sipp_done(far).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_busy_and_unknown() {
+    let a = agent().await;
+    let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_busy.xml");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    let (_, reason, status) = until_ended(&mut call).await;
+    assert_eq!((reason, status), (EndReason::Failed, Some(486)));
+    sipp_done(far).await;
+
+    let mut call = a.ep.dial(&a.reg, "1999", sdp()).await.expect("dial");
+    let (_, reason, status) = until_ended(&mut call).await;
+    assert_eq!((reason, status), (EndReason::Failed, Some(404)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_cancelled_while_ringing() {
+    let a = agent().await;
+    let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_ring.xml");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    assert_eq!(next(&mut call).await, CallEvent::Ringing);
+    call.hangup();
+    let (_, reason, status) = until_ended(&mut call).await;
+    assert_eq!((reason, status), (EndReason::Cancelled, Some(487)));
+    sipp_done(far).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_answered_then_caller_hangs_up() {
+    let mut a = agent().await;
+    let caller = Sipp::uac(a.kam.port, "1001", "uac_answered.xml");
+    let inc = tokio::time::timeout(LIMIT, a.reg.next_incoming())
+        .await
+        .expect("incoming")
+        .expect("call");
+    assert_eq!(inc.from.user(), "1002");
+    let offer = inc.offer.clone().expect("offer");
+    assert_eq!(offer.voice_codec().map(|c| c.pt), Some(0));
+    let mut call = inc.call;
+    let answer = AudioSdp::answer(
+        &offer,
+        "127.0.0.1".parse().unwrap(),
+        40002,
+        &["PCMU"],
+        5,
+        Direction::SendRecv,
+    )
+    .unwrap();
+    call.answer(answer.to_sdp());
+    assert_eq!(next(&mut call).await, CallEvent::Confirmed);
+    let (_, reason, _) = until_ended(&mut call).await;
+    assert_eq!(reason, EndReason::RemoteHangup);
+    sipp_done(caller).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_rejected_busy() {
+    let mut a = agent().await;
+    let scenario = "probe_invite.xml";
+    // The probe expects __EXPECTED__; use a copy that expects 486.
+    let dir = common::TempDir::new("reject");
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/peers")
+            .join(scenario),
+    )
+    .unwrap()
+    .replace("__EXPECTED__", "486");
+    let _ = dir.write("expect486.xml", &text);
+    let caller = tokio::task::spawn_blocking({
+        let port = a.kam.port;
+        move || common::peers::sipp_probe(port, "1001", 486)
+    });
+    let inc = tokio::time::timeout(LIMIT, a.reg.next_incoming())
+        .await
+        .expect("incoming")
+        .expect("call");
+    let mut call = inc.call;
+    call.reject(486, "Busy Here");
+    let (_, reason, status) = until_ended(&mut call).await;
+    assert_eq!((reason, status), (EndReason::Rejected, Some(486)));
+    let (ok, log) = caller.await.expect("join");
+    assert!(ok, "caller did not see 486:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_cancelled_by_caller_is_missed() {
+    let mut a = agent().await;
+    let caller = Sipp::uac(a.kam.port, "1001", "uac_cancel.xml");
+    let inc = tokio::time::timeout(LIMIT, a.reg.next_incoming())
+        .await
+        .expect("incoming")
+        .expect("call");
+    let mut call = inc.call;
+    let (_, reason, status) = until_ended(&mut call).await;
+    assert_eq!((reason, status), (EndReason::Missed, Some(487)));
+    sipp_done(caller).await;
+    drop(a.reg);
+    a.ep.shutdown().await;
+}
