@@ -238,3 +238,67 @@ async fn inbound_cancelled_by_caller_is_missed() {
     drop(a.reg);
     a.ep.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn we_hold_and_resume() {
+    let a = agent().await;
+    let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_hold.xml");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    loop {
+        match next(&mut call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended { .. } => panic!("ended early\n{}", a.kam.log()),
+            _ => {}
+        }
+    }
+    call.hold();
+    match next(&mut call).await {
+        CallEvent::Hold { held: true, answer } => {
+            assert_eq!(answer.map(|a| a.direction), Some(Direction::RecvOnly));
+        }
+        other => panic!("{other:?}"),
+    }
+    call.unhold();
+    assert!(matches!(
+        next(&mut call).await,
+        CallEvent::Hold { held: false, .. }
+    ));
+    call.hangup();
+    let (_, reason, _) = until_ended(&mut call).await;
+    assert_eq!(reason, EndReason::LocalHangup);
+    sipp_done(far).await; // sipp checked our sendonly / sendrecv offers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_end_holds_and_resumes_us() {
+    let mut a = agent().await;
+    let caller = Sipp::uac(a.kam.port, "1001", "uac_hold.xml");
+    let inc = tokio::time::timeout(LIMIT, a.reg.next_incoming())
+        .await
+        .expect("incoming")
+        .expect("call");
+    let offer = inc.offer.clone().expect("offer");
+    let mut call = inc.call;
+    let answer = AudioSdp::answer(
+        &offer,
+        "127.0.0.1".parse().unwrap(),
+        40004,
+        &["PCMU"],
+        5,
+        Direction::SendRecv,
+    )
+    .unwrap();
+    call.answer(answer.to_sdp());
+    assert_eq!(next(&mut call).await, CallEvent::Confirmed);
+    assert!(matches!(
+        next(&mut call).await,
+        CallEvent::RemoteHold { held: true, .. }
+    ));
+    assert!(matches!(
+        next(&mut call).await,
+        CallEvent::RemoteHold { held: false, .. }
+    ));
+    let (_, reason, _) = until_ended(&mut call).await;
+    assert_eq!(reason, EndReason::RemoteHangup);
+    sipp_done(caller).await; // sipp checked our recvonly / sendrecv answers
+}

@@ -25,6 +25,8 @@ pub enum Purpose {
     Cancel,
     /// BYE.
     Bye,
+    /// A re-INVITE (hold / resume).
+    Reinvite,
 }
 
 /// Something for the owner to do.
@@ -148,6 +150,25 @@ pub enum CallEvent {
     },
     /// Incoming call: the caller ACKed our 2xx, the dialog is confirmed.
     Confirmed,
+    /// Our hold / resume re-INVITE succeeded.
+    Hold {
+        /// Whether we now hold the far end.
+        held: bool,
+        /// The far end's SDP answer.
+        answer: Option<AudioSdp>,
+    },
+    /// Our hold / resume re-INVITE was refused; the call goes on as before.
+    HoldFailed {
+        /// The SIP status.
+        status: u16,
+    },
+    /// The far end put us on hold (sendonly / inactive offer) or resumed.
+    RemoteHold {
+        /// Whether we are held now.
+        held: bool,
+        /// Their new SDP offer (new address or port for media, if any).
+        offer: Option<AudioSdp>,
+    },
     /// The call is over.
     Ended {
         /// Why.
@@ -284,6 +305,14 @@ pub struct Call {
     invite_tx: Option<TxId>,
     invite_source: Option<SocketAddr>,
     local_sdp: Option<String>,
+    sdp_version: u64,
+    local_hold: bool,
+    remote_hold: bool,
+    /// Our re-INVITE in flight: the message and the hold state it asks for.
+    reinvite: Option<(Message, bool)>,
+    reinvite_ack: Option<(Vec<u8>, SocketAddr)>,
+    /// After a 491: when to try again, and for which hold state (RFC 3261 §14.1).
+    glare_retry: Option<(Instant, bool)>,
     challenge: Option<Challenge>,
     nc: u32,
     answered_challenge: bool,
@@ -335,6 +364,12 @@ impl Call {
             invite_tx: None,
             invite_source: None,
             local_sdp: None,
+            sdp_version: 1,
+            local_hold: false,
+            remote_hold: false,
+            reinvite: None,
+            reinvite_ack: None,
+            glare_retry: None,
             challenge: None,
             nc: 0,
             answered_challenge: false,
@@ -702,6 +737,142 @@ impl Call {
             // CANCEL's 200 says nothing about the call; the INVITE's 487 does.
             Purpose::Cancel => {}
             Purpose::Bye => {}
+            Purpose::Reinvite => self.reinvite_response(now, code, resp),
+        }
+    }
+
+    /// Puts the far end on hold (re-INVITE with our SDP `sendonly`).
+    pub fn hold(&mut self, now: Instant) {
+        self.set_hold(now, true);
+    }
+
+    /// Resumes a held call (re-INVITE with `sendrecv`).
+    pub fn unhold(&mut self, now: Instant) {
+        self.set_hold(now, false);
+    }
+
+    fn can_reinvite(&self) -> bool {
+        self.state == State::Established
+            && (self.role == Role::Outbound || self.confirmed)
+            && self.reinvite.is_none()
+            && self.ok_retransmit.is_none()
+    }
+
+    /// Our SDP with `direction` and the next version (RFC 3264 §8: a changed SDP bumps `o=`).
+    fn next_local_sdp(&mut self, direction: super::sdp::Direction) -> Option<String> {
+        let mut sdp = AudioSdp::parse(self.local_sdp.as_deref()?.as_bytes()).ok()?;
+        self.sdp_version = self.sdp_version.max(sdp.version) + 1;
+        sdp.version = self.sdp_version;
+        sdp.direction = direction;
+        let text = sdp.to_sdp();
+        self.local_sdp = Some(text.clone());
+        Some(text)
+    }
+
+    fn set_hold(&mut self, now: Instant, held: bool) {
+        let _ = now;
+        if !self.can_reinvite() || (self.local_hold == held && self.glare_retry.is_none()) {
+            return;
+        }
+        self.glare_retry = None;
+        let dir = if held {
+            super::sdp::Direction::SendOnly
+        } else {
+            super::sdp::Direction::SendRecv
+        };
+        let Some(sdp) = self.next_local_sdp(dir) else {
+            return;
+        };
+        let data = self
+            .in_dialog("INVITE")
+            .header("Contact", format!("<{}>", self.local.contact))
+            .header("User-Agent", self.local.user_agent.clone())
+            .body("application/sdp", sdp.into_bytes())
+            .build();
+        let Ok(msg) = Message::parse(&data) else {
+            return;
+        };
+        self.reinvite = Some((msg, held));
+        self.reinvite_ack = None;
+        self.pending.push(Purpose::Reinvite);
+        let dest = self.next_hop();
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Reinvite,
+            data,
+            dest,
+        });
+    }
+
+    fn reinvite_response(&mut self, now: Instant, code: u16, resp: &Message) {
+        match code {
+            100..=199 => {}
+            200..=299 => {
+                if let Some((ack, dest)) = &self.reinvite_ack {
+                    self.out.push_back(Output::Send {
+                        dest: *dest,
+                        data: ack.clone(),
+                    });
+                    return;
+                }
+                let Some((req, held)) = self.reinvite.take() else {
+                    return;
+                };
+                let branch = self.branch();
+                let mut b = Builder::request("ACK", &self.remote_target)
+                    .header(
+                        "Via",
+                        format!("SIP/2.0/UDP {};branch={branch};rport", self.local.via_host),
+                    )
+                    .header("Max-Forwards", "70");
+                for r in &self.route_set {
+                    b = b.header("Route", r.clone());
+                }
+                let cseq = req.cseq().map_or(self.local_cseq, |(n, _)| n);
+                let ack = b
+                    .header("From", self.local_header.clone())
+                    .header("To", self.remote_header.clone())
+                    .header("Call-ID", self.call_id.clone())
+                    .header("CSeq", format!("{cseq} ACK"))
+                    .build();
+                let dest = self.next_hop();
+                self.out.push_back(Output::Send {
+                    dest,
+                    data: ack.clone(),
+                });
+                self.reinvite_ack = Some((ack, dest));
+                self.local_hold = held;
+                let answer = (!resp.body().is_empty())
+                    .then(|| AudioSdp::parse(resp.body()).ok())
+                    .flatten();
+                self.events.push_back(CallEvent::Hold { held, answer });
+            }
+            491 => {
+                // Glare: both sides re-INVITEd. §14.1: the Call-ID owner waits 2.1-4 s, the
+                // other side 0-2 s, then tries again.
+                let Some((_, held)) = self.reinvite.take() else {
+                    return;
+                };
+                let r = u64::from_str_radix(self.rng.hex().get(..4).unwrap_or("0"), 16)
+                    .unwrap_or(0)
+                    % 1000;
+                let wait = if self.role == Role::Outbound {
+                    Duration::from_millis(2100 + r * 19 / 10)
+                } else {
+                    Duration::from_millis(r * 2)
+                };
+                self.glare_retry = Some((now + wait, held));
+            }
+            _ => {
+                if self.reinvite.take().is_some() {
+                    self.events
+                        .push_back(CallEvent::HoldFailed { status: code });
+                }
+                if code == 481 || code == 408 {
+                    // §14.1: the dialog is gone.
+                    self.send_bye();
+                    self.end(EndReason::Failed, Some(code), &Call::phrase(resp));
+                }
+            }
         }
     }
 
@@ -835,7 +1006,7 @@ impl Call {
 
     /// An in-dialog request (BYE, re-INVITE, INFO, ...) or a CANCEL for our incoming INVITE, on
     /// server transaction `tx`.
-    pub fn handle_request(&mut self, tx: TxId, req: &Message) {
+    pub fn handle_request(&mut self, now: Instant, tx: TxId, req: &Message) {
         let method = req.method().to_owned();
         let respond = |c: &Call, code: u16, reason: &str| {
             response_to(req, code, reason, Some(&c.local_tag)).build()
@@ -872,6 +1043,7 @@ impl Call {
                 }
                 self.end(EndReason::RemoteHangup, None, "");
             }
+            "INVITE" => self.remote_reinvite(now, tx, req),
             "OPTIONS" | "INFO" => {
                 let data = respond(self, 200, "OK");
                 self.out.push_back(Output::Respond { tx, data });
@@ -885,9 +1057,67 @@ impl Call {
         }
     }
 
+    /// A re-INVITE from the far end: hold, resume or a media change.
+    fn remote_reinvite(&mut self, now: Instant, tx: TxId, req: &Message) {
+        if self.reinvite.is_some() || self.ok_retransmit.is_some() {
+            // §14.2: one offer at a time.
+            let data = response_to(req, 491, "Request Pending", Some(&self.local_tag)).build();
+            self.out.push_back(Output::Respond { tx, data });
+            return;
+        }
+        let offer = if req.body().is_empty() {
+            None
+        } else {
+            AudioSdp::parse(req.body()).ok()
+        };
+        if !req.body().is_empty() && offer.is_none() {
+            let data = response_to(req, 488, "Not Acceptable Here", Some(&self.local_tag)).build();
+            self.out.push_back(Output::Respond { tx, data });
+            return;
+        }
+        use super::sdp::Direction;
+        let wanted = if self.local_hold {
+            Direction::SendOnly
+        } else {
+            Direction::SendRecv
+        };
+        let dir = offer
+            .as_ref()
+            .map_or(wanted, |o| o.direction.answer_to(wanted));
+        let Some(sdp) = self.next_local_sdp(dir) else {
+            let data = response_to(req, 488, "Not Acceptable Here", Some(&self.local_tag)).build();
+            self.out.push_back(Output::Respond { tx, data });
+            return;
+        };
+        let mut b = response_to(req, 200, "OK", Some(&self.local_tag))
+            .header("Contact", format!("<{}>", self.local.contact))
+            .header("User-Agent", self.local.user_agent.clone());
+        b = b.body("application/sdp", sdp.into_bytes());
+        let data = b.build();
+        self.out.push_back(Output::Respond {
+            tx,
+            data: data.clone(),
+        });
+        // Our 2xx to a re-INVITE is retransmitted until its ACK, like the first one (§13.3.1.4).
+        self.ok_retransmit = Some(OkRetransmit {
+            data,
+            dest: response_destination(req, self.next_hop()),
+            next: now + self.timers.t1,
+            interval: self.timers.t1,
+            give_up: now + self.timers.sixty_four_t1(),
+        });
+        let held = offer
+            .as_ref()
+            .is_some_and(|o| matches!(o.direction, Direction::SendOnly | Direction::Inactive));
+        if held != self.remote_hold || offer.is_some() {
+            self.remote_hold = held;
+            self.events.push_back(CallEvent::RemoteHold { held, offer });
+        }
+    }
+
     /// An ACK for our 2xx (incoming calls).
     pub fn handle_ack(&mut self) {
-        if self.ok_retransmit.take().is_some() && !self.confirmed {
+        if self.ok_retransmit.take().is_some() && self.role == Role::Inbound && !self.confirmed {
             self.confirmed = true;
             if self.state == State::Established {
                 self.events.push_back(CallEvent::Confirmed);
@@ -902,6 +1132,11 @@ impl Call {
 
     /// Fires the 2xx retransmission timer.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((at, held)) = self.glare_retry {
+            if now >= at {
+                self.set_hold(now, held);
+            }
+        }
         let Some(r) = &mut self.ok_retransmit else {
             return;
         };
@@ -925,7 +1160,9 @@ impl Call {
     /// When [`handle_timeout`](Self::handle_timeout) must next run.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.ok_retransmit.as_ref().map(|r| r.next.min(r.give_up))
+        let ok = self.ok_retransmit.as_ref().map(|r| r.next.min(r.give_up));
+        let glare = self.glare_retry.map(|(at, _)| at);
+        ok.into_iter().chain(glare).min()
     }
 
     /// The next thing to do.

@@ -121,6 +121,7 @@ enum CallAction {
     Answer(String),
     Reject(u16, String),
     Hangup,
+    Hold(bool),
 }
 
 /// Most calls at once per endpoint.
@@ -233,6 +234,16 @@ impl CallHandle {
     /// Hangs up (CANCEL, BYE or decline, whatever the state needs).
     pub fn hangup(&self) {
         self.act(CallAction::Hangup);
+    }
+
+    /// Puts the far end on hold (re-INVITE, our SDP `sendonly`); see [`CallEvent::Hold`].
+    pub fn hold(&self) {
+        self.act(CallAction::Hold(true));
+    }
+
+    /// Resumes after [`hold`](Self::hold).
+    pub fn unhold(&self) {
+        self.act(CallAction::Hold(false));
     }
 }
 
@@ -663,6 +674,8 @@ impl Task {
                         CallAction::Answer(sdp) => c.call.answer(now.into_std(), sdp),
                         CallAction::Reject(code, reason) => c.call.reject(code, &reason),
                         CallAction::Hangup => c.call.hangup(now.into_std()),
+                        CallAction::Hold(true) => c.call.hold(now.into_std()),
+                        CallAction::Hold(false) => c.call.unhold(now.into_std()),
                     }
                 }
             }
@@ -1028,7 +1041,7 @@ impl Task {
                 .dialog_of(req.call_id(), req.to_tag())
                 .and_then(|d| self.calls.get_mut(&d))
             {
-                Some(c) => c.call.handle_request(id, req),
+                Some(c) => c.call.handle_request(now, id, req),
                 None => self.respond(now, id, req, 481, "Call/Transaction Does Not Exist"),
             }
             return;
@@ -1045,7 +1058,7 @@ impl Task {
                     })
                     .map(|(k, _)| *k);
                 match target.and_then(|t| self.calls.get_mut(&t)) {
-                    Some(c) => c.call.handle_request(id, req),
+                    Some(c) => c.call.handle_request(now, id, req),
                     None => self.respond(now, id, req, 481, "Call/Transaction Does Not Exist"),
                 }
             }

@@ -372,7 +372,7 @@ fn inbound_ring_answer_retransmit_ack_remote_bye() {
         .header("CSeq", "8 BYE")
         .into_message()
         .unwrap();
-    c.handle_request(TxId_for_test(), &bye);
+    c.handle_request(Instant::now(), TxId_for_test(), &bye);
     assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(200));
     assert!(matches!(
         events(&mut c).as_slice(),
@@ -450,7 +450,7 @@ fn inbound_cancel_is_missed_and_reject_is_rejected() {
         .header("CSeq", "7 CANCEL")
         .into_message()
         .unwrap();
-    c.handle_request(TxId_for_test(), &cancel);
+    c.handle_request(Instant::now(), TxId_for_test(), &cancel);
     let codes: Vec<_> = outputs(&mut c)
         .iter()
         .map(|o| responded(o).status())
@@ -513,4 +513,133 @@ fn dial_strings() {
     ] {
         assert!(dial_uri(bad, "example.com").is_err(), "{bad:?}");
     }
+}
+
+/// An established outbound call (ACK sent), for the hold tests.
+fn established() -> (Call, Message) {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    let ok = reply(
+        &inv,
+        200,
+        &[("Contact", "<sip:1002@127.0.0.1:6060>")],
+        Some(SDP),
+    );
+    c.handle_response(t0, Purpose::Invite, &ok);
+    let _ = (outputs(&mut c), events(&mut c));
+    (c, ok)
+}
+
+#[test]
+fn local_hold_and_resume() {
+    let t0 = Instant::now();
+    let (mut c, _) = established();
+    c.hold(t0);
+    let (p, re, dest) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(
+        (p, dest),
+        (Purpose::Reinvite, "127.0.0.1:6060".parse().unwrap())
+    );
+    assert_eq!(re.cseq(), Some((2, "INVITE")));
+    assert_eq!(re.to_tag(), Some("far"));
+    let offer = AudioSdp::parse(re.body()).unwrap();
+    assert_eq!(offer.direction, crate::sip::sdp::Direction::SendOnly);
+    assert_eq!(offer.version, 2, "o= version bumped");
+    c.hold(t0);
+    assert!(outputs(&mut c).is_empty(), "one re-INVITE at a time");
+    let answer = SDP.replace("a=rtpmap:101", "a=recvonly\r\na=rtpmap:101");
+    let ok = reply(&re, 200, &[], Some(&answer));
+    c.handle_response(t0, Purpose::Reinvite, &ok);
+    let (ack, _) = sent(&outputs(&mut c)[0]);
+    assert_eq!(ack.cseq(), Some((2, "ACK")));
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::Hold {
+            held: true,
+            answer: Some(_)
+        }]
+    ));
+    c.handle_response(t0, Purpose::Reinvite, &ok);
+    assert_eq!(
+        sent(&outputs(&mut c)[0]).0.method(),
+        "ACK",
+        "retransmitted 2xx re-ACKed"
+    );
+    c.unhold(t0);
+    let (_, re2, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(
+        AudioSdp::parse(re2.body()).unwrap().direction,
+        crate::sip::sdp::Direction::SendRecv
+    );
+    assert_eq!(re2.cseq(), Some((3, "INVITE")));
+}
+
+#[test]
+fn glare_retries_after_the_rfc_delay() {
+    let t0 = Instant::now();
+    let (mut c, _) = established();
+    c.hold(t0);
+    let (_, re, _) = request_of(&outputs(&mut c)[0]);
+    let pending = response_to(&re, 491, "Request Pending", Some("far"))
+        .into_message()
+        .unwrap();
+    c.handle_response(t0, Purpose::Reinvite, &pending);
+    let at = c.poll_timeout().expect("a retry");
+    let wait = at - t0;
+    assert!(
+        wait >= Duration::from_millis(2100) && wait <= Duration::from_secs(4),
+        "{wait:?}"
+    );
+    c.handle_timeout(at);
+    let (p, again, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(p, Purpose::Reinvite);
+    assert_eq!(again.cseq(), Some((3, "INVITE")));
+}
+
+#[test]
+fn remote_hold_is_answered_recvonly_and_reported() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    let hold_offer = SDP.replace("a=rtpmap:101", "a=sendonly\r\na=rtpmap:101");
+    let re = Builder::request("INVITE", "sip:1001-abc@127.0.0.1:5070")
+        .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKre;rport")
+        .header("From", ok.header("To").unwrap())
+        .header(
+            "To",
+            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
+        )
+        .header("Call-ID", c.call_id().to_owned())
+        .header("CSeq", "10 INVITE")
+        .body("application/sdp", hold_offer.into_bytes())
+        .into_message()
+        .unwrap();
+    c.handle_request(t0, TxId_for_test(), &re);
+    let resp = responded(&outputs(&mut c)[0]);
+    assert_eq!(resp.status(), Some(200));
+    assert_eq!(
+        AudioSdp::parse(resp.body()).unwrap().direction,
+        crate::sip::sdp::Direction::RecvOnly
+    );
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [CallEvent::RemoteHold {
+            held: true,
+            offer: Some(_)
+        }]
+    ));
+    // While that 200 waits for its ACK, our own hold must wait, and a crossing re-INVITE gets 491.
+    c.hold(t0);
+    assert!(outputs(&mut c).is_empty());
+    c.handle_request(t0, TxId_for_test(), &re);
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(491));
+    c.handle_ack();
+    assert_eq!(c.poll_timeout(), None);
 }
