@@ -302,3 +302,54 @@ async fn far_end_holds_and_resumes_us() {
     assert_eq!(reason, EndReason::RemoteHangup);
     sipp_done(caller).await; // sipp checked our recvonly / sendrecv answers
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtmf_by_sip_info_both_ways() {
+    let mut a = agent().await;
+    // Ours reach the far end, in order (sipp checks each INFO body).
+    let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_dtmf.xml");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    loop {
+        match next(&mut call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended { .. } => panic!("ended early\n{}", a.kam.log()),
+            _ => {}
+        }
+    }
+    call.dtmf_info("1#");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    call.hangup();
+    until_ended(&mut call).await;
+    sipp_done(far).await;
+
+    // Theirs are reported.
+    let caller = Sipp::uac(a.kam.port, "1001", "uac_dtmf.xml");
+    let inc = tokio::time::timeout(LIMIT, a.reg.next_incoming())
+        .await
+        .expect("incoming")
+        .expect("call");
+    let offer = inc.offer.clone().expect("offer");
+    let mut call = inc.call;
+    call.answer(
+        AudioSdp::answer(
+            &offer,
+            "127.0.0.1".parse().unwrap(),
+            40006,
+            &["PCMU"],
+            5,
+            Direction::SendRecv,
+        )
+        .unwrap()
+        .to_sdp(),
+    );
+    let (seen, reason, _) = until_ended(&mut call).await;
+    assert!(
+        seen.contains(&CallEvent::Dtmf {
+            digit: '7',
+            duration_ms: Some(200)
+        }),
+        "{seen:?}"
+    );
+    assert_eq!(reason, EndReason::RemoteHangup);
+    sipp_done(caller).await;
+}

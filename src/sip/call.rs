@@ -27,6 +27,8 @@ pub enum Purpose {
     Bye,
     /// A re-INVITE (hold / resume).
     Reinvite,
+    /// An INFO carrying a DTMF digit.
+    Info,
 }
 
 /// Something for the owner to do.
@@ -162,6 +164,13 @@ pub enum CallEvent {
         /// The SIP status.
         status: u16,
     },
+    /// A DTMF digit from the far end (SIP INFO).
+    Dtmf {
+        /// `0`-`9`, `*`, `#`, `A`-`D`.
+        digit: char,
+        /// Duration in milliseconds, if given.
+        duration_ms: Option<u32>,
+    },
     /// The far end put us on hold (sendonly / inactive offer) or resumed.
     RemoteHold {
         /// Whether we are held now.
@@ -193,6 +202,45 @@ pub struct Local {
     pub target: SocketAddr,
     /// User-Agent.
     pub user_agent: String,
+}
+
+/// The digit of an INFO request: `application/dtmf-relay` (`Signal=5` / `Duration=160`) or
+/// `application/dtmf` (the digit alone).
+fn dtmf_from_info(req: &Message) -> Option<(char, Option<u32>)> {
+    let ct = req.header("Content-Type")?.to_ascii_lowercase();
+    let body = std::str::from_utf8(req.body()).ok()?;
+    let digit_of = |s: &str| {
+        let s = s.trim();
+        let mut chars = s.chars();
+        let c = chars.next()?.to_ascii_uppercase();
+        let ok = chars.next().is_none() && (c.is_ascii_digit() || "*#ABCD".contains(c));
+        // Some devices send the RFC 4733 event number (10 = *, 11 = #).
+        match (ok, s) {
+            (true, _) => Some(c),
+            (false, "10") => Some('*'),
+            (false, "11") => Some('#'),
+            _ => None,
+        }
+    };
+    if ct.starts_with("application/dtmf-relay") {
+        let mut digit = None;
+        let mut duration = None;
+        for line in body.lines() {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "signal" => digit = digit_of(v),
+                "duration" => duration = v.trim().parse().ok(),
+                _ => {}
+            }
+        }
+        digit.map(|d| (d, duration))
+    } else if ct.starts_with("application/dtmf") {
+        digit_of(body).map(|d| (d, None))
+    } else {
+        None
+    }
 }
 
 /// Why a dial string was refused.
@@ -313,6 +361,9 @@ pub struct Call {
     reinvite_ack: Option<(Vec<u8>, SocketAddr)>,
     /// After a 491: when to try again, and for which hold state (RFC 3261 §14.1).
     glare_retry: Option<(Instant, bool)>,
+    /// DTMF digits waiting to be sent by INFO, one INFO in flight at a time (order matters).
+    dtmf_queue: VecDeque<char>,
+    info_in_flight: bool,
     challenge: Option<Challenge>,
     nc: u32,
     answered_challenge: bool,
@@ -370,6 +421,8 @@ impl Call {
             reinvite: None,
             reinvite_ack: None,
             glare_retry: None,
+            dtmf_queue: VecDeque::new(),
+            info_in_flight: false,
             challenge: None,
             nc: 0,
             answered_challenge: false,
@@ -738,7 +791,57 @@ impl Call {
             Purpose::Cancel => {}
             Purpose::Bye => {}
             Purpose::Reinvite => self.reinvite_response(now, code, resp),
+            Purpose::Info => {
+                if code >= 200 {
+                    self.info_in_flight = false;
+                    if code >= 300 {
+                        // The peer refuses INFO: drop the rest rather than send them out of order.
+                        self.dtmf_queue.clear();
+                    }
+                    self.send_next_info();
+                }
+            }
         }
+    }
+
+    /// Queues DTMF `digits` (`0-9 * # A-D`) to be sent by SIP INFO (`application/dtmf-relay`),
+    /// in order. Returns false (and queues nothing) if a digit is invalid or the call is not up.
+    pub fn send_dtmf_info(&mut self, digits: &str) -> bool {
+        let valid = !digits.is_empty()
+            && digits.len() <= 64
+            && digits
+                .chars()
+                .all(|c| c.is_ascii_digit() || "*#ABCDabcd".contains(c));
+        if !valid || self.state != State::Established || self.dtmf_queue.len() > 256 {
+            return false;
+        }
+        self.dtmf_queue
+            .extend(digits.chars().map(|c| c.to_ascii_uppercase()));
+        self.send_next_info();
+        true
+    }
+
+    fn send_next_info(&mut self) {
+        if self.info_in_flight || self.state != State::Established {
+            return;
+        }
+        let Some(digit) = self.dtmf_queue.pop_front() else {
+            return;
+        };
+        let body = format!("Signal={digit}\r\nDuration=160\r\n");
+        let data = self
+            .in_dialog("INFO")
+            .header("User-Agent", self.local.user_agent.clone())
+            .body("application/dtmf-relay", body.into_bytes())
+            .build();
+        self.info_in_flight = true;
+        self.pending.push(Purpose::Info);
+        let dest = self.next_hop();
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Info,
+            data,
+            dest,
+        });
     }
 
     /// Puts the far end on hold (re-INVITE with our SDP `sendonly`).
@@ -1044,7 +1147,15 @@ impl Call {
                 self.end(EndReason::RemoteHangup, None, "");
             }
             "INVITE" => self.remote_reinvite(now, tx, req),
-            "OPTIONS" | "INFO" => {
+            "INFO" => {
+                let data = respond(self, 200, "OK");
+                self.out.push_back(Output::Respond { tx, data });
+                if let Some((digit, duration_ms)) = dtmf_from_info(req) {
+                    self.events
+                        .push_back(CallEvent::Dtmf { digit, duration_ms });
+                }
+            }
+            "OPTIONS" => {
                 let data = respond(self, 200, "OK");
                 self.out.push_back(Output::Respond { tx, data });
             }

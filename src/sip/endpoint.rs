@@ -122,6 +122,7 @@ enum CallAction {
     Reject(u16, String),
     Hangup,
     Hold(bool),
+    Dtmf(String),
 }
 
 /// Most calls at once per endpoint.
@@ -244,6 +245,11 @@ impl CallHandle {
     /// Resumes after [`hold`](Self::hold).
     pub fn unhold(&self) {
         self.act(CallAction::Hold(false));
+    }
+
+    /// Sends DTMF digits by SIP INFO (`application/dtmf-relay`), in order.
+    pub fn dtmf_info(&self, digits: &str) {
+        self.act(CallAction::Dtmf(digits.to_owned()));
     }
 }
 
@@ -676,6 +682,13 @@ impl Task {
                         CallAction::Hangup => c.call.hangup(now.into_std()),
                         CallAction::Hold(true) => c.call.hold(now.into_std()),
                         CallAction::Hold(false) => c.call.unhold(now.into_std()),
+                        CallAction::Dtmf(digits) => {
+                            if !c.call.send_dtmf_info(&digits) {
+                                tracing::debug!(
+                                    "DTMF refused: invalid digits or call not established"
+                                );
+                            }
+                        }
                     }
                 }
             }

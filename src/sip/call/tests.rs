@@ -643,3 +643,62 @@ fn remote_hold_is_answered_recvonly_and_reported() {
     c.handle_ack();
     assert_eq!(c.poll_timeout(), None);
 }
+
+#[test]
+fn dtmf_info_in_order_one_at_a_time() {
+    let t0 = Instant::now();
+    let (mut c, _) = established();
+    assert!(!c.send_dtmf_info("12x"));
+    assert!(c.send_dtmf_info("1#"));
+    let out = outputs(&mut c);
+    assert_eq!(out.len(), 1, "one INFO in flight");
+    let (p, info, _) = request_of(&out[0]);
+    assert_eq!(p, Purpose::Info);
+    assert_eq!(info.header("Content-Type"), Some("application/dtmf-relay"));
+    assert_eq!(info.body(), b"Signal=1\r\nDuration=160\r\n");
+    c.handle_response(t0, Purpose::Info, &reply(&info, 200, &[], None));
+    let (_, info2, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(info2.body(), b"Signal=#\r\nDuration=160\r\n");
+    assert!(info2.cseq().unwrap().0 > info.cseq().unwrap().0);
+}
+
+#[test]
+fn dtmf_info_received() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    for (ct, body, want) in [
+        (
+            "application/dtmf-relay",
+            "Signal=7\r\nDuration=250\r\n",
+            Some(('7', Some(250))),
+        ),
+        (
+            "application/dtmf-relay",
+            "Signal= 11\r\n",
+            Some(('#', None)),
+        ),
+        ("application/dtmf", "*", Some(('*', None))),
+        ("application/dtmf-relay", "Signal=Z\r\n", None),
+        ("text/plain", "5", None),
+    ] {
+        let info = Builder::request("INFO", "sip:1001-abc@127.0.0.1:5070")
+            .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKinfo")
+            .header("From", ok.header("To").unwrap())
+            .header(
+                "To",
+                format!("<sip:1001@example.com>;tag={}", c.local_tag()),
+            )
+            .header("Call-ID", c.call_id().to_owned())
+            .header("CSeq", "20 INFO")
+            .body(ct, body.as_bytes().to_vec())
+            .into_message()
+            .unwrap();
+        c.handle_request(t0, TxId_for_test(), &info);
+        assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(200));
+        let got = events(&mut c).into_iter().find_map(|e| match e {
+            CallEvent::Dtmf { digit, duration_ms } => Some((digit, duration_ms)),
+            _ => None,
+        });
+        assert_eq!(got, want, "{ct} {body:?}");
+    }
+}
