@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use callgate::account::account_from_cli;
-use callgate::sip::call::{CallEvent, EndReason};
+use callgate::sip::call::{CallEvent, EndReason, TransferState};
 use callgate::sip::endpoint::{CallHandle, Endpoint, RegistrationHandle, Settings};
 use callgate::sip::registration::{self, Status};
 use callgate::sip::sdp::{AudioSdp, Direction};
@@ -352,4 +352,47 @@ async fn dtmf_by_sip_info_both_ways() {
     );
     assert_eq!(reason, EndReason::RemoteHangup);
     sipp_done(caller).await;
+}
+
+/// Blind transfer: we call baresip (1002), then transfer it to 1003 (sipp, which answers and later
+/// hangs up). baresip follows the REFER, 1003 really gets the call, and our leg ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_transfer_reaches_the_third_party() {
+    let a = agent().await;
+    let third = Sipp::uas(a.kam.port, "1003", "pass1003", "uas_hangup.xml");
+    let transferee = common::peers::Baresip::start(a.kam.port, "1002", "pass1002");
+    let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    loop {
+        match next(&mut call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended { .. } => panic!("ended early\n{}\n{}", a.kam.log(), transferee.log()),
+            _ => {}
+        }
+    }
+    call.transfer(&format!("sip:1003@127.0.0.1:{}", a.kam.port));
+    let (seen, reason, _) = until_ended(&mut call).await;
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            CallEvent::Transfer {
+                state: TransferState::Accepted,
+                ..
+            }
+        )),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            CallEvent::Transfer {
+                state: TransferState::Succeeded,
+                ..
+            }
+        )),
+        "{seen:?}\n{}",
+        transferee.log()
+    );
+    assert_eq!(reason, EndReason::Transferred);
+    // 1003 answered the transferred call (and hung it up): the third party really got it.
+    sipp_done(third).await;
 }

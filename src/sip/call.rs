@@ -29,6 +29,8 @@ pub enum Purpose {
     Reinvite,
     /// An INFO carrying a DTMF digit.
     Info,
+    /// A REFER (transfer).
+    Refer,
 }
 
 /// Something for the owner to do.
@@ -77,6 +79,8 @@ pub enum EndReason {
     Failed,
     /// The peer vanished (no ACK for our 2xx).
     Timeout,
+    /// We transferred the far end elsewhere and the transfer succeeded.
+    Transferred,
 }
 
 impl EndReason {
@@ -90,6 +94,7 @@ impl EndReason {
             EndReason::Rejected => "rejected",
             EndReason::Failed => "failed",
             EndReason::Timeout => "timeout",
+            EndReason::Transferred => "transferred",
         }
     }
 }
@@ -164,6 +169,13 @@ pub enum CallEvent {
         /// The SIP status.
         status: u16,
     },
+    /// Progress of a transfer we asked for (REFER, RFC 3515).
+    Transfer {
+        /// Where it stands.
+        state: TransferState,
+        /// The status the far end reported (202 for the REFER, then the new call's status).
+        status: Option<u16>,
+    },
     /// A DTMF digit from the far end (SIP INFO).
     Dtmf {
         /// `0`-`9`, `*`, `#`, `A`-`D`.
@@ -187,6 +199,32 @@ pub enum CallEvent {
         /// Its reason phrase.
         phrase: String,
     },
+}
+
+/// Where a transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransferState {
+    /// The far end accepted the REFER (202) and is calling the target.
+    Accepted,
+    /// A provisional from the target (trying, ringing).
+    Progress,
+    /// The target answered; our leg ends.
+    Succeeded,
+    /// The REFER was refused or the target did not answer; the call goes on.
+    Failed,
+}
+
+impl TransferState {
+    /// Stable code for APIs.
+    pub fn code(self) -> &'static str {
+        match self {
+            TransferState::Accepted => "accepted",
+            TransferState::Progress => "progress",
+            TransferState::Succeeded => "succeeded",
+            TransferState::Failed => "failed",
+        }
+    }
 }
 
 /// Who we are in this call.
@@ -364,6 +402,8 @@ pub struct Call {
     /// DTMF digits waiting to be sent by INFO, one INFO in flight at a time (order matters).
     dtmf_queue: VecDeque<char>,
     info_in_flight: bool,
+    /// A transfer is under way (REFER sent, final NOTIFY not yet received).
+    transferring: bool,
     challenge: Option<Challenge>,
     nc: u32,
     answered_challenge: bool,
@@ -423,6 +463,7 @@ impl Call {
             glare_retry: None,
             dtmf_queue: VecDeque::new(),
             info_in_flight: false,
+            transferring: false,
             challenge: None,
             nc: 0,
             answered_challenge: false,
@@ -532,6 +573,19 @@ impl Call {
     /// The SIP Call-ID.
     pub fn call_id(&self) -> &str {
         &self.call_id
+    }
+
+    /// The account's SIP domain (for dial strings).
+    pub fn domain(&self) -> &str {
+        self.account.domain.as_str()
+    }
+
+    /// Reports a transfer that could not even be asked for (bad target, call not up).
+    pub fn refuse_transfer(&mut self) {
+        self.events.push_back(CallEvent::Transfer {
+            state: TransferState::Failed,
+            status: None,
+        });
     }
 
     /// The far end's tag, once known.
@@ -791,6 +845,20 @@ impl Call {
             Purpose::Cancel => {}
             Purpose::Bye => {}
             Purpose::Reinvite => self.reinvite_response(now, code, resp),
+            Purpose::Refer => {
+                if (200..300).contains(&code) {
+                    self.events.push_back(CallEvent::Transfer {
+                        state: TransferState::Accepted,
+                        status: Some(code),
+                    });
+                } else if code >= 300 {
+                    self.transferring = false;
+                    self.events.push_back(CallEvent::Transfer {
+                        state: TransferState::Failed,
+                        status: Some(code),
+                    });
+                }
+            }
             Purpose::Info => {
                 if code >= 200 {
                     self.info_in_flight = false;
@@ -801,6 +869,71 @@ impl Call {
                     self.send_next_info();
                 }
             }
+        }
+    }
+
+    /// Blind transfer (RFC 3515, RFC 5589 §6): asks the far end to call `target` (a SIP URI, see
+    /// [`dial_uri`]). Progress comes as [`CallEvent::Transfer`]; on success our leg is hung up.
+    /// Returns false if the call is not up or a transfer is already under way.
+    pub fn transfer(&mut self, target: &str) -> bool {
+        if self.state != State::Established || self.transferring || !target.starts_with("sip:") {
+            return false;
+        }
+        let data = self
+            .in_dialog("REFER")
+            .header("Refer-To", format!("<{target}>"))
+            .header("Referred-By", format!("<{}>", self.local.aor))
+            .header("Contact", format!("<{}>", self.local.contact))
+            .header("User-Agent", self.local.user_agent.clone())
+            .build();
+        self.transferring = true;
+        self.pending.push(Purpose::Refer);
+        let dest = self.next_hop();
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Refer,
+            data,
+            dest,
+        });
+        true
+    }
+
+    /// A NOTIFY of the implicit `refer` subscription: the new call's status in a sipfrag.
+    fn refer_notify(&mut self, req: &Message) {
+        if !self.transferring {
+            return;
+        }
+        let is_refer = req
+            .header("Event")
+            .is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("refer"));
+        if !is_refer {
+            return;
+        }
+        // message/sipfrag: "SIP/2.0 180 Ringing"
+        let status = std::str::from_utf8(req.body())
+            .ok()
+            .and_then(|b| b.lines().next())
+            .and_then(|l| l.strip_prefix("SIP/2.0 "))
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse::<u16>().ok());
+        let terminated = req
+            .header("Subscription-State")
+            .is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+        let state = match status {
+            Some(200..=299) => TransferState::Succeeded,
+            Some(100..=199) if !terminated => TransferState::Progress,
+            _ => TransferState::Failed,
+        };
+        if state == TransferState::Progress {
+            self.events.push_back(CallEvent::Transfer { state, status });
+            return;
+        }
+        self.transferring = false;
+        self.events.push_back(CallEvent::Transfer { state, status });
+        if state == TransferState::Succeeded {
+            // RFC 5589 §6: the transferor ends its dialog with the transferee.
+            self.ok_retransmit = None;
+            self.send_bye();
+            self.end(EndReason::Transferred, status, "");
         }
     }
 
@@ -1154,6 +1287,11 @@ impl Call {
                     self.events
                         .push_back(CallEvent::Dtmf { digit, duration_ms });
                 }
+            }
+            "NOTIFY" => {
+                let data = respond(self, 200, "OK");
+                self.out.push_back(Output::Respond { tx, data });
+                self.refer_notify(req);
             }
             "OPTIONS" => {
                 let data = respond(self, 200, "OK");

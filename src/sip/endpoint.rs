@@ -123,6 +123,7 @@ enum CallAction {
     Hangup,
     Hold(bool),
     Dtmf(String),
+    Transfer(String),
 }
 
 /// Most calls at once per endpoint.
@@ -245,6 +246,12 @@ impl CallHandle {
     /// Resumes after [`hold`](Self::hold).
     pub fn unhold(&self) {
         self.act(CallAction::Hold(false));
+    }
+
+    /// Blind transfer: asks the far end to call `to` (extension, number or SIP URI); progress
+    /// comes as [`CallEvent::Transfer`].
+    pub fn transfer(&self, to: &str) {
+        self.act(CallAction::Transfer(to.to_owned()));
     }
 
     /// Sends DTMF digits by SIP INFO (`application/dtmf-relay`), in order.
@@ -682,6 +689,13 @@ impl Task {
                         CallAction::Hangup => c.call.hangup(now.into_std()),
                         CallAction::Hold(true) => c.call.hold(now.into_std()),
                         CallAction::Hold(false) => c.call.unhold(now.into_std()),
+                        CallAction::Transfer(to) => {
+                            let domain = c.call.domain().to_owned();
+                            match dial_uri(&to, &domain) {
+                                Ok(uri) if c.call.transfer(&uri) => {}
+                                _ => c.call.refuse_transfer(),
+                            }
+                        }
                         CallAction::Dtmf(digits) => {
                             if !c.call.send_dtmf_info(&digits) {
                                 tracing::debug!(

@@ -303,3 +303,116 @@ impl Sipp {
         (status.is_some_and(|s| s.success()), log)
     }
 }
+
+/// Writes `secs` seconds of a `freq` Hz sine as 8 kHz 16-bit mono PCM WAV.
+pub fn write_tone_wav(path: &Path, freq: f64, secs: u32) -> PathBuf {
+    let samples = 8000 * secs;
+    let mut out = Vec::with_capacity(44 + samples as usize * 2);
+    let data_len = samples * 2;
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&1u16.to_le_bytes()); // mono
+    out.extend_from_slice(&8000u32.to_le_bytes());
+    out.extend_from_slice(&16000u32.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    for n in 0..samples {
+        let v = (f64::from(n) * freq * 2.0 * std::f64::consts::PI / 8000.0).sin() * 8000.0;
+        out.extend_from_slice(&(v as i16).to_le_bytes());
+    }
+    std::fs::write(path, out).expect("write wav");
+    path.to_owned()
+}
+
+/// baresip as a SIP phone registered as `user`: auto-answers, plays a 440 Hz tone, and follows
+/// transfers (REFER) with its `menu` module. Killed on drop.
+pub struct Baresip {
+    proc_: Proc,
+    dir: TempDir,
+}
+
+impl Baresip {
+    pub fn start(proxy_port: u16, user: &str, password: &str) -> Baresip {
+        require_tool(
+            "baresip",
+            "apt-get install --no-install-recommends baresip-core",
+        );
+        let dir = TempDir::new("baresip");
+        let rtp = free_udp_port() / 2 * 2;
+        let config = format!(
+            "poll_method\t\tepoll\nsip_listen\t\t127.0.0.1:{sip}\nnet_interface\t\t127.0.0.1\n\
+             dns_server\t\t127.0.0.1:53\ncall_local_timeout\t120\ncall_max_calls\t\t4\n\
+             audio_source\t\taufile,{wav}\naudio_player\t\talsa,null\naudio_alert\t\talsa,null\n\
+             ausrc_srate\t\t8000\nausrc_channels\t\t1\nauplay_srate\t\t8000\nauplay_channels\t\t1\n\
+             rtp_ports\t\t{rtp}-{rtp_end}\nrtcp_mux\t\tno\nmodule_path\t\t/usr/lib/baresip/modules\n\
+             module\t\t\tg711.so\nmodule\t\t\taufile.so\nmodule\t\t\talsa.so\n\
+             module_app\t\taccount.so\nmodule_app\t\tmenu.so\n",
+            sip = free_udp_port(),
+            rtp_end = rtp + 20,
+            wav = write_tone_wav(&dir.path().join("tone.wav"), 440.0, 20).display(),
+        );
+        std::fs::write(dir.path().join("config"), config).expect("baresip config");
+        std::fs::write(
+            dir.path().join("accounts"),
+            format!(
+                "<sip:{user}@127.0.0.1:{proxy_port}>;auth_pass={password};answermode=auto;audio_codecs=PCMU;regint=600\n"
+            ),
+        )
+        .expect("baresip accounts");
+        let log = std::fs::File::create(dir.path().join("baresip.log")).expect("log");
+        let proc_ = Proc::spawn(
+            "baresip",
+            Command::new("baresip")
+                .arg("-f")
+                .arg(dir.path())
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+        );
+        let b = Baresip { proc_, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if b.log()
+                .lines()
+                .any(|l| l.contains(&format!("{user}@")) && l.contains("200 OK"))
+            {
+                return b;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("baresip did not register as {user}:\n{}", b.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("baresip.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc_.pid()
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- baresip log ---\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- kamailio log (last 60 lines) ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}

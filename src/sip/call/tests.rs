@@ -702,3 +702,119 @@ fn dtmf_info_received() {
         assert_eq!(got, want, "{ct} {body:?}");
     }
 }
+
+fn notify(c: &Call, ok: &Message, cseq: u32, state: &str, frag: &str) -> Message {
+    Builder::request("NOTIFY", "sip:1001-abc@127.0.0.1:5070")
+        .header(
+            "Via",
+            format!("SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKn{cseq}"),
+        )
+        .header("From", ok.header("To").unwrap())
+        .header(
+            "To",
+            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
+        )
+        .header("Call-ID", c.call_id().to_owned())
+        .header("CSeq", format!("{cseq} NOTIFY"))
+        .header("Event", "refer")
+        .header("Subscription-State", state)
+        .body("message/sipfrag;version=2.0", frag.as_bytes().to_vec())
+        .into_message()
+        .unwrap()
+}
+
+#[test]
+fn blind_transfer_success_ends_our_leg() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    assert!(!c.transfer("1003"), "a SIP URI is required at this level");
+    assert!(c.transfer("sip:1003@example.com"));
+    assert!(
+        !c.transfer("sip:1004@example.com"),
+        "one transfer at a time"
+    );
+    let (p, refer, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(p, Purpose::Refer);
+    assert_eq!(refer.header("Refer-To"), Some("<sip:1003@example.com>"));
+    assert_eq!(refer.header("Referred-By"), Some("<sip:1001@example.com>"));
+    c.handle_response(t0, Purpose::Refer, &reply(&refer, 202, &[], None));
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &notify(&c, &ok, 1, "active;expires=60", "SIP/2.0 100 Trying\r\n"),
+    );
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &notify(
+            &c,
+            &ok,
+            2,
+            "terminated;reason=noresource",
+            "SIP/2.0 200 OK\r\n",
+        ),
+    );
+    let out = outputs(&mut c);
+    assert_eq!(responded(&out[0]).status(), Some(200));
+    assert_eq!(request_of(out.last().unwrap()).1.method(), "BYE");
+    assert_eq!(
+        events(&mut c),
+        vec![
+            CallEvent::Transfer {
+                state: TransferState::Accepted,
+                status: Some(202)
+            },
+            CallEvent::Transfer {
+                state: TransferState::Progress,
+                status: Some(100)
+            },
+            CallEvent::Transfer {
+                state: TransferState::Succeeded,
+                status: Some(200)
+            },
+            CallEvent::Ended {
+                reason: EndReason::Transferred,
+                status: Some(200),
+                phrase: String::new()
+            },
+        ]
+    );
+}
+
+#[test]
+fn failed_transfer_keeps_the_call() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    assert!(c.transfer("sip:1003@example.com"));
+    let (_, refer, _) = request_of(&outputs(&mut c)[0]);
+    c.handle_response(t0, Purpose::Refer, &reply(&refer, 202, &[], None));
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &notify(&c, &ok, 1, "terminated", "SIP/2.0 486 Busy Here\r\n"),
+    );
+    let _ = outputs(&mut c);
+    let evs = events(&mut c);
+    assert_eq!(
+        evs.last(),
+        Some(&CallEvent::Transfer {
+            state: TransferState::Failed,
+            status: Some(486)
+        })
+    );
+    assert!(!c.is_ended());
+    assert!(
+        c.transfer("sip:1004@example.com"),
+        "another attempt is allowed"
+    );
+    // A refused REFER.
+    let (_, refer, _) = request_of(&outputs(&mut c)[0]);
+    c.handle_response(t0, Purpose::Refer, &reply(&refer, 603, &[], None));
+    assert_eq!(
+        events(&mut c).last(),
+        Some(&CallEvent::Transfer {
+            state: TransferState::Failed,
+            status: Some(603)
+        })
+    );
+}
