@@ -897,6 +897,42 @@ impl Call {
         true
     }
 
+    /// For attended transfer (RFC 5589 §7): the Refer-To URI that makes the transferee replace
+    /// this (consultation) call: the far party's address with `?Replaces=` naming this dialog
+    /// (RFC 3891 §6.1, `to-tag` = the far party's tag). `None` unless the call is up.
+    pub fn replaces_uri(&self) -> Option<String> {
+        if self.state != State::Established {
+            return None;
+        }
+        let remote_tag = self.remote_tag.as_deref()?;
+        let aor = match self.role {
+            Role::Outbound => self
+                .request_uri
+                .split(';')
+                .next()
+                .unwrap_or(&self.request_uri)
+                .to_owned(),
+            Role::Inbound => name_addr_uri(&self.remote_header).to_owned(),
+        };
+        let esc = |s: &str| {
+            let mut out = String::with_capacity(s.len() + 8);
+            for b in s.bytes() {
+                if b.is_ascii_alphanumeric() || b"-_.!~*'()".contains(&b) {
+                    out.push(char::from(b));
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            out
+        };
+        Some(format!(
+            "{aor}?Replaces={}%3Bto-tag%3D{}%3Bfrom-tag%3D{}",
+            esc(&self.call_id),
+            esc(remote_tag),
+            esc(&self.local_tag)
+        ))
+    }
+
     /// A NOTIFY of the implicit `refer` subscription: the new call's status in a sipfrag.
     fn refer_notify(&mut self, req: &Message) {
         if !self.transferring {

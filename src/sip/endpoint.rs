@@ -124,6 +124,8 @@ enum CallAction {
     Hold(bool),
     Dtmf(String),
     Transfer(String),
+    /// Attended transfer: replace call `.0` (the consultation) at this call's far end.
+    CompleteTransfer(u64),
 }
 
 /// Most calls at once per endpoint.
@@ -252,6 +254,12 @@ impl CallHandle {
     /// comes as [`CallEvent::Transfer`].
     pub fn transfer(&self, to: &str) {
         self.act(CallAction::Transfer(to.to_owned()));
+    }
+
+    /// Attended transfer: asks this call's far end to take over `consult` (a call to the
+    /// transfer target, usually made while this one was held). On success both legs end.
+    pub fn complete_transfer(&self, consult: &CallHandle) {
+        self.act(CallAction::CompleteTransfer(consult.id));
     }
 
     /// Sends DTMF digits by SIP INFO (`application/dtmf-relay`), in order.
@@ -487,6 +495,8 @@ struct Entry {
 
 struct CallEntry {
     call: Call,
+    /// Attended transfer in progress: the consultation call to end with this one.
+    consult: Option<u64>,
     events: Option<mpsc::UnboundedSender<CallEvent>>,
     /// The registration key, until the Incoming event is delivered.
     deliver_to: Option<String>,
@@ -682,6 +692,16 @@ impl Task {
                 let _ = reply.send(result);
             }
             Command::Call { id, action } => {
+                if let CallAction::CompleteTransfer(consult) = action {
+                    let uri = self.calls.get(&consult).and_then(|b| b.call.replaces_uri());
+                    if let Some(c) = self.calls.get_mut(&id) {
+                        match uri {
+                            Some(uri) if c.call.transfer(&uri) => c.consult = Some(consult),
+                            _ => c.call.refuse_transfer(),
+                        }
+                    }
+                    return;
+                }
                 if let Some(c) = self.calls.get_mut(&id) {
                     match action {
                         CallAction::Answer(sdp) => c.call.answer(now.into_std(), sdp),
@@ -689,6 +709,7 @@ impl Task {
                         CallAction::Hangup => c.call.hangup(now.into_std()),
                         CallAction::Hold(true) => c.call.hold(now.into_std()),
                         CallAction::Hold(false) => c.call.unhold(now.into_std()),
+                        CallAction::CompleteTransfer(_) => {}
                         CallAction::Transfer(to) => {
                             let domain = c.call.domain().to_owned();
                             match dial_uri(&to, &domain) {
@@ -743,6 +764,7 @@ impl Task {
             id,
             CallEntry {
                 call,
+                consult: None,
                 events: Some(tx),
                 deliver_to,
             },
@@ -899,10 +921,16 @@ impl Task {
                     call::Output::Send { dest, data } => self.sends.push((dest, data)),
                 }
             }
+            let mut end_consult = None;
             while let Some(ev) = c.call.poll_event() {
                 progressed = true;
                 if let CallEvent::Ended { reason, status, .. } = &ev {
                     tracing::info!(call = %c.call.call_id(), reason = reason.code(), status, "call ended");
+                    if *reason == call::EndReason::Transferred {
+                        // The target should BYE the replaced dialog itself (RFC 5589 §7); end it
+                        // here too in case it does not (a 481 then is harmless).
+                        end_consult = c.consult.take();
+                    }
                 }
                 match (ev, c.deliver_to.take()) {
                     (
@@ -956,6 +984,10 @@ impl Task {
                         }
                     }
                 }
+            }
+            if let Some(b) = end_consult.and_then(|b| self.calls.get_mut(&b)) {
+                b.call.hangup(now);
+                progressed = true;
             }
         }
         progressed

@@ -818,3 +818,35 @@ fn failed_transfer_keeps_the_call() {
         })
     );
 }
+
+#[test]
+fn attended_transfer_refer_names_the_consult_dialog() {
+    let t0 = Instant::now();
+    let (mut a, _) = established();
+    // The consultation call B: our tag, their tag "far", Call-ID with an '@' that must be escaped.
+    let (b, _) = established();
+    let uri = b.replaces_uri().expect("B is up");
+    let expected = format!(
+        "sip:1002@example.com?Replaces={}%3Bto-tag%3Dfar%3Bfrom-tag%3D{}",
+        b.call_id().replace('@', "%40"),
+        b.local_tag()
+    );
+    assert_eq!(uri, expected);
+    assert!(a.transfer(&uri));
+    let (_, refer, _) = request_of(&outputs(&mut a)[0]);
+    assert_eq!(
+        refer.header("Refer-To"),
+        Some(format!("<{expected}>").as_str())
+    );
+    let _ = t0;
+    // Not up: no Replaces.
+    let c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1003@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        7,
+    );
+    assert_eq!(c.replaces_uri(), None);
+}
