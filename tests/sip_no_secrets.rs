@@ -49,6 +49,7 @@ async fn passwords_never_logged() {
         },
         grace: Duration::ZERO,
         max_registrations: 10,
+        call_waiting: true,
         dns_server: None,
     };
     let ep = Endpoint::bind(settings).await.expect("bind");

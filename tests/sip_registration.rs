@@ -43,6 +43,7 @@ fn settings(expires: u64, grace: Duration, t1: Duration) -> Settings {
         },
         grace,
         max_registrations: 10,
+        call_waiting: true,
         dns_server: None,
     }
 }

@@ -84,6 +84,8 @@ pub struct Sip {
     pub max_registrations: usize,
     /// DNS server for SRV lookups (`None`: /etc/resolv.conf).
     pub dns_server: Option<SocketAddr>,
+    /// Offer a second incoming call while one is active (else 486 Busy Here).
+    pub call_waiting: bool,
 }
 
 impl Sip {
@@ -102,6 +104,7 @@ impl Sip {
             },
             grace: self.registration_grace,
             max_registrations: self.max_registrations,
+            call_waiting: self.call_waiting,
             dns_server: self.dns_server,
         }
     }
@@ -613,6 +616,7 @@ impl Config {
                 registration_grace: Duration::from_secs(grace),
                 max_registrations: usize::try_from(max_regs).unwrap_or(10_000),
                 dns_server,
+                call_waiting: raw.sip.call_waiting,
             },
             media: Media {
                 listen_ip,

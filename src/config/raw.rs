@@ -44,6 +44,7 @@ pub(crate) struct RawSip {
     pub(crate) registration_grace_secs: i64,
     pub(crate) max_registrations: i64,
     pub(crate) dns_server: String,
+    pub(crate) call_waiting: bool,
 }
 
 impl Default for RawSip {
@@ -62,6 +63,7 @@ impl Default for RawSip {
             registration_grace_secs: 10,
             max_registrations: 10_000,
             dns_server: String::new(),
+            call_waiting: true,
         }
     }
 }

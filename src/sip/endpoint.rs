@@ -40,6 +40,9 @@ pub struct Settings {
     pub grace: Duration,
     /// Most registrations at once.
     pub max_registrations: usize,
+    /// A second incoming call while the agent has a call: offer it (call waiting) or answer
+    /// 486 Busy Here.
+    pub call_waiting: bool,
     /// DNS server for SRV lookups (`None`: the first nameserver of /etc/resolv.conf).
     pub dns_server: Option<SocketAddr>,
 }
@@ -202,6 +205,7 @@ pub struct IncomingCall {
 /// Control of one call; dropping it hangs the call up.
 pub struct CallHandle {
     id: u64,
+    call_id: String,
     sip_call_id: String,
     events: mpsc::UnboundedReceiver<CallEvent>,
     cmds: mpsc::UnboundedSender<Command>,
@@ -211,6 +215,12 @@ impl CallHandle {
     /// The SIP Call-ID.
     pub fn sip_call_id(&self) -> &str {
         &self.sip_call_id
+    }
+
+    /// callgate's own id for the call (`c-` and 16 hex digits): unique, stable, not derived from
+    /// anything a peer sent; used by the API, call history and recordings.
+    pub fn call_id(&self) -> &str {
+        &self.call_id
     }
 
     /// The next event; `None` once the call is over and all events were read.
@@ -495,6 +505,10 @@ struct Entry {
 
 struct CallEntry {
     call: Call,
+    /// callgate's own call id.
+    public_id: String,
+    /// The registration the call belongs to.
+    reg_key: String,
     /// Attended transfer in progress: the consultation call to end with this one.
     consult: Option<u64>,
     events: Option<mpsc::UnboundedSender<CallEvent>>,
@@ -753,23 +767,27 @@ impl Task {
     fn new_call(
         &mut self,
         call: Call,
+        reg_key: &str,
         deliver_to: Option<String>,
-    ) -> (u64, mpsc::UnboundedReceiver<CallEvent>) {
+    ) -> (u64, String, mpsc::UnboundedReceiver<CallEvent>) {
         let id = self.next_call;
         self.next_call += 1;
         let (tx, rx) = mpsc::unbounded_channel();
+        let public_id = format!("c-{:016x}", random_u64());
         self.dialogs
             .insert((call.call_id().to_owned(), call.local_tag().to_owned()), id);
         self.calls.insert(
             id,
             CallEntry {
                 call,
+                public_id: public_id.clone(),
+                reg_key: reg_key.to_owned(),
                 consult: None,
                 events: Some(tx),
                 deliver_to,
             },
         );
-        (id, rx)
+        (id, public_id, rx)
     }
 
     fn dial(&mut self, key: &str, to: &str, sdp: String) -> Result<CallHandle, EndpointError> {
@@ -784,9 +802,10 @@ impl Task {
         tracing::info!(from = %local.aor, "dialling");
         let call = Call::outgoing(local, account, uri, sdp, self.settings.timers, random_u64());
         let sip_call_id = call.call_id().to_owned();
-        let (id, events) = self.new_call(call, None);
+        let (id, call_id, events) = self.new_call(call, key, None);
         Ok(CallHandle {
             id,
+            call_id,
             sip_call_id,
             events,
             cmds: self.cmds.clone(),
@@ -943,6 +962,7 @@ impl Task {
                     ) => {
                         let handle = CallHandle {
                             id,
+                            call_id: c.public_id.clone(),
                             sip_call_id: c.call.call_id().to_owned(),
                             events: match c.events.take() {
                                 Some(tx) => {
@@ -1150,6 +1170,14 @@ impl Task {
         let Some((local, account)) = self.local_for(&key) else {
             return self.respond(now, id, req, 404, "Not Found");
         };
+        let busy = self
+            .calls
+            .values()
+            .any(|c| c.reg_key == key && !c.call.is_ended());
+        if busy && !self.settings.call_waiting {
+            tracing::info!(to = %local.aor, "incoming call refused: agent busy and call waiting is off");
+            return self.respond(now, id, req, 486, "Busy Here");
+        }
         tracing::info!(to = %local.aor, "incoming call");
         let call = Call::incoming(
             local,
@@ -1160,7 +1188,7 @@ impl Task {
             self.settings.timers,
             random_u64(),
         );
-        let (_, rx) = self.new_call(call, Some(key));
+        let (_, _, rx) = self.new_call(call, &key, Some(key.clone()));
         // The handle's receiver is created when the Incoming event is delivered.
         drop(rx);
     }
