@@ -45,6 +45,7 @@ async fn agent_with(call_waiting: bool) -> Agent {
         grace: Duration::ZERO,
         max_registrations: 10,
         call_waiting,
+        min_session_expires: Duration::from_secs(2),
         dns_server: None,
     })
     .await
@@ -97,6 +98,22 @@ async fn until_ended(call: &mut CallHandle) -> (Vec<CallEvent>, EndReason, Optio
             other => seen.push(other),
         }
     }
+}
+
+/// Waits for the answer, then lets our ACK reach the far end before the test sends anything else
+/// in the dialog: Kamailio's two workers may reorder back-to-back requests, which sipp does not
+/// tolerate (a real phone does, and a person never acts within microseconds of the answer).
+async fn answered(call: &mut CallHandle) {
+    loop {
+        match next(call).await {
+            CallEvent::Answered { .. } => break,
+            CallEvent::Ended { reason, status, .. } => {
+                panic!("ended before answer: {reason:?} {status:?}")
+            }
+            _ => {}
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 async fn sipp_done(mut sipp: Sipp) {
@@ -249,13 +266,7 @@ async fn we_hold_and_resume() {
     let a = agent().await;
     let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_hold.xml");
     let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
-    loop {
-        match next(&mut call).await {
-            CallEvent::Answered { .. } => break,
-            CallEvent::Ended { .. } => panic!("ended early\n{}", a.kam.log()),
-            _ => {}
-        }
-    }
+    answered(&mut call).await;
     call.hold();
     match next(&mut call).await {
         CallEvent::Hold { held: true, answer } => {
@@ -317,15 +328,7 @@ async fn dtmf_by_sip_info_both_ways() {
     // Ours reach the far end, in order (sipp checks each INFO body).
     let far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_dtmf.xml");
     let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
-    loop {
-        match next(&mut call).await {
-            CallEvent::Answered { .. } => break,
-            CallEvent::Ended { .. } => panic!("ended early\n{}", a.kam.log()),
-            _ => {}
-        }
-    }
-    // As for hold: let our ACK reach sipp before the first INFO (Kamailio may reorder them).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    answered(&mut call).await;
     call.dtmf_info("1#");
     tokio::time::sleep(Duration::from_millis(500)).await;
     call.hangup();
@@ -372,13 +375,7 @@ async fn blind_transfer_reaches_the_third_party() {
     let third = Sipp::uas(a.kam.port, "1003", "pass1003", "uas_hangup.xml");
     let transferee = common::peers::Baresip::start(a.kam.port, "1002", "pass1002");
     let mut call = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
-    loop {
-        match next(&mut call).await {
-            CallEvent::Answered { .. } => break,
-            CallEvent::Ended { .. } => panic!("ended early\n{}\n{}", a.kam.log(), transferee.log()),
-            _ => {}
-        }
-    }
+    answered(&mut call).await;
     call.transfer(&format!("sip:1003@127.0.0.1:{}", a.kam.port));
     let (seen, reason, _) = until_ended(&mut call).await;
     assert!(
@@ -414,7 +411,7 @@ async fn consult_call_while_the_first_is_held() {
     let first_far = Sipp::uas(a.kam.port, "1002", "pass1002", "uas_hold.xml");
     let second_far = Sipp::uas(a.kam.port, "1003", "pass1003", "uas_answer.xml");
     let mut first = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
-    while !matches!(next(&mut first).await, CallEvent::Answered { .. }) {}
+    answered(&mut first).await;
     first.hold();
     assert!(matches!(
         next(&mut first).await,
@@ -430,7 +427,7 @@ async fn consult_call_while_the_first_is_held() {
         "{}",
         consult.call_id()
     );
-    while !matches!(next(&mut consult).await, CallEvent::Answered { .. }) {}
+    answered(&mut consult).await;
     consult.hangup();
     until_ended(&mut consult).await;
     first.unhold();
@@ -460,4 +457,39 @@ async fn busy_agent_refuses_a_second_call_when_call_waiting_is_off() {
     call.hangup();
     until_ended(&mut call).await;
     sipp_done(far).await;
+}
+
+/// RFC 4028: the caller asks for a 4 s session it refreshes itself, then goes silent; callgate
+/// ends the dead call with a BYE at 4 s - 4/3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_timer_ends_a_dead_call() {
+    let mut a = agent().await;
+    let caller = Sipp::uac(a.kam.port, "1001", "uac_session_timer.xml");
+    let inc = tokio::time::timeout(LIMIT, a.reg.next_incoming())
+        .await
+        .expect("incoming")
+        .expect("call");
+    let offer = inc.offer.clone().expect("offer");
+    let mut call = inc.call;
+    call.answer(
+        AudioSdp::answer(
+            &offer,
+            "127.0.0.1".parse().unwrap(),
+            40008,
+            &["PCMU"],
+            5,
+            Direction::SendRecv,
+        )
+        .unwrap()
+        .to_sdp(),
+    );
+    let t0 = std::time::Instant::now();
+    let (_, reason, status) = until_ended(&mut call).await;
+    let took = t0.elapsed();
+    assert_eq!((reason, status), (EndReason::Timeout, Some(408)));
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    sipp_done(caller).await;
 }

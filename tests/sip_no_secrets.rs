@@ -50,6 +50,7 @@ async fn passwords_never_logged() {
         grace: Duration::ZERO,
         max_registrations: 10,
         call_waiting: true,
+        min_session_expires: Duration::from_secs(2),
         dns_server: None,
     };
     let ep = Endpoint::bind(settings).await.expect("bind");

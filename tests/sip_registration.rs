@@ -44,6 +44,7 @@ fn settings(expires: u64, grace: Duration, t1: Duration) -> Settings {
         grace,
         max_registrations: 10,
         call_waiting: true,
+        min_session_expires: Duration::from_secs(2),
         dns_server: None,
     }
 }

@@ -105,6 +105,7 @@ impl Sip {
             grace: self.registration_grace,
             max_registrations: self.max_registrations,
             call_waiting: self.call_waiting,
+            min_session_expires: Duration::from_secs(90),
             dns_server: self.dns_server,
         }
     }

@@ -240,6 +240,8 @@ pub struct Local {
     pub target: SocketAddr,
     /// User-Agent.
     pub user_agent: String,
+    /// Smallest session interval we accept (RFC 4028 Min-SE; 90 s unless testing).
+    pub min_session_expires: Duration,
 }
 
 /// The digit of an INFO request: `application/dtmf-relay` (`Signal=5` / `Duration=160`) or
@@ -334,6 +336,51 @@ enum State {
     Ended,
 }
 
+/// RFC 4028 session timer of an established call.
+#[derive(Debug, Clone, Copy)]
+struct SessionTimer {
+    interval: Duration,
+    /// We refresh (re-INVITE at half the interval); otherwise we expect the peer to.
+    we_refresh: bool,
+    /// Refresh due (we refresh) or expiry (they refresh).
+    next: Instant,
+}
+
+impl SessionTimer {
+    fn new(now: Instant, interval: Duration, we_refresh: bool) -> SessionTimer {
+        let next = if we_refresh {
+            now + interval / 2
+        } else {
+            // §10: send BYE if no refresh by interval - min(32 s, interval / 3).
+            now + interval - Duration::from_secs(32).min(interval / 3)
+        };
+        SessionTimer {
+            interval,
+            we_refresh,
+            next,
+        }
+    }
+}
+
+/// `Session-Expires: 1800;refresher=uac` → (interval, refresher is the UAC?).
+fn session_expires(msg: &Message) -> Option<(Duration, Option<bool>)> {
+    let v = msg.header("Session-Expires")?;
+    let mut parts = v.split(';');
+    let secs: u64 = parts.next()?.trim().parse().ok()?;
+    let refresher = parts
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("refresher"))
+        .map(|(_, r)| r.trim().eq_ignore_ascii_case("uac"));
+    Some((Duration::from_secs(secs.clamp(1, 86_400)), refresher))
+}
+
+fn supports_timer(msg: &Message) -> bool {
+    msg.headers("Supported")
+        .chain(msg.headers("Require"))
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("timer"))
+}
+
 /// Retransmission of our 2xx until the ACK (§13.3.1.4).
 #[derive(Debug)]
 struct OkRetransmit {
@@ -395,7 +442,14 @@ pub struct Call {
     local_hold: bool,
     remote_hold: bool,
     /// Our re-INVITE in flight: the message and the hold state it asks for.
-    reinvite: Option<(Message, bool)>,
+    /// `Some(held)` for hold / resume, `None` for a session refresh.
+    reinvite: Option<(Message, Option<bool>)>,
+    /// RFC 4028 session timer, once negotiated.
+    session: Option<SessionTimer>,
+    /// The interval and refresher a caller asked for (applied when we answer).
+    session_offer: Option<(Duration, bool)>,
+    /// The `now` of the input being handled (for paths that start timers deep inside).
+    now_hint: Instant,
     reinvite_ack: Option<(Vec<u8>, SocketAddr)>,
     /// After a 491: when to try again, and for which hold state (RFC 3261 §14.1).
     glare_retry: Option<(Instant, bool)>,
@@ -459,6 +513,10 @@ impl Call {
             local_hold: false,
             remote_hold: false,
             reinvite: None,
+            session: None,
+            session_offer: None,
+            now_hint: Instant::now(),
+
             reinvite_ack: None,
             glare_retry: None,
             dtmf_queue: VecDeque::new(),
@@ -546,6 +604,24 @@ impl Call {
         let from = Party::from_header(&c.remote_header);
         let asserted = invite.header("P-Asserted-Identity").map(Party::from_header);
         c.invite = Some(invite);
+        if let Some(inv) = &c.invite {
+            if let Some((interval, refresher)) = session_expires(inv) {
+                if interval < c.local.min_session_expires {
+                    // §6: too short for us: 422 with our minimum.
+                    let min = c.local.min_session_expires.as_secs().to_string();
+                    let data =
+                        response_to(inv, 422, "Session Interval Too Small", Some(&c.local_tag))
+                            .header("Min-SE", min)
+                            .build();
+                    c.out.push_back(Output::Respond { tx, data });
+                    c.end(EndReason::Rejected, Some(422), "Session Interval Too Small");
+                    return c;
+                }
+                // §9: keep the caller's choice; if none, the caller refreshes when it can.
+                let uac_refreshes = refresher.unwrap_or_else(|| supports_timer(inv));
+                c.session_offer = Some((interval, uac_refreshes));
+            }
+        }
         match offer {
             Ok(offer) => {
                 let ringing = c.response(180, "Ringing", None);
@@ -649,6 +725,7 @@ impl Call {
                 "Allow",
                 "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE",
             )
+            .header("Supported", "timer")
             .header("User-Agent", self.local.user_agent.clone());
         if let Some(ch) = &self.challenge {
             self.nc += 1;
@@ -760,13 +837,49 @@ impl Call {
         b.build()
     }
 
+    /// Our 2xx with the negotiated session timer (§9).
+    fn response_with_session(
+        &self,
+        code: u16,
+        reason: &str,
+        sdp: &str,
+        interval: Duration,
+        uac_refreshes: bool,
+    ) -> Vec<u8> {
+        let Ok(base) = Message::parse(&self.response(code, reason, Some(sdp))) else {
+            return Vec::new();
+        };
+        let mut b = Builder::response(code, reason);
+        for (n, v) in base.all_headers() {
+            if !n.eq_ignore_ascii_case("Content-Length") && !n.eq_ignore_ascii_case("Content-Type")
+            {
+                b = b.header(n, v.clone());
+            }
+        }
+        let refresher = if uac_refreshes { "uac" } else { "uas" };
+        b = b.header(
+            "Session-Expires",
+            format!("{};refresher={refresher}", interval.as_secs()),
+        );
+        if uac_refreshes {
+            b = b.header("Require", "timer");
+        }
+        b.body("application/sdp", sdp.as_bytes().to_vec()).build()
+    }
+
     /// Answers an incoming call with our SDP. Ignored unless the call is ringing.
     pub fn answer(&mut self, now: Instant, sdp: String) {
         if self.role != Role::Inbound || self.state != State::Initial {
             return;
         }
         let Some(tx) = self.invite_tx else { return };
-        let data = self.response(200, "OK", Some(&sdp));
+        let data = match self.session_offer {
+            Some((interval, uac_refreshes)) => {
+                self.session = Some(SessionTimer::new(now, interval, !uac_refreshes));
+                self.response_with_session(200, "OK", &sdp, interval, uac_refreshes)
+            }
+            None => self.response(200, "OK", Some(&sdp)),
+        };
         self.local_sdp = Some(sdp);
         self.out.push_back(Output::Respond {
             tx,
@@ -1023,6 +1136,53 @@ impl Call {
         self.set_hold(now, false);
     }
 
+    /// Refreshes the session (§7.4 / §9): a re-INVITE with our current SDP, unchanged.
+    fn send_refresh(&mut self, now: Instant) {
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        if !(self.state == State::Established
+            && (self.role == Role::Outbound || self.confirmed)
+            && self.reinvite.is_none()
+            && self.ok_retransmit.is_none())
+        {
+            // Busy with another offer: try again shortly.
+            session.next = now + Duration::from_secs(1);
+            return;
+        }
+        let interval = session.interval;
+        session.next = now + interval;
+        let refresher = if self.role == Role::Outbound {
+            "uac"
+        } else {
+            "uas"
+        };
+        let sdp = self.local_sdp.clone().unwrap_or_default();
+        let data = self
+            .in_dialog("INVITE")
+            .header("Contact", format!("<{}>", self.local.contact))
+            .header("Supported", "timer")
+            .header(
+                "Session-Expires",
+                format!("{};refresher={refresher}", interval.as_secs()),
+            )
+            .header("User-Agent", self.local.user_agent.clone())
+            .body("application/sdp", sdp.into_bytes())
+            .build();
+        let Ok(msg) = Message::parse(&data) else {
+            return;
+        };
+        self.reinvite = Some((msg, None));
+        self.reinvite_ack = None;
+        self.pending.push(Purpose::Reinvite);
+        let dest = self.next_hop();
+        self.out.push_back(Output::Request {
+            purpose: Purpose::Reinvite,
+            data,
+            dest,
+        });
+    }
+
     fn can_reinvite(&self) -> bool {
         self.state == State::Established
             && (self.role == Role::Outbound || self.confirmed)
@@ -1064,7 +1224,7 @@ impl Call {
         let Ok(msg) = Message::parse(&data) else {
             return;
         };
-        self.reinvite = Some((msg, held));
+        self.reinvite = Some((msg, Some(held)));
         self.reinvite_ack = None;
         self.pending.push(Purpose::Reinvite);
         let dest = self.next_hop();
@@ -1086,7 +1246,7 @@ impl Call {
                     });
                     return;
                 }
-                let Some((req, held)) = self.reinvite.take() else {
+                let Some((req, target)) = self.reinvite.take() else {
                     return;
                 };
                 let branch = self.branch();
@@ -1112,6 +1272,13 @@ impl Call {
                     data: ack.clone(),
                 });
                 self.reinvite_ack = Some((ack, dest));
+                if let Some(session) = &mut self.session {
+                    *session = SessionTimer::new(now, session.interval, session.we_refresh);
+                }
+                let Some(held) = target else {
+                    // A session refresh: nothing to report.
+                    return;
+                };
                 self.local_hold = held;
                 let answer = (!resp.body().is_empty())
                     .then(|| AudioSdp::parse(resp.body()).ok())
@@ -1121,7 +1288,7 @@ impl Call {
             491 => {
                 // Glare: both sides re-INVITEd. §14.1: the Call-ID owner waits 2.1-4 s, the
                 // other side 0-2 s, then tries again.
-                let Some((_, held)) = self.reinvite.take() else {
+                let Some((_, target)) = self.reinvite.take() else {
                     return;
                 };
                 let r = u64::from_str_radix(self.rng.hex().get(..4).unwrap_or("0"), 16)
@@ -1132,12 +1299,22 @@ impl Call {
                 } else {
                     Duration::from_millis(r * 2)
                 };
-                self.glare_retry = Some((now + wait, held));
+                match target {
+                    Some(held) => self.glare_retry = Some((now + wait, held)),
+                    // A refresh: try again after the same back-off.
+                    None => {
+                        if let Some(session) = &mut self.session {
+                            session.next = now + wait;
+                        }
+                    }
+                }
             }
             _ => {
-                if self.reinvite.take().is_some() {
-                    self.events
-                        .push_back(CallEvent::HoldFailed { status: code });
+                if let Some((_, target)) = self.reinvite.take() {
+                    if target.is_some() {
+                        self.events
+                            .push_back(CallEvent::HoldFailed { status: code });
+                    }
                 }
                 if code == 481 || code == 408 {
                     // §14.1: the dialog is gone.
@@ -1156,7 +1333,7 @@ impl Call {
     }
 
     fn invite_response(&mut self, now: Instant, code: u16, resp: &Message) {
-        let _ = now;
+        self.now_hint = now;
         match code {
             100..=199 => {
                 if self.state == State::Ended {
@@ -1260,6 +1437,14 @@ impl Call {
             return;
         }
         self.state = State::Established;
+        if let Some((interval, refresher)) = session_expires(resp) {
+            // §7.2: without a refresher parameter the UAC (we) refreshes.
+            self.session = Some(SessionTimer::new(
+                self.now_hint,
+                interval,
+                refresher.unwrap_or(true),
+            ));
+        }
         let answer = (!resp.body().is_empty())
             .then(|| AudioSdp::parse(resp.body()).ok())
             .flatten();
@@ -1329,6 +1514,12 @@ impl Call {
                 self.out.push_back(Output::Respond { tx, data });
                 self.refer_notify(req);
             }
+            "UPDATE" => {
+                // Without a body: a session refresh (RFC 4028 §8 allows UPDATE for it).
+                let data = respond(self, 200, "OK");
+                self.out.push_back(Output::Respond { tx, data });
+                self.peer_refreshed(now, req);
+            }
             "OPTIONS" => {
                 let data = respond(self, 200, "OK");
                 self.out.push_back(Output::Respond { tx, data });
@@ -1344,6 +1535,7 @@ impl Call {
 
     /// A re-INVITE from the far end: hold, resume or a media change.
     fn remote_reinvite(&mut self, now: Instant, tx: TxId, req: &Message) {
+        self.peer_refreshed(now, req);
         if self.reinvite.is_some() || self.ok_retransmit.is_some() {
             // §14.2: one offer at a time.
             let data = response_to(req, 491, "Request Pending", Some(&self.local_tag)).build();
@@ -1400,6 +1592,15 @@ impl Call {
         }
     }
 
+    /// The peer refreshed the session (re-INVITE or UPDATE): restart the timer, adopting a
+    /// changed interval.
+    fn peer_refreshed(&mut self, now: Instant, req: &Message) {
+        if let Some(session) = &mut self.session {
+            let interval = session_expires(req).map_or(session.interval, |(i, _)| i);
+            *session = SessionTimer::new(now, interval, session.we_refresh);
+        }
+    }
+
     /// An ACK for our 2xx (incoming calls).
     pub fn handle_ack(&mut self) {
         if self.ok_retransmit.take().is_some() && self.role == Role::Inbound && !self.confirmed {
@@ -1417,6 +1618,20 @@ impl Call {
 
     /// Fires the 2xx retransmission timer.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(session) = self.session {
+            if now >= session.next && self.state == State::Established {
+                if session.we_refresh {
+                    self.send_refresh(now);
+                } else {
+                    // §10: the refresher went silent: the session is dead.
+                    self.session = None;
+                    self.ok_retransmit = None;
+                    self.send_bye();
+                    self.end(EndReason::Timeout, Some(408), "session timer expired");
+                    return;
+                }
+            }
+        }
         if let Some((at, held)) = self.glare_retry {
             if now >= at {
                 self.set_hold(now, held);
@@ -1447,7 +1662,11 @@ impl Call {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ok = self.ok_retransmit.as_ref().map(|r| r.next.min(r.give_up));
         let glare = self.glare_retry.map(|(at, _)| at);
-        ok.into_iter().chain(glare).min()
+        let session = self
+            .session
+            .filter(|_| self.state == State::Established)
+            .map(|s| s.next);
+        ok.into_iter().chain(glare).chain(session).min()
     }
 
     /// The next thing to do.

@@ -45,6 +45,8 @@ pub struct Settings {
     pub call_waiting: bool,
     /// DNS server for SRV lookups (`None`: the first nameserver of /etc/resolv.conf).
     pub dns_server: Option<SocketAddr>,
+    /// RFC 4028 Min-SE: shorter session intervals are refused with 422 (90 s by the RFC).
+    pub min_session_expires: Duration,
 }
 
 /// Why a registration could not be set up.
@@ -760,6 +762,7 @@ impl Task {
             via_host: e.reg.via_host().to_owned(),
             target: e.target,
             user_agent: self.settings.registration.user_agent.clone(),
+            min_session_expires: self.settings.min_session_expires,
         };
         Some((local, account))
     }

@@ -14,6 +14,7 @@ fn local() -> Local {
         via_host: "127.0.0.1:5070".into(),
         target: "127.0.0.1:5060".parse().unwrap(),
         user_agent: "t".into(),
+        min_session_expires: Duration::from_secs(90),
     }
 }
 
@@ -849,4 +850,129 @@ fn attended_transfer_refer_names_the_consult_dialog() {
         7,
     );
     assert_eq!(c.replaces_uri(), None);
+}
+
+fn incoming_with(extra: &[(&str, &str)]) -> Call {
+    let mut b = Builder::request("INVITE", "sip:1001-abc@127.0.0.1:5070")
+        .header(
+            "Via",
+            "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKst;rport=5060",
+        )
+        .header("From", "<sip:1002@example.com>;tag=bob")
+        .header("To", "<sip:1001@example.com>")
+        .header("Call-ID", "st-1")
+        .header("CSeq", "1 INVITE")
+        .header("Contact", "<sip:1002@127.0.0.1:6060>");
+    for (k, v) in extra {
+        b = b.header(k, *v);
+    }
+    let inv = b
+        .body("application/sdp", SDP.as_bytes().to_vec())
+        .into_message()
+        .unwrap();
+    Call::incoming(
+        local(),
+        account(),
+        inv,
+        TxId_for_test(),
+        "127.0.0.1:5060".parse().unwrap(),
+        Timers::default(),
+        3,
+    )
+}
+
+#[test]
+fn session_timer_peer_refreshes_or_we_hang_up() {
+    let t0 = Instant::now();
+    let mut c = incoming_with(&[
+        ("Session-Expires", "120;refresher=uac"),
+        ("Supported", "timer"),
+    ]);
+    let _ = (outputs(&mut c), events(&mut c));
+    c.answer(t0, SDP.into());
+    let ok = responded(&outputs(&mut c)[0]);
+    assert_eq!(ok.header("Session-Expires"), Some("120;refresher=uac"));
+    assert_eq!(ok.header("Require"), Some("timer"));
+    c.handle_ack();
+    let _ = events(&mut c);
+    // The caller refreshes at 60 s with an UPDATE: the deadline moves to 60 + 120 - 32 = 148 s.
+    let update = Builder::request("UPDATE", "sip:1001-abc@127.0.0.1:5070")
+        .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKupd")
+        .header("From", "<sip:1002@example.com>;tag=bob")
+        .header(
+            "To",
+            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
+        )
+        .header("Call-ID", "st-1")
+        .header("CSeq", "2 UPDATE")
+        .header("Session-Expires", "120;refresher=uac")
+        .into_message()
+        .unwrap();
+    c.handle_request(t0 + Duration::from_secs(60), TxId_for_test(), &update);
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(200));
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(148)));
+    c.handle_timeout(t0 + Duration::from_secs(148));
+    let (p, bye, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!((p, bye.method()), (Purpose::Bye, "BYE"));
+    assert_eq!(
+        events(&mut c),
+        vec![CallEvent::Ended {
+            reason: EndReason::Timeout,
+            status: Some(408),
+            phrase: "session timer expired".into()
+        }]
+    );
+}
+
+#[test]
+fn session_interval_below_min_se_gets_422() {
+    let mut c = incoming_with(&[("Session-Expires", "30")]);
+    let r = responded(&outputs(&mut c)[0]);
+    assert_eq!(r.status(), Some(422));
+    assert_eq!(r.header("Min-SE"), Some("90"));
+    assert!(c.is_ended());
+}
+
+#[test]
+fn we_refresh_when_the_answer_says_so() {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(inv.header("Supported"), Some("timer"));
+    let ok = reply(
+        &inv,
+        200,
+        &[
+            ("Contact", "<sip:1002@127.0.0.1:6060>"),
+            ("Session-Expires", "100;refresher=uac"),
+        ],
+        Some(SDP),
+    );
+    c.handle_response(t0, Purpose::Invite, &ok);
+    let _ = (outputs(&mut c), events(&mut c));
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(50)));
+    c.handle_timeout(t0 + Duration::from_secs(50));
+    let (p, re, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(p, Purpose::Reinvite);
+    assert_eq!(re.header("Session-Expires"), Some("100;refresher=uac"));
+    assert_eq!(
+        re.body(),
+        SDP.as_bytes(),
+        "a refresh re-offers the same SDP"
+    );
+    c.handle_response(
+        t0 + Duration::from_secs(50),
+        Purpose::Reinvite,
+        &reply(&re, 200, &[], Some(SDP)),
+    );
+    assert_eq!(sent(&outputs(&mut c)[0]).0.method(), "ACK");
+    assert!(events(&mut c).is_empty(), "refreshes are silent");
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(100)));
 }
