@@ -1524,6 +1524,12 @@ impl Call {
                 let data = respond(self, 200, "OK");
                 self.out.push_back(Output::Respond { tx, data });
             }
+            "REFER" => {
+                // Being transferred by the far end needs a new call on the agent's side; until
+                // the API offers that, decline rather than pretend (RFC 3515 §2.4.2).
+                let data = respond(self, 603, "Decline");
+                self.out.push_back(Output::Respond { tx, data });
+            }
             _ => {
                 let data = response_to(req, 501, "Not Implemented", Some(&self.local_tag))
                     .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")

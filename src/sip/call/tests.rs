@@ -976,3 +976,56 @@ fn we_refresh_when_the_answer_says_so() {
     assert!(events(&mut c).is_empty(), "refreshes are silent");
     assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(100)));
 }
+
+#[test]
+fn early_media_then_answer() {
+    let t0 = Instant::now();
+    let mut c = Call::outgoing(
+        local(),
+        account(),
+        "sip:+4930123@example.com;user=phone".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    c.handle_response(t0, Purpose::Invite, &reply(&inv, 183, &[], Some(SDP)));
+    c.handle_response(t0, Purpose::Invite, &reply(&inv, 183, &[], Some(SDP)));
+    c.handle_response(
+        t0,
+        Purpose::Invite,
+        &reply(&inv, 200, &[("Contact", "<sip:gw@127.0.0.1:6060>")], None),
+    );
+    let evs = events(&mut c);
+    assert!(
+        matches!(
+            evs.as_slice(),
+            [
+                CallEvent::EarlyMedia { .. },
+                CallEvent::Answered { answer: None }
+            ]
+        ),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn inbound_refer_is_declined() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    let refer = Builder::request("REFER", "sip:1001-abc@127.0.0.1:5070")
+        .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKref")
+        .header("From", ok.header("To").unwrap())
+        .header(
+            "To",
+            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
+        )
+        .header("Call-ID", c.call_id().to_owned())
+        .header("CSeq", "30 REFER")
+        .header("Refer-To", "<sip:1003@example.com>")
+        .into_message()
+        .unwrap();
+    c.handle_request(t0, TxId_for_test(), &refer);
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(603));
+    assert!(!c.is_ended());
+}
