@@ -391,18 +391,6 @@ struct OkRetransmit {
     give_up: Instant,
 }
 
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn hex(&mut self) -> String {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        format!("{:016x}", self.0.wrapping_mul(0x2545_f491_4f6c_dd1d))
-    }
-}
-
 /// Is this an outbound or an inbound call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -470,7 +458,7 @@ pub struct Call {
     ok_retransmit: Option<OkRetransmit>,
     confirmed: bool,
     pending: Vec<Purpose>,
-    rng: Rng,
+    rng: super::IdGen,
     out: VecDeque<Output>,
     events: VecDeque<CallEvent>,
 }
@@ -487,7 +475,7 @@ fn uri_socket(uri: &str) -> Option<SocketAddr> {
 
 impl Call {
     fn blank(role: Role, local: Local, account: SipAccount, timers: Timers, seed: u64) -> Call {
-        let mut rng = Rng(seed | 1);
+        let mut rng = super::IdGen::new(seed);
         Call {
             role,
             state: State::Initial,
@@ -780,8 +768,20 @@ impl Call {
         });
     }
 
+    /// The ACK for a 2xx to our INVITE / re-INVITE with CSeq `cseq` (§13.2.2.4): its own branch,
+    /// along the route set, and where it goes.
+    fn dialog_ack(&mut self, cseq: u32) -> (Vec<u8>, SocketAddr) {
+        let ack = self.dialog_request("ACK", cseq).build();
+        (ack, self.next_hop())
+    }
+
     fn in_dialog(&mut self, method: &str) -> Builder {
         self.local_cseq += 1;
+        self.dialog_request(method, self.local_cseq)
+    }
+
+    /// A request inside the dialog (§12.2.1.1): remote target, route set, tags.
+    fn dialog_request(&mut self, method: &str, cseq: u32) -> Builder {
         let branch = self.branch();
         let mut b = Builder::request(method, &self.remote_target)
             .header(
@@ -795,7 +795,7 @@ impl Call {
         b.header("From", self.local_header.clone())
             .header("To", self.remote_header.clone())
             .header("Call-ID", self.call_id.clone())
-            .header("CSeq", format!("{} {method}", self.local_cseq))
+            .header("CSeq", format!("{cseq} {method}"))
     }
 
     fn send_bye(&mut self) {
@@ -1249,24 +1249,8 @@ impl Call {
                 let Some((req, target)) = self.reinvite.take() else {
                     return;
                 };
-                let branch = self.branch();
-                let mut b = Builder::request("ACK", &self.remote_target)
-                    .header(
-                        "Via",
-                        format!("SIP/2.0/UDP {};branch={branch};rport", self.local.via_host),
-                    )
-                    .header("Max-Forwards", "70");
-                for r in &self.route_set {
-                    b = b.header("Route", r.clone());
-                }
                 let cseq = req.cseq().map_or(self.local_cseq, |(n, _)| n);
-                let ack = b
-                    .header("From", self.local_header.clone())
-                    .header("To", self.remote_header.clone())
-                    .header("Call-ID", self.call_id.clone())
-                    .header("CSeq", format!("{cseq} ACK"))
-                    .build();
-                let dest = self.next_hop();
+                let (ack, dest) = self.dialog_ack(cseq);
                 self.out.push_back(Output::Send {
                     dest,
                     data: ack.clone(),
@@ -1407,23 +1391,7 @@ impl Call {
             .collect();
         rr.reverse();
         self.route_set = rr;
-        let branch = self.branch();
-        let mut b = Builder::request("ACK", &self.remote_target)
-            .header(
-                "Via",
-                format!("SIP/2.0/UDP {};branch={branch};rport", self.local.via_host),
-            )
-            .header("Max-Forwards", "70");
-        for r in &self.route_set {
-            b = b.header("Route", r.clone());
-        }
-        let ack = b
-            .header("From", self.local_header.clone())
-            .header("To", self.remote_header.clone())
-            .header("Call-ID", self.call_id.clone())
-            .header("CSeq", format!("{} ACK", self.invite_cseq))
-            .build();
-        let dest = self.next_hop();
+        let (ack, dest) = self.dialog_ack(self.invite_cseq);
         self.out.push_back(Output::Send {
             dest,
             data: ack.clone(),

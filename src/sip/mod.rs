@@ -8,3 +8,26 @@ pub mod message;
 pub mod registration;
 pub mod sdp;
 pub mod transaction;
+
+/// Identifiers for branches, tags, cnonces and Call-IDs: unique, not secret. xorshift64*, seeded
+/// by the owner (from the OS RNG), so the sans-IO cores stay deterministic under test.
+#[derive(Debug, Clone)]
+pub(crate) struct IdGen(u64);
+
+impl IdGen {
+    pub(crate) fn new(seed: u64) -> IdGen {
+        IdGen(seed | 1)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// 16 lower-case hex digits.
+    pub(crate) fn hex(&mut self) -> String {
+        format!("{:016x}", self.next())
+    }
+}

@@ -112,23 +112,6 @@ pub struct Binding {
     pub fixed_public_address: bool,
 }
 
-/// A tiny PRNG for branches and cnonces (uniqueness, not secrecy); seeded by the owner.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn hex(&mut self) -> String {
-        format!("{:016x}", self.next())
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Goal {
     Registered,
@@ -143,7 +126,7 @@ pub struct Registration {
     binding: Binding,
     request_uri: String,
     cseq: u32,
-    rng: Rng,
+    rng: super::IdGen,
     goal: Goal,
     status: Status,
     /// The goal of the REGISTER in flight, if one is.
@@ -189,7 +172,7 @@ impl Registration {
             binding,
             request_uri,
             cseq: 0,
-            rng: Rng(seed | 1),
+            rng: super::IdGen::new(seed),
             goal: Goal::Registered,
             status: Status::Idle,
             in_flight: None,
