@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod media;
 pub mod secret;
 pub mod server;
 pub mod sip;

@@ -1,0 +1,194 @@
+//! The bridge's stream rewriter: whatever arrives from one leg (new SSRC after a re-INVITE,
+//! early media then the answer, a transfer, a gap during hold), the other leg sees one stream:
+//! our SSRC, sequence numbers that continue by one, and timestamps that advance with wall time
+//! across a source change. Payload types are mapped between the legs' negotiated numbers.
+
+use std::time::Instant;
+
+use super::rtp::RtpPacket;
+
+/// One payload type mapping: input PT → output PT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtMap {
+    /// PT as negotiated on the leg the packet came from.
+    pub from: u8,
+    /// PT as negotiated on the leg it goes to.
+    pub to: u8,
+}
+
+/// Rewrites one direction of the bridge.
+#[derive(Debug, Clone)]
+pub struct Rewriter {
+    ssrc: u32,
+    clock_rate: u32,
+    map: Vec<PtMap>,
+    /// Input SSRC we are following, and the offsets applied to it.
+    source: Option<Source>,
+    last_out: Option<(u16, u32, Instant)>,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Source {
+    ssrc: u32,
+    seq_offset: u16,
+    ts_offset: u32,
+}
+
+impl Rewriter {
+    /// A rewriter sending as `ssrc` at `clock_rate` (8000 for G.711), mapping payload types by
+    /// `map`; packets of other payload types are dropped.
+    pub fn new(ssrc: u32, clock_rate: u32, map: Vec<PtMap>) -> Rewriter {
+        Rewriter {
+            ssrc,
+            clock_rate,
+            map,
+            source: None,
+            last_out: None,
+            buf: Vec::with_capacity(1500),
+        }
+    }
+
+    /// Replaces the payload type mapping (after a re-negotiation).
+    pub fn set_map(&mut self, map: Vec<PtMap>) {
+        self.map = map;
+    }
+
+    /// Rewrites `pkt` received at `now`; returns the bytes to send, or `None` to drop it.
+    pub fn rewrite(&mut self, now: Instant, pkt: &RtpPacket<'_>) -> Option<&[u8]> {
+        let pt = self.map.iter().find(|m| m.from == pkt.payload_type)?.to;
+        let source = match self.source {
+            Some(s) if s.ssrc == pkt.ssrc => s,
+            _ => {
+                // A new source: continue our numbering from the last packet sent, and advance the
+                // timestamp by the wall time since then (at least one 20 ms frame).
+                let (seq, ts) = match self.last_out {
+                    Some((seq, ts, at)) => {
+                        let elapsed = now.saturating_duration_since(at);
+                        let ticks =
+                            (elapsed.as_micros() * u128::from(self.clock_rate) / 1_000_000) as u32;
+                        (
+                            seq.wrapping_add(1),
+                            ts.wrapping_add(ticks.max(self.clock_rate / 50)),
+                        )
+                    }
+                    None => (pkt.sequence, pkt.timestamp),
+                };
+                let s = Source {
+                    ssrc: pkt.ssrc,
+                    seq_offset: seq.wrapping_sub(pkt.sequence),
+                    ts_offset: ts.wrapping_sub(pkt.timestamp),
+                };
+                self.source = Some(s);
+                s
+            }
+        };
+        let out = RtpPacket {
+            marker: pkt.marker,
+            payload_type: pt,
+            sequence: pkt.sequence.wrapping_add(source.seq_offset),
+            timestamp: pkt.timestamp.wrapping_add(source.ts_offset),
+            ssrc: self.ssrc,
+            payload: pkt.payload,
+        };
+        // Only move forward: a late packet of the same source keeps its (older) numbers.
+        let newer = self.last_out.is_none_or(|(seq, _, _)| {
+            out.sequence.wrapping_sub(seq) < 0x8000 && out.sequence != seq
+        });
+        if newer {
+            self.last_out = Some((out.sequence, out.timestamp, now));
+        }
+        out.write(&mut self.buf);
+        Some(&self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn pkt(ssrc: u32, seq: u16, ts: u32, pt: u8) -> Vec<u8> {
+        let mut b = Vec::new();
+        RtpPacket {
+            marker: false,
+            payload_type: pt,
+            sequence: seq,
+            timestamp: ts,
+            ssrc,
+            payload: &[0xd5; 160],
+        }
+        .write(&mut b);
+        b
+    }
+
+    fn out(r: &mut Rewriter, now: Instant, data: &[u8]) -> Option<(u16, u32, u32, u8)> {
+        let p = RtpPacket::parse(data).unwrap();
+        let bytes = r.rewrite(now, &p)?.to_vec();
+        let o = RtpPacket::parse(&bytes).unwrap();
+        Some((o.sequence, o.timestamp, o.ssrc, o.payload_type))
+    }
+
+    #[test]
+    fn one_continuous_stream_across_a_source_change() {
+        let t0 = Instant::now();
+        let mut r = Rewriter::new(
+            0xCA11,
+            8000,
+            vec![PtMap { from: 0, to: 0 }, PtMap { from: 101, to: 126 }],
+        );
+        assert_eq!(
+            out(&mut r, t0, &pkt(1, 100, 1000, 0)),
+            Some((100, 1000, 0xCA11, 0))
+        );
+        assert_eq!(
+            out(
+                &mut r,
+                t0 + Duration::from_millis(20),
+                &pkt(1, 101, 1160, 0)
+            ),
+            Some((101, 1160, 0xCA11, 0))
+        );
+        // Hold for 2 s, then a re-INVITE brings a new SSRC with its own numbering.
+        let t1 = t0 + Duration::from_millis(2020);
+        assert_eq!(
+            out(&mut r, t1, &pkt(77, 5000, 900_000, 0)),
+            Some((102, 1160 + 16000, 0xCA11, 0))
+        );
+        assert_eq!(
+            out(
+                &mut r,
+                t1 + Duration::from_millis(20),
+                &pkt(77, 5001, 900_160, 101)
+            ),
+            Some((103, 1160 + 16160, 0xCA11, 126)),
+            "telephone-event mapped 101 → 126"
+        );
+        // Unknown payload types are dropped.
+        assert_eq!(out(&mut r, t1, &pkt(77, 5002, 900_320, 18)), None);
+    }
+
+    #[test]
+    fn wraparound_and_late_packets() {
+        let t0 = Instant::now();
+        let mut r = Rewriter::new(9, 8000, vec![PtMap { from: 8, to: 8 }]);
+        assert_eq!(
+            out(&mut r, t0, &pkt(1, 65535, u32::MAX - 100, 8)).map(|o| o.0),
+            Some(65535)
+        );
+        assert_eq!(
+            out(&mut r, t0, &pkt(1, 0, 59, 8)).map(|o| (o.0, o.1)),
+            Some((0, 59))
+        );
+        // A late packet keeps its place and does not move the continuation point back.
+        assert_eq!(
+            out(&mut r, t0, &pkt(1, 65534, u32::MAX - 260, 8)).map(|o| o.0),
+            Some(65534)
+        );
+        assert_eq!(
+            out(&mut r, t0 + Duration::from_millis(20), &pkt(2, 7, 7, 8)).map(|o| o.0),
+            Some(1)
+        );
+    }
+}
