@@ -8,4 +8,5 @@ pub mod dtmf;
 pub mod g711;
 pub mod rewrite;
 pub mod rtp;
+pub mod rtp_leg;
 pub mod stats;

@@ -263,6 +263,17 @@ impl Sipp {
 
     /// A far end registered as `user` that then runs `scenario` (UAS) on the same port.
     pub fn uas(proxy_port: u16, user: &str, password: &str, scenario: &str) -> Sipp {
+        Sipp::uas_with(proxy_port, user, password, scenario, &[])
+    }
+
+    /// [`Sipp::uas`] with extra sipp arguments (e.g. `-rtp_echo`).
+    pub fn uas_with(
+        proxy_port: u16,
+        user: &str,
+        password: &str,
+        scenario: &str,
+        extra: &[&str],
+    ) -> Sipp {
         let port = free_udp_port();
         let mut reg = Sipp::spawn(
             proxy_port,
@@ -272,7 +283,9 @@ impl Sipp {
         );
         let ok = reg.wait(Duration::from_secs(10));
         assert!(ok.0, "sipp could not register {user}:\n{}", ok.1);
-        Sipp::spawn(proxy_port, scenario, port, &["-s", user])
+        let mut args = vec!["-s", user];
+        args.extend_from_slice(extra);
+        Sipp::spawn(proxy_port, scenario, port, &args)
     }
 
     /// A caller (as 1002) calling `callee` through the proxy with `scenario` (UAC).
