@@ -10,3 +10,4 @@ pub mod rewrite;
 pub mod rtp;
 pub mod rtp_leg;
 pub mod stats;
+pub mod webrtc;
