@@ -124,7 +124,7 @@ fn outbound_auth_ring_answer_ack_bye() {
     let (ack, dest) = sent(&out[0]);
     assert_eq!(
         dest,
-        "127.0.0.1:5060".parse().unwrap(),
+        "127.0.0.1:5060".parse::<std::net::SocketAddr>().unwrap(),
         "first hop of the reversed Record-Route"
     );
     assert_eq!(ack.method(), "ACK");

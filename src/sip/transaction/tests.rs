@@ -392,6 +392,6 @@ fn rport_and_received_decide_where_responses_go() {
         .unwrap();
     assert_eq!(
         response_destination(&plain, src),
-        "192.0.2.7:5062".parse().unwrap()
+        "192.0.2.7:5062".parse::<std::net::SocketAddr>().unwrap()
     );
 }
