@@ -4,6 +4,7 @@
 //! share: RTP packets, the stream rewriter that keeps one continuous stream toward each leg,
 //! RFC 4733 DTMF events, G.711, and reception statistics.
 
+pub mod bridge;
 pub mod dtmf;
 pub mod g711;
 pub mod rewrite;

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::expect_used, clippy::unwrap_used)]
 
 pub mod peers;
+pub mod rtc_peer;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

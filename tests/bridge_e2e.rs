@@ -1,0 +1,147 @@
+//! Audio end to end on the media path: a WebRTC peer (the browser) ⇄ callgate's bridge ⇄ a real
+//! SIP call through Kamailio to sipp, which echoes the RTP (`-rtp_echo`). What the "browser" sends
+//! must come back to it through DTLS-SRTP, the bridge's rewriting and plain RTP both ways.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use callgate::account::account_from_cli;
+use callgate::media::bridge::{self, Mapping};
+use callgate::media::rewrite::PtMap;
+use callgate::media::rtp::RtpPacket;
+use callgate::media::rtp_leg::{PortPool, RtpLeg};
+use callgate::media::webrtc::{Engine, Settings as RtcSettings};
+use callgate::sip::call::CallEvent;
+use callgate::sip::endpoint::{Endpoint, Settings};
+use callgate::sip::registration::{self, Status};
+use callgate::sip::sdp::{AudioSdp, Direction};
+use callgate::sip::transaction::Timers;
+use common::peers::{Kamailio, Sipp, free_udp_port};
+use common::rtc_peer::RtcPeer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_audio_goes_through_a_real_call_and_back() {
+    let kam = Kamailio::start(free_udp_port());
+    let ep = Endpoint::bind(Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        public_address: None,
+        timers: Timers::default(),
+        registration: registration::Settings::default(),
+        grace: Duration::ZERO,
+        max_registrations: 10,
+        call_waiting: true,
+        min_session_expires: Duration::from_secs(90),
+        dns_server: None,
+    })
+    .await
+    .unwrap();
+    let acct = account_from_cli(
+        "1001",
+        None,
+        "pass1001".into(),
+        "127.0.0.1",
+        None,
+        Some(kam.port),
+        None,
+    )
+    .unwrap();
+    let mut reg = ep.register(acct).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        reg.wait_for(|s| matches!(s, Status::Registered { .. })),
+    )
+    .await
+    .expect("registered");
+    let mut far = Sipp::uas_with(
+        kam.port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo"],
+    );
+
+    // Browser side.
+    let engine = Engine::new(&RtcSettings {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        public_ip: None,
+        loopback: true,
+    })
+    .await
+    .unwrap();
+    let (mut browser, leg, _answer) = RtcPeer::connect(&engine).await;
+
+    // SIP side.
+    let base = 33000 + (std::process::id() % 1000) as u16 * 2;
+    let pool = PortPool::new(base, base + 9);
+    let mut rtp = RtpLeg::open(&pool, "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
+    let offer = AudioSdp::offer(
+        "127.0.0.1".parse().unwrap(),
+        rtp.port(),
+        &["PCMU"],
+        1,
+        Direction::SendRecv,
+    );
+    let mut call = ep.dial(&reg, "1002", offer.to_sdp()).await.unwrap();
+    let answer = loop {
+        match tokio::time::timeout(Duration::from_secs(10), call.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            CallEvent::Answered { answer } => break answer.expect("SDP"),
+            CallEvent::Ended { .. } => panic!("call failed\n{}", kam.log()),
+            _ => {}
+        }
+    };
+    rtp.set_remote(std::net::SocketAddr::new(answer.addr, answer.port));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mapping = Mapping {
+        to_sip: vec![PtMap { from: 0, to: 0 }],
+        to_browser: vec![PtMap { from: 0, to: 0 }],
+    };
+    let bridge = tokio::spawn(bridge::run(leg, rtp, mapping, 0xB41D, stop_rx));
+
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(2000);
+    let mut sent = 0u16;
+    let mut back = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick(), if sent < 50 => {
+                let mut b = Vec::new();
+                RtpPacket { marker: sent == 0, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 3, payload: &[0x3c; 160] }.write(&mut b);
+                browser.send(&b).await;
+                sent += 1;
+            }
+            Some(p) = browser.heard.recv() => {
+                if p == [0x3c; 160] {
+                    back += 1;
+                }
+            }
+        }
+    }
+    stop_tx.send(true).unwrap();
+    let stats = bridge.await.unwrap();
+    assert!(
+        back >= 45,
+        "echoed audio back at the browser: {back} of 50 (bridge {stats:?})"
+    );
+    assert!(stats.to_sip >= 45 && stats.to_browser >= 45, "{stats:?}");
+    assert_eq!(stats.sip_in.lost(), 0, "{stats:?}");
+    call.hangup();
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), call.next_event()).await {
+        if matches!(ev, CallEvent::Ended { .. }) {
+            break;
+        }
+    }
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    browser.pc.close().await.unwrap();
+}

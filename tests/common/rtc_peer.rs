@@ -1,0 +1,103 @@
+//! A WebRTC peer playing the browser (the `webrtc` crate, loopback candidates only).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use callgate::media::webrtc::{Engine, Leg};
+use tokio::sync::mpsc;
+use webrtc::api::APIBuilder;
+use webrtc::api::media_engine::{MIME_TYPE_PCMU, MediaEngine};
+use webrtc::api::setting_engine::SettingEngine;
+use webrtc::peer_connection::RTCPeerConnection;
+use webrtc::peer_connection::configuration::RTCConfiguration;
+use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState;
+use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
+use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
+use webrtc::track::track_local::TrackLocalWriter;
+use webrtc::track::track_local::track_local_static_rtp::TrackLocalStaticRTP;
+
+pub struct RtcPeer {
+    pub pc: Arc<RTCPeerConnection>,
+    track: Arc<TrackLocalStaticRTP>,
+    /// Payloads of the RTP packets the peer received.
+    pub heard: mpsc::Receiver<Vec<u8>>,
+}
+
+impl RtcPeer {
+    /// Offers to `engine` (as a browser would), applies its answer and waits for ICE + DTLS.
+    pub async fn connect(engine: &Engine) -> (RtcPeer, Leg, String) {
+        let mut m = MediaEngine::default();
+        m.register_default_codecs().expect("codecs");
+        let mut se = SettingEngine::default();
+        se.set_include_loopback_candidate(true);
+        se.set_ip_filter(Box::new(|ip| ip.is_loopback()));
+        let api = APIBuilder::new()
+            .with_media_engine(m)
+            .with_setting_engine(se)
+            .build();
+        let pc = Arc::new(
+            api.new_peer_connection(RTCConfiguration::default())
+                .await
+                .expect("pc"),
+        );
+        let track = Arc::new(TrackLocalStaticRTP::new(
+            RTCRtpCodecCapability {
+                mime_type: MIME_TYPE_PCMU.to_owned(),
+                clock_rate: 8000,
+                channels: 1,
+                ..Default::default()
+            },
+            "mic".into(),
+            "browser".into(),
+        ));
+        pc.add_track(track.clone()).await.expect("track");
+        let (heard_tx, heard) = mpsc::channel::<Vec<u8>>(512);
+        pc.on_track(Box::new(move |remote, _, _| {
+            let tx = heard_tx.clone();
+            Box::pin(async move {
+                while let Ok((p, _)) = remote.read_rtp().await {
+                    let _ = tx.try_send(p.payload.to_vec());
+                }
+            })
+        }));
+        let (state_tx, mut state) = mpsc::channel(16);
+        pc.on_peer_connection_state_change(Box::new(move |s| {
+            let tx = state_tx.clone();
+            Box::pin(async move {
+                let _ = tx.send(s).await;
+            })
+        }));
+        let offer = pc.create_offer(None).await.expect("offer");
+        let mut gathered = pc.gathering_complete_promise().await;
+        pc.set_local_description(offer).await.expect("local");
+        let _ = gathered.recv().await;
+        let offer_sdp = pc.local_description().await.expect("sdp").sdp;
+        let (leg, answer) =
+            tokio::time::timeout(Duration::from_secs(10), engine.answer(&offer_sdp))
+                .await
+                .expect("answer in time")
+                .expect("answer");
+        pc.set_remote_description(
+            RTCSessionDescription::answer(answer.clone()).expect("answer sdp"),
+        )
+        .await
+        .expect("remote");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(s) = state.recv().await {
+                if s == RTCPeerConnectionState::Connected {
+                    return;
+                }
+                assert_ne!(s, RTCPeerConnectionState::Failed, "ICE/DTLS failed");
+            }
+        })
+        .await
+        .expect("ICE + DTLS connected");
+        (RtcPeer { pc, track, heard }, leg, answer)
+    }
+
+    /// Sends one RTP packet from the "microphone".
+    pub async fn send(&self, rtp: &[u8]) {
+        self.track.write(rtp).await.expect("write");
+    }
+}
