@@ -7,6 +7,8 @@ use tokio::net::TcpListener;
 
 use crate::api;
 use crate::config::Config;
+use crate::media::rtp_leg::PortPool;
+use crate::media::webrtc::{Engine, Settings as RtcSettings};
 use crate::sip::endpoint::Endpoint;
 
 /// Why the daemon could not start or stopped with an error.
@@ -28,6 +30,9 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    /// The media engine could not start.
+    #[error("media engine failed to start: {0}")]
+    Media(String),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -46,6 +51,8 @@ pub struct Bound {
     config: Config,
     http: TcpListener,
     sip: Endpoint,
+    webrtc: Engine,
+    rtp_ports: PortPool,
 }
 
 impl Bound {
@@ -69,12 +76,46 @@ impl Bound {
                 hint: bind_hint(&source),
                 source,
             })?;
-        Ok(Bound { config, http, sip })
+        let media_addr = SocketAddr::new(config.media.listen_ip, config.media.webrtc_port);
+        let webrtc = Engine::new(&RtcSettings {
+            bind: media_addr,
+            public_ip: config.media.public_ip,
+            // Loopback candidates only when the media address is loopback (a laptop or tests).
+            loopback: config.media.listen_ip.is_loopback(),
+        })
+        .await
+        .map_err(|e| match e {
+            crate::media::webrtc::WebRtcError::Bind { addr, source } => RunError::Bind {
+                what: "media.webrtc_port",
+                addr,
+                hint: bind_hint(&source),
+                source,
+            },
+            other => RunError::Media(other.to_string()),
+        })?;
+        let rtp_ports = PortPool::new(config.media.rtp_port_min, config.media.rtp_port_max);
+        Ok(Bound {
+            config,
+            http,
+            sip,
+            webrtc,
+            rtp_ports,
+        })
     }
 
     /// The SIP endpoint (registrations).
     pub fn sip(&self) -> &Endpoint {
         &self.sip
+    }
+
+    /// The WebRTC engine (browser media).
+    pub fn webrtc(&self) -> &Engine {
+        &self.webrtc
+    }
+
+    /// RTP ports for the SIP side of calls.
+    pub fn rtp_ports(&self) -> &PortPool {
+        &self.rtp_ports
     }
 
     /// The bound HTTP address.
@@ -89,12 +130,14 @@ impl Bound {
     ) -> Result<(), RunError> {
         let http_addr = self.http_addr().unwrap_or(self.config.http.listen);
         let sip_addr = self.sip.local_addr();
+        let media_addr = self.webrtc.local_addr();
         tracing::info!(
             http = %http_addr,
             sip = %sip_addr,
+            webrtc = %media_addr,
             config = %self.config.source,
             apps = self.config.apps.len(),
-            "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz), SIP on udp:{sip_addr}",
+            "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz), SIP on udp:{sip_addr}, browser media on udp:{media_addr}",
             env!("CARGO_PKG_VERSION"),
         );
         let served = axum::serve(self.http, api::http::router())

@@ -219,6 +219,10 @@ fn run_with_no_config_starts_and_stops() {
     let line = d.wait_for("listening", Duration::from_secs(15));
     assert!(line.contains("http=127.0.0.1:8080"), "{line}");
     assert!(
+        line.contains("sip=127.0.0.1:5070") && line.contains("webrtc=127.0.0.1:10000"),
+        "{line}"
+    );
+    assert!(
         d.seen
             .iter()
             .any(|l| l.contains("WARN") && l.contains("public demo key")),
@@ -244,7 +248,7 @@ fn run_reports_a_busy_port_clearly() {
     let dir = TempDir::new("cli-busy");
     let cfg = dir.write(
         "callgate.toml",
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n"),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n[media]\nwebrtc_port = {}\n", free_port()),
     );
     dir.write("apps.toml", callgate::config::EMBEDDED_APPS);
     let (ok, _, err) = stdout(
@@ -270,7 +274,7 @@ fn json_logs() {
     let dir = TempDir::new("cli-json");
     let cfg = dir.write(
         "callgate.toml",
-        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n"),
+        &format!("[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n[media]\nwebrtc_port = {}\n", free_port()),
     );
     dir.write("apps.toml", callgate::config::EMBEDDED_APPS);
     let mut d = Daemon::spawn(
@@ -285,4 +289,12 @@ fn json_logs() {
         "{line}"
     );
     d.terminate(Duration::from_secs(10));
+}
+
+/// A free UDP port (for the media port, which must be non-zero in the config).
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("port")
 }
