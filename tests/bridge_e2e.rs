@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use callgate::account::account_from_cli;
-use callgate::media::bridge::{self, Mapping};
+use callgate::media::bridge::{self, Flow, Mapping};
 use callgate::media::rewrite::PtMap;
 use callgate::media::rtp::RtpPacket;
 use callgate::media::rtp_leg::{PortPool, RtpLeg};
@@ -98,41 +98,59 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
         }
     };
     rtp.set_remote(std::net::SocketAddr::new(answer.addr, answer.port));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (flow_tx, flow_rx) = tokio::sync::watch::channel(Flow::Forward);
     let mapping = Mapping {
         to_sip: vec![PtMap { from: 0, to: 0 }],
         to_browser: vec![PtMap { from: 0, to: 0 }],
     };
-    let bridge = tokio::spawn(bridge::run(leg, rtp, mapping, 0xB41D, stop_rx));
+    let bridge = tokio::spawn(bridge::run(leg, rtp, mapping, 0xB41D, flow_rx));
 
     let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(2000);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(2600);
     let mut sent = 0u16;
     let mut back = 0;
+    let mut seqs: Vec<u16> = Vec::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(deadline) => break,
-            _ = tick.tick(), if sent < 50 => {
+            _ = tick.tick(), if sent < 80 => {
+                // Packets 25-54 fall into a 600 ms hold: nothing is forwarded meanwhile.
+                if sent == 25 {
+                    flow_tx.send(Flow::Hold).unwrap();
+                }
+                if sent == 55 {
+                    flow_tx.send(Flow::Forward).unwrap();
+                }
                 let mut b = Vec::new();
                 RtpPacket { marker: sent == 0, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 3, payload: &[0x3c; 160] }.write(&mut b);
                 browser.send(&b).await;
                 sent += 1;
             }
-            Some(p) = browser.heard.recv() => {
+            Some((seq, p)) = browser.heard.recv() => {
                 if p == [0x3c; 160] {
                     back += 1;
+                    seqs.push(seq);
                 }
             }
         }
     }
-    stop_tx.send(true).unwrap();
+    flow_tx.send(Flow::Stop).unwrap();
     let stats = bridge.await.unwrap();
+    // 80 sent, 30 of them during the hold: about 50 come back, before and after it.
     assert!(
-        back >= 45,
-        "echoed audio back at the browser: {back} of 50 (bridge {stats:?})"
+        (45..=52).contains(&back),
+        "echoed audio back at the browser: {back} (bridge {stats:?})"
     );
     assert!(stats.to_sip >= 45 && stats.to_browser >= 45, "{stats:?}");
     assert_eq!(stats.sip_in.lost(), 0, "{stats:?}");
+    // Across the hold, the browser's stream continues by one: no gap, no jump.
+    for w in seqs.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0].wrapping_add(1),
+            "sequence numbers at the browser: {seqs:?}"
+        );
+    }
     call.hangup();
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), call.next_event()).await {
         if matches!(ev, CallEvent::Ended { .. }) {

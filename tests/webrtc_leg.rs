@@ -66,7 +66,7 @@ async fn browser_like_peer_exchanges_rtp_through_the_leg() {
                     from_browser += 1;
                 }
             }
-            Some(payload) = browser.heard.recv() => {
+            Some((_, payload)) = browser.heard.recv() => {
                 if payload == [0x22; 160] {
                     to_browser += 1;
                 }

@@ -31,29 +31,56 @@ pub struct BridgeStats {
     pub sip_in: ReceiveStats,
 }
 
-/// Runs until `stop` becomes true or the browser leg closes; returns the statistics.
+/// What the bridge does with media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Forward both ways.
+    Forward,
+    /// Forward nothing (a held call); both streams continue seamlessly on resume.
+    Hold,
+    /// End the bridge.
+    Stop,
+}
+
+/// Runs until `flow` says [`Flow::Stop`] or the browser leg closes; returns the statistics.
 pub async fn run(
     mut browser: Leg,
     mut sip: RtpLeg,
     mapping: Mapping,
     ssrc: u32,
-    mut stop: watch::Receiver<bool>,
+    mut flow: watch::Receiver<Flow>,
 ) -> BridgeStats {
     let start = Instant::now();
     let mut to_sip = Rewriter::new(ssrc, 8000, mapping.to_sip);
     let mut to_browser = Rewriter::new(ssrc ^ 0x5555_5555, 8000, mapping.to_browser);
     let mut stats = BridgeStats::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut held = *flow.borrow() == Flow::Hold;
     loop {
         tokio::select! {
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
+            changed = flow.changed() => {
+                let now = match changed {
+                    Ok(()) => *flow.borrow(),
+                    Err(_) => Flow::Stop,
+                };
+                match now {
+                    Flow::Stop => break,
+                    Flow::Hold => held = true,
+                    Flow::Forward => {
+                        if held {
+                            held = false;
+                            to_sip.rebase();
+                            to_browser.rebase();
+                        }
+                    }
                 }
             }
             pkt = browser.recv_rtp() => {
                 let Some(pkt) = pkt else { break };
                 let Ok(p) = RtpPacket::parse(&pkt) else { continue };
+                if held {
+                    continue;
+                }
                 if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
                     if sip.send(out).await {
                         stats.to_sip += 1;
@@ -65,6 +92,9 @@ pub async fn run(
                 let Ok(p) = RtpPacket::parse(buf.get(..n).unwrap_or_default()) else { continue };
                 let arrival = start.elapsed().as_millis() as u64 * 8;
                 stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
+                if held {
+                    continue;
+                }
                 if let Some(out) = to_browser.rewrite(Instant::now(), &p) {
                     if browser.send_rtp(out).await.is_ok() {
                         stats.to_browser += 1;

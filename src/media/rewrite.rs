@@ -49,6 +49,12 @@ impl Rewriter {
         }
     }
 
+    /// Treats the next packet as a new source (after a hold or a pause in forwarding), so the
+    /// output continues by one instead of jumping over what was not forwarded.
+    pub fn rebase(&mut self) {
+        self.source = None;
+    }
+
     /// Replaces the payload type mapping (after a re-negotiation).
     pub fn set_map(&mut self, map: Vec<PtMap>) {
         self.map = map;
@@ -167,6 +173,22 @@ mod tests {
         );
         // Unknown payload types are dropped.
         assert_eq!(out(&mut r, t1, &pkt(77, 5002, 900_320, 18)), None);
+    }
+
+    #[test]
+    fn rebase_after_hold_continues_by_one() {
+        let t0 = Instant::now();
+        let mut r = Rewriter::new(5, 8000, vec![PtMap { from: 0, to: 0 }]);
+        assert_eq!(out(&mut r, t0, &pkt(1, 10, 1600, 0)).map(|o| o.0), Some(10));
+        r.rebase();
+        // 50 packets of the same source were not forwarded during a 1 s hold.
+        let o = out(
+            &mut r,
+            t0 + Duration::from_secs(1),
+            &pkt(1, 61, 1600 + 51 * 160, 0),
+        )
+        .unwrap();
+        assert_eq!((o.0, o.1), (11, 1600 + 8000));
     }
 
     #[test]

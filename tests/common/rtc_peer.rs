@@ -20,8 +20,8 @@ use webrtc::track::track_local::track_local_static_rtp::TrackLocalStaticRTP;
 pub struct RtcPeer {
     pub pc: Arc<RTCPeerConnection>,
     track: Arc<TrackLocalStaticRTP>,
-    /// Payloads of the RTP packets the peer received.
-    pub heard: mpsc::Receiver<Vec<u8>>,
+    /// (sequence number, payload) of the RTP packets the peer received.
+    pub heard: mpsc::Receiver<(u16, Vec<u8>)>,
 }
 
 impl RtcPeer {
@@ -52,12 +52,12 @@ impl RtcPeer {
             "browser".into(),
         ));
         pc.add_track(track.clone()).await.expect("track");
-        let (heard_tx, heard) = mpsc::channel::<Vec<u8>>(512);
+        let (heard_tx, heard) = mpsc::channel::<(u16, Vec<u8>)>(512);
         pc.on_track(Box::new(move |remote, _, _| {
             let tx = heard_tx.clone();
             Box::pin(async move {
                 while let Ok((p, _)) = remote.read_rtp().await {
-                    let _ = tx.try_send(p.payload.to_vec());
+                    let _ = tx.try_send((p.header.sequence_number, p.payload.to_vec()));
                 }
             })
         }));
