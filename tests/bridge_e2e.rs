@@ -70,7 +70,7 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
     })
     .await
     .unwrap();
-    let (mut browser, leg, _answer) = RtcPeer::connect(&engine).await;
+    let (mut browser, leg, browser_sdp) = RtcPeer::connect(&engine).await;
 
     // SIP side.
     let base = 33000 + (std::process::id() % 1000) as u16 * 2;
@@ -99,10 +99,10 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
     };
     rtp.set_remote(std::net::SocketAddr::new(answer.addr, answer.port));
     let (flow_tx, flow_rx) = tokio::sync::watch::channel(Flow::Forward);
-    let mapping = Mapping {
-        to_sip: vec![PtMap { from: 0, to: 0 }],
-        to_browser: vec![PtMap { from: 0, to: 0 }],
-    };
+    // The payload types of both negotiations, paired by name (the engine's own SDP parsed).
+    let browser_audio = AudioSdp::parse(browser_sdp.as_bytes()).expect("the WebRTC answer parses");
+    let mapping = Mapping::negotiate(&browser_audio, &answer).expect("bridgeable");
+    assert_eq!(mapping.to_sip.first(), Some(&PtMap { from: 0, to: 0 }));
     let bridge = tokio::spawn(bridge::run(leg, rtp, mapping, 0xB41D, flow_rx));
 
     let mut tick = tokio::time::interval(Duration::from_millis(20));

@@ -12,12 +12,80 @@ use super::stats::ReceiveStats;
 use super::webrtc::Leg;
 
 /// Payload type mappings of one call, from the two negotiations.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
     /// Browser PT → SIP PT (voice codec and telephone-event).
     pub to_sip: Vec<PtMap>,
     /// SIP PT → browser PT.
     pub to_browser: Vec<PtMap>,
+}
+
+/// Why two negotiations cannot be bridged as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MappingError {
+    /// One side's SDP has no usable audio.
+    #[error("no G.711 audio negotiated on the {0} side")]
+    NoVoice(&'static str),
+    /// PCMU on one side, PCMA on the other (needs transcoding, not done yet).
+    #[error(
+        "the browser negotiated {browser}, the SIP side {sip}: transcoding is not supported yet"
+    )]
+    VoiceMismatch {
+        /// Browser side codec.
+        browser: &'static str,
+        /// SIP side codec.
+        sip: &'static str,
+    },
+}
+
+fn g711_name(name: &str) -> &'static str {
+    if name.eq_ignore_ascii_case("PCMA") {
+        "PCMA"
+    } else {
+        "PCMU"
+    }
+}
+
+impl Mapping {
+    /// The mapping for a call from the browser's negotiated SDP (the WebRTC answer or offer
+    /// callgate accepted) and the SIP side's: the voice codec and telephone-event/8000 are paired
+    /// by name, each side keeping its own payload type numbers (Chrome uses 126 for
+    /// telephone-event/8000, SIP peers usually 101: never assume numbers).
+    pub fn negotiate(
+        browser: &crate::sip::sdp::AudioSdp,
+        sip: &crate::sip::sdp::AudioSdp,
+    ) -> Result<Mapping, MappingError> {
+        let bv = browser
+            .voice_codec()
+            .ok_or(MappingError::NoVoice("browser"))?;
+        let sv = sip.voice_codec().ok_or(MappingError::NoVoice("SIP"))?;
+        if !bv.name.eq_ignore_ascii_case(&sv.name) {
+            return Err(MappingError::VoiceMismatch {
+                browser: g711_name(&bv.name),
+                sip: g711_name(&sv.name),
+            });
+        }
+        let mut to_sip = vec![PtMap {
+            from: bv.pt,
+            to: sv.pt,
+        }];
+        let mut to_browser = vec![PtMap {
+            from: sv.pt,
+            to: bv.pt,
+        }];
+        if let (Some(bt), Some(st)) = (browser.telephone_event(), sip.telephone_event()) {
+            to_sip.push(PtMap {
+                from: bt.pt,
+                to: st.pt,
+            });
+            to_browser.push(PtMap {
+                from: st.pt,
+                to: bt.pt,
+            });
+        }
+        Ok(Mapping { to_sip, to_browser })
+    }
 }
 
 /// What went through a bridge.
@@ -105,4 +173,51 @@ pub async fn run(
     }
     browser.close().await;
     stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::sdp::AudioSdp;
+
+    const CHROME_ANSWER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 0 126\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:0 PCMU/8000\r\n\
+a=rtpmap:126 telephone-event/8000\r\na=sendrecv\r\n";
+
+    fn sip(body: &str) -> AudioSdp {
+        AudioSdp::parse(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn pairs_by_name_not_number() {
+        let b = AudioSdp::parse(CHROME_ANSWER.as_bytes()).unwrap();
+        let s = sip(
+            "v=0\r\nc=IN IP4 10.0.0.1\r\nm=audio 4000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n",
+        );
+        let m = Mapping::negotiate(&b, &s).unwrap();
+        assert_eq!(
+            m.to_sip,
+            vec![PtMap { from: 0, to: 0 }, PtMap { from: 126, to: 101 }]
+        );
+        assert_eq!(
+            m.to_browser,
+            vec![PtMap { from: 0, to: 0 }, PtMap { from: 101, to: 126 }]
+        );
+        // No telephone-event on the SIP side: DTMF must go by INFO; voice still maps.
+        let s = sip("v=0\r\nc=IN IP4 10.0.0.1\r\nm=audio 4000 RTP/AVP 0\r\n");
+        assert_eq!(Mapping::negotiate(&b, &s).unwrap().to_sip.len(), 1);
+    }
+
+    #[test]
+    fn voice_mismatch_is_refused() {
+        let b = AudioSdp::parse(CHROME_ANSWER.as_bytes()).unwrap();
+        let s = sip("v=0\r\nc=IN IP4 10.0.0.1\r\nm=audio 4000 RTP/AVP 8\r\n");
+        assert_eq!(
+            Mapping::negotiate(&b, &s),
+            Err(MappingError::VoiceMismatch {
+                browser: "PCMU",
+                sip: "PCMA"
+            })
+        );
+    }
 }
