@@ -140,7 +140,11 @@ impl Bound {
             "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz), SIP on udp:{sip_addr}, browser media on udp:{media_addr}",
             env!("CARGO_PKG_VERSION"),
         );
-        let served = axum::serve(self.http, api::http::router())
+        let state = api::http::AppState {
+            keyring: std::sync::Arc::new(self.config.keyring().clone()),
+            sip: self.sip.clone(),
+        };
+        let served = axum::serve(self.http, api::http::router(state))
             .with_graceful_shutdown(shutdown)
             .await;
         // Remove every registration before leaving (bounded by Timer F).

@@ -1,0 +1,198 @@
+//! The browser WebSocket API against the running server and a real Kamailio: a minted token logs
+//! the agent in and registers it; bad tokens are refused with their codes and register nothing;
+//! the password never reaches the page.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use callgate::account::account_from_cli;
+use callgate::config::Config;
+use callgate::server::Bound;
+use common::TempDir;
+use common::peers::{Kamailio, free_udp_port};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+struct Server {
+    addr: std::net::SocketAddr,
+    config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: TempDir,
+}
+
+async fn server() -> Server {
+    let dir = TempDir::new("ws");
+    let cfg = dir.write(
+        "callgate.toml",
+        &format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
+             [media]\nwebrtc_port = {}\n",
+            free_udp_port()
+        ),
+    );
+    dir.write("apps.toml", &format!("[apps.crm]\nkeys = [\"{KEY}\"]\n"));
+    let config = Config::load(&cfg).expect("config");
+    let bound = Bound::bind(config.clone()).await.expect("bind");
+    let addr = bound.http_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        bound
+            .serve(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+    });
+    Server {
+        addr,
+        config,
+        stop: Some(tx),
+        task,
+        _dir: dir,
+    }
+}
+
+fn token(config: &Config, kam_port: u16, password: &str, ttl: i64) -> String {
+    let acct = account_from_cli(
+        "1001",
+        None,
+        password.into(),
+        "127.0.0.1",
+        None,
+        Some(kam_port),
+        None,
+    )
+    .unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    config
+        .keyring()
+        .mint("crm", &acct, Some(now + ttl), [9; 16])
+        .unwrap()
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(addr: std::net::SocketAddr) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("ws connect");
+    ws
+}
+
+/// Next JSON frame, recorded into `seen`.
+async fn next(ws: &mut Ws, seen: &mut Vec<String>) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            seen.push(t.to_string());
+            return serde_json::from_str(t.as_str()).expect("JSON");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_login_registers_and_bad_tokens_do_not() {
+    let kam = Kamailio::start(free_udp_port());
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+
+    // A good token: reply ok, connected, then registered with Kamailio.
+    let mut ws = open(srv.addr).await;
+    let good = token(&srv.config, kam.port, "pass1001", 600);
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": good}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 1, "ok": true})
+    );
+    let connected = next(&mut ws, &mut seen).await;
+    assert_eq!(connected["type"], "connected");
+    assert_eq!(connected["agent"], "1001@127.0.0.1");
+    assert!(connected["sessionId"].as_str().unwrap().starts_with("s-"));
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_eq!(ev["type"], "registration", "{ev}");
+        if ev["state"] == "registered" {
+            assert!(ev["expires"].as_u64().unwrap() > 0);
+            break;
+        }
+        assert_eq!(ev["state"], "registering", "{ev}\n{}", kam.log());
+    }
+    ws.send(Message::text(r#"{"type":"ping","id":2}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 2, "ok": true})
+    );
+    ws.send(Message::text(r#"{"type":"connect","id":3,"token":"x"}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await["error"]["code"],
+        "already_connected"
+    );
+    ws.send(Message::text("not json")).await.unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await["error"]["code"],
+        "bad_request"
+    );
+
+    // Bad tokens, each on its own page: refused with the token's code, nothing registers.
+    let mut tampered = token(&srv.config, kam.port, "pass1001", 600).into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+    let cases = [
+        (String::from_utf8(tampered).unwrap(), "bad_mac"),
+        (
+            token(&srv.config, kam.port, "pass1001", -120),
+            "token_expired",
+        ),
+        ("nope:00".to_owned(), "unknown_app"),
+    ];
+    for (t, code) in cases {
+        let mut bad = open(srv.addr).await;
+        bad.send(Message::text(
+            json!({"type": "connect", "id": 9, "token": t}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let r = next(&mut bad, &mut seen).await;
+        assert_eq!(r["error"]["code"], code, "{r}");
+        // And nothing else follows (no connected, no registration).
+        let more = tokio::time::timeout(Duration::from_millis(300), bad.next()).await;
+        assert!(
+            more.is_err(),
+            "unexpected frame after a refused token: {more:?}"
+        );
+    }
+
+    // The password was never in anything the pages received.
+    for frame in &seen {
+        assert!(!frame.contains("pass1001"), "{frame}");
+    }
+
+    let _ = ws.close(None).await;
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}
