@@ -51,7 +51,7 @@ pub struct Bound {
     config: Config,
     http: TcpListener,
     sip: Endpoint,
-    webrtc: Engine,
+    webrtc: std::sync::Arc<Engine>,
     rtp_ports: PortPool,
 }
 
@@ -98,7 +98,7 @@ impl Bound {
             config,
             http,
             sip,
-            webrtc,
+            webrtc: std::sync::Arc::new(webrtc),
             rtp_ports,
         })
     }
@@ -143,6 +143,14 @@ impl Bound {
         let state = api::http::AppState {
             keyring: std::sync::Arc::new(self.config.keyring().clone()),
             sip: self.sip.clone(),
+            webrtc: self.webrtc.clone(),
+            rtp_ports: self.rtp_ports.clone(),
+            rtp_bind_ip: self.config.media.listen_ip,
+            rtp_public_ip: self
+                .config
+                .media
+                .public_ip
+                .unwrap_or(self.config.media.listen_ip),
         };
         let served = axum::serve(self.http, api::http::router(state))
             .with_graceful_shutdown(shutdown)

@@ -27,6 +27,10 @@ struct Server {
 }
 
 async fn server() -> Server {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = TempDir::new("ws");
     let cfg = dir.write(
         "callgate.toml",
@@ -190,6 +194,111 @@ async fn token_login_registers_and_bad_tokens_do_not() {
     }
 
     let _ = ws.close(None).await;
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}
+
+/// The page calls over the API: its WebRTC offer goes in `call`, callgate's answer comes back,
+/// the SIP call goes through Kamailio to sipp (which echoes RTP), and the page hears itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_calls_and_hears_the_far_end() {
+    use callgate::media::rtp::RtpPacket;
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas_with(
+        kam.port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo"],
+    );
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = open(srv.addr).await;
+    let good = token(&srv.config, kam.port, "pass1001", 600);
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": good}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "registration" && ev["state"] == "registered" {
+            break;
+        }
+    }
+
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let call_id = reply["callId"].as_str().unwrap().to_owned();
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let mut states = Vec::new();
+    while !states.contains(&"established".to_owned()) {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_eq!(ev["type"], "call", "{ev}");
+        assert_eq!(ev["callId"], call_id.as_str());
+        assert_ne!(ev["state"], "ended", "{ev}\n{}", kam.log());
+        states.push(ev["state"].as_str().unwrap().to_owned());
+    }
+    assert!(states.contains(&"ringing".to_owned()), "{states:?}");
+
+    // One second of "microphone"; the far end echoes it back through callgate.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(2000);
+    let (mut sent, mut back) = (0u16, 0);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick(), if sent < 50 => {
+                let mut b = Vec::new();
+                RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 9, payload: &[0x5a; 160] }.write(&mut b);
+                page.send(&b).await;
+                sent += 1;
+            }
+            Some((_, p)) = page.heard.recv() => {
+                if p == [0x5a; 160] {
+                    back += 1;
+                }
+            }
+        }
+    }
+    assert!(back >= 45, "the page heard {back} of 50 echoed packets");
+
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 3, "ok": true})
+    );
+    let ended = next(&mut ws, &mut seen).await;
+    assert_eq!(
+        (ended["state"].as_str(), ended["endReason"].as_str()),
+        (Some("ended"), Some("local_hangup")),
+        "{ended}"
+    );
+    for frame in &seen {
+        assert!(!frame.contains("pass1001"), "{frame}");
+    }
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
     srv.stop.take().unwrap().send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
         .await

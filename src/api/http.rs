@@ -13,6 +13,14 @@ pub struct AppState {
     pub keyring: std::sync::Arc<Keyring>,
     /// The SIP endpoint.
     pub sip: Endpoint,
+    /// The WebRTC engine (browser media).
+    pub webrtc: std::sync::Arc<crate::media::webrtc::Engine>,
+    /// RTP port pairs for the SIP side.
+    pub rtp_ports: crate::media::rtp_leg::PortPool,
+    /// IP the RTP sockets bind to.
+    pub rtp_bind_ip: std::net::IpAddr,
+    /// IP announced in SDP toward SIP peers (the public one behind NAT).
+    pub rtp_public_ip: std::net::IpAddr,
 }
 
 /// The HTTP routes.

@@ -11,21 +11,49 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch};
+
 use super::http::AppState;
-use crate::sip::endpoint::{EndpointError, RegistrationHandle};
+use crate::media::bridge::{self, Flow, Mapping};
+use crate::media::rtp_leg::RtpLeg;
+use crate::media::webrtc::{Leg, WebRtcError};
+use crate::sip::call::CallEvent;
+use crate::sip::endpoint::{CallControl, EndpointError, RegistrationHandle};
 use crate::sip::registration::Status;
+use crate::sip::sdp::{AudioSdp, Direction};
 
 /// Largest WebSocket message accepted from a page.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// A request from the page. Every request carries the page's `id`, echoed in the reply.
 #[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 enum Request {
     /// Log in with a loginByToken token.
     Connect { id: u64, token: String },
     /// Liveness check.
     Ping { id: u64 },
+    /// Call `to` with the browser's SDP offer; the reply carries callgate's answer.
+    Call { id: u64, to: String, sdp: String },
+    /// Hang up (or cancel) a call.
+    Hangup { id: u64, call_id: String },
+}
+
+/// Most simultaneous calls of one page (a call, a consultation, a waiting call).
+pub const MAX_CALLS_PER_SESSION: usize = 4;
+
+/// The SIP status that ended or refused a call.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+struct SipStatus {
+    status: u16,
+    reason: String,
 }
 
 /// An error as the page sees it: a stable `code` and a human `message` (never a secret).
@@ -45,6 +73,22 @@ enum Outgoing {
         ok: bool,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<ApiError>,
+        #[serde(rename = "callId", skip_serializing_if = "Option::is_none")]
+        call_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sdp: Option<String>,
+    },
+    /// A call's state changed.
+    Call {
+        #[serde(rename = "callId")]
+        call_id: String,
+        state: &'static str,
+        direction: &'static str,
+        peer: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sip: Option<SipStatus>,
+        #[serde(rename = "endReason", skip_serializing_if = "Option::is_none")]
+        end_reason: Option<&'static str>,
     },
     /// The agent is logged in.
     Connected {
@@ -90,6 +134,18 @@ fn error(id: Option<u64>, code: impl Into<String>, message: impl Into<String>) -
             code: code.into(),
             message: message.into(),
         }),
+        call_id: None,
+        sdp: None,
+    }
+}
+
+fn ok(id: u64) -> Outgoing {
+    Outgoing::Reply {
+        id: Some(id),
+        ok: true,
+        error: None,
+        call_id: None,
+        sdp: None,
     }
 }
 
@@ -116,8 +172,18 @@ async fn next_status(reg: &mut Option<RegistrationHandle>) -> Option<Status> {
 
 async fn session(mut socket: WebSocket, state: AppState) {
     let mut reg: Option<RegistrationHandle> = None;
+    let mut calls: HashMap<String, CallControl> = HashMap::new();
+    let (events_tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
     loop {
         tokio::select! {
+            Some(ev) = events_rx.recv() => {
+                if let Outgoing::Call { call_id, state: "ended", .. } = &ev {
+                    calls.remove(call_id);
+                }
+                if !send(&mut socket, &ev).await {
+                    break;
+                }
+            }
             msg = socket.recv() => {
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
@@ -132,8 +198,29 @@ async fn session(mut socket: WebSocket, state: AppState) {
                 };
                 let reply = match serde_json::from_str::<Request>(text.as_str()) {
                     Err(_) => vec![error(None, "bad_request", "not a known request (see docs/API.md)")],
-                    Ok(Request::Ping { id }) => vec![Outgoing::Reply { id: Some(id), ok: true, error: None }],
+                    Ok(Request::Ping { id }) => vec![ok(id)],
                     Ok(Request::Connect { id, token }) => connect(&state, &mut reg, id, &token).await,
+                    Ok(Request::Call { id, to, sdp }) => match reg.as_ref() {
+                        None => vec![error(Some(id), "not_connected", "send connect with a token first")],
+                        Some(_) if calls.len() >= MAX_CALLS_PER_SESSION => {
+                            vec![error(Some(id), "too_many_calls", "this page has too many calls")]
+                        }
+                        Some(r) => match start_call(&state, r, &to, &sdp, events_tx.clone()).await {
+                            Ok((control, answer)) => {
+                                let call_id = control.call_id().to_owned();
+                                calls.insert(call_id.clone(), control);
+                                vec![Outgoing::Reply { id: Some(id), ok: true, error: None, call_id: Some(call_id), sdp: Some(answer) }]
+                            }
+                            Err((code, message)) => vec![error(Some(id), code, message)],
+                        },
+                    },
+                    Ok(Request::Hangup { id, call_id }) => match calls.get(&call_id) {
+                        Some(c) => {
+                            c.hangup();
+                            vec![ok(id)]
+                        }
+                        None => vec![error(Some(id), "unknown_call", "no such call in this session")],
+                    },
                 };
                 for r in &reply {
                     if !send(&mut socket, r).await {
@@ -196,15 +283,159 @@ async fn connect(
         let _ = getrandom::fill(&mut b);
         u64::from_le_bytes(b)
     });
-    vec![
-        Outgoing::Reply {
-            id: Some(id),
-            ok: true,
-            error: None,
-        },
-        Outgoing::Connected { agent, session_id },
-        current,
-    ]
+    vec![ok(id), Outgoing::Connected { agent, session_id }, current]
+}
+
+/// Sets up an outbound call: the browser's offer answered by the WebRTC engine, an RTP port pair,
+/// the SIP INVITE offering the codec the browser got, and a task that follows the call.
+async fn start_call(
+    state: &AppState,
+    reg: &RegistrationHandle,
+    to: &str,
+    offer: &str,
+    events: mpsc::Sender<Outgoing>,
+) -> Result<(CallControl, String), (&'static str, String)> {
+    let (leg, answer) = state.webrtc.answer(offer).await.map_err(|e| match e {
+        WebRtcError::BadOffer(_) => ("bad_sdp", e.to_string()),
+        _ => ("media_error", e.to_string()),
+    })?;
+    let browser = AudioSdp::parse(answer.as_bytes())
+        .ok()
+        .filter(|a| a.voice_codec().is_some())
+        .ok_or((
+            "no_common_codec",
+            "the browser offered neither PCMU nor PCMA".to_owned(),
+        ))?;
+    let voice = browser
+        .voice_codec()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let rtp = RtpLeg::open(&state.rtp_ports, state.rtp_bind_ip)
+        .await
+        .map_err(|e| ("no_media_ports", e.to_string()))?;
+    let mut idb = [0u8; 8];
+    let _ = getrandom::fill(&mut idb);
+    let sip_offer = AudioSdp::offer(
+        state.rtp_public_ip,
+        rtp.port(),
+        &[voice.as_str()],
+        u64::from_le_bytes(idb) >> 1,
+        Direction::SendRecv,
+    );
+    let handle = state
+        .sip
+        .dial(reg, to, sip_offer.to_sdp())
+        .await
+        .map_err(|e| match e {
+            EndpointError::BadDestination(_) => ("bad_destination", e.to_string()),
+            EndpointError::NotRegistered => ("not_registered", e.to_string()),
+            _ => ("unavailable", e.to_string()),
+        })?;
+    let (control, call_events) = handle.split();
+    tokio::spawn(follow_call(
+        control.call_id().to_owned(),
+        to.to_owned(),
+        call_events,
+        leg,
+        rtp,
+        browser,
+        events,
+    ));
+    Ok((control, answer))
+}
+
+/// Follows one call: reports its states to the page and runs the media bridge once the far end
+/// sends its SDP (early media or answer).
+async fn follow_call(
+    call_id: String,
+    peer: String,
+    mut call_events: mpsc::UnboundedReceiver<CallEvent>,
+    leg: Leg,
+    rtp: RtpLeg,
+    browser: AudioSdp,
+    events: mpsc::Sender<Outgoing>,
+) {
+    let report = |state: &'static str, sip: Option<SipStatus>, end_reason: Option<&'static str>| {
+        Outgoing::Call {
+            call_id: call_id.clone(),
+            state,
+            direction: "outbound",
+            peer: peer.clone(),
+            sip,
+            end_reason,
+        }
+    };
+    let (flow_tx, flow_rx) = watch::channel(Flow::Forward);
+    let mut media = Some((leg, rtp, flow_rx));
+    let mut bridge = None;
+    let _ = events.send(report("trying", None, None)).await;
+    while let Some(ev) = call_events.recv().await {
+        tracing::debug!(call = %call_id, event = ?ev, "call event");
+        let far_sdp = match &ev {
+            CallEvent::EarlyMedia { answer } => Some(answer.clone()),
+            CallEvent::Answered { answer } => answer.clone(),
+            _ => None,
+        };
+        // Take the legs only when the far end's SDP is here (not on a plain 180).
+        if let Some((sdp, (leg, mut rtp, flow_rx))) =
+            far_sdp.and_then(|sdp| media.take().map(|m| (sdp, m)))
+        {
+            match Mapping::negotiate(&browser, &sdp) {
+                Ok(mapping) => {
+                    rtp.set_remote(std::net::SocketAddr::new(sdp.addr, sdp.port));
+                    tracing::debug!(call = %call_id, remote = %sdp.addr, port = sdp.port, ?mapping, "bridge starts");
+                    bridge = Some(tokio::spawn(bridge::run(
+                        leg,
+                        rtp,
+                        mapping,
+                        0x00ca_11ed,
+                        flow_rx,
+                    )));
+                }
+                Err(e) => tracing::warn!(call = %call_id, "cannot bridge media: {e}"),
+            }
+        }
+        let out = match ev {
+            CallEvent::Ringing => report("ringing", None, None),
+            CallEvent::EarlyMedia { .. } => report("early", None, None),
+            CallEvent::Answered { .. } => report("established", None, None),
+            CallEvent::Hold { held, .. } => {
+                let _ = flow_tx.send(if held { Flow::Hold } else { Flow::Forward });
+                report(if held { "held" } else { "established" }, None, None)
+            }
+            CallEvent::RemoteHold { held, .. } => report(
+                if held {
+                    "held_by_remote"
+                } else {
+                    "established"
+                },
+                None,
+                None,
+            ),
+            CallEvent::Ended {
+                reason,
+                status,
+                phrase,
+            } => {
+                let sip = status.map(|status| SipStatus {
+                    status,
+                    reason: phrase,
+                });
+                let _ = events.send(report("ended", sip, Some(reason.code()))).await;
+                break;
+            }
+            _ => continue,
+        };
+        if events.send(out).await.is_err() {
+            break;
+        }
+    }
+    let _ = flow_tx.send(Flow::Stop);
+    if let Some(b) = bridge {
+        let _ = b.await;
+    } else if let Some((leg, _, _)) = media {
+        leg.close().await;
+    }
 }
 
 #[cfg(test)]

@@ -172,6 +172,13 @@ pub async fn run(
         }
     }
     browser.close().await;
+    tracing::debug!(
+        to_sip = stats.to_sip,
+        to_browser = stats.to_browser,
+        sip_in = stats.sip_in.received(),
+        lost = stats.sip_in.lost(),
+        "bridge ended"
+    );
     stats
 }
 

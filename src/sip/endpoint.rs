@@ -206,6 +206,8 @@ pub struct IncomingCall {
 
 /// Control of one call; dropping it hangs the call up.
 pub struct CallHandle {
+    /// Hang up on drop (false once [`split`](Self::split) handed that duty to a `CallControl`).
+    armed: bool,
     id: u64,
     call_id: String,
     sip_call_id: String,
@@ -281,6 +283,72 @@ impl CallHandle {
 }
 
 impl Drop for CallHandle {
+    fn drop(&mut self) {
+        if self.armed {
+            self.act(CallAction::Hangup);
+        }
+    }
+}
+
+/// The command half of a [`CallHandle`] (clone-free, hangs up on drop), for owners that read
+/// events in another task.
+pub struct CallControl {
+    id: u64,
+    call_id: String,
+    cmds: mpsc::UnboundedSender<Command>,
+}
+
+impl CallHandle {
+    /// Splits into commands and events.
+    pub fn split(mut self) -> (CallControl, mpsc::UnboundedReceiver<CallEvent>) {
+        let (_, dead) = mpsc::unbounded_channel();
+        let events = std::mem::replace(&mut self.events, dead);
+        let control = CallControl {
+            id: self.id,
+            call_id: std::mem::take(&mut self.call_id),
+            cmds: self.cmds.clone(),
+        };
+        // The control now owns the hang-up duty.
+        self.armed = false;
+        (control, events)
+    }
+}
+
+impl CallControl {
+    fn act(&self, action: CallAction) {
+        let _ = self.cmds.send(Command::Call {
+            id: self.id,
+            action,
+        });
+    }
+
+    /// callgate's id for the call.
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// See [`CallHandle::hangup`].
+    pub fn hangup(&self) {
+        self.act(CallAction::Hangup);
+    }
+
+    /// See [`CallHandle::hold`].
+    pub fn hold(&self) {
+        self.act(CallAction::Hold(true));
+    }
+
+    /// See [`CallHandle::unhold`].
+    pub fn unhold(&self) {
+        self.act(CallAction::Hold(false));
+    }
+
+    /// See [`CallHandle::dtmf_info`].
+    pub fn dtmf_info(&self, digits: &str) {
+        self.act(CallAction::Dtmf(digits.to_owned()));
+    }
+}
+
+impl Drop for CallControl {
     fn drop(&mut self) {
         self.act(CallAction::Hangup);
     }
@@ -807,6 +875,7 @@ impl Task {
         let sip_call_id = call.call_id().to_owned();
         let (id, call_id, events) = self.new_call(call, key, None);
         Ok(CallHandle {
+            armed: true,
             id,
             call_id,
             sip_call_id,
@@ -964,6 +1033,7 @@ impl Task {
                         Some(key),
                     ) => {
                         let handle = CallHandle {
+                            armed: true,
                             id,
                             call_id: c.public_id.clone(),
                             sip_call_id: c.call.call_id().to_owned(),

@@ -59,7 +59,13 @@ impl Proc {
     /// SIGTERM to the group, then SIGKILL if it is still there after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         let pgid = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &pgid]).status();
+        let quiet = |sig: &str| {
+            let _ = Command::new("kill")
+                .args([sig, "--", &pgid])
+                .stderr(Stdio::null())
+                .status();
+        };
+        quiet("-TERM");
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -67,7 +73,7 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = Command::new("kill").args(["-KILL", "--", &pgid]).status();
+        quiet("-KILL");
         let _ = self.child.wait();
     }
 }

@@ -22,11 +22,23 @@ pub struct RtcPeer {
     track: Arc<TrackLocalStaticRTP>,
     /// (sequence number, payload) of the RTP packets the peer received.
     pub heard: mpsc::Receiver<(u16, Vec<u8>)>,
+    state: mpsc::Receiver<RTCPeerConnectionState>,
 }
 
 impl RtcPeer {
     /// Offers to `engine` (as a browser would), applies its answer and waits for ICE + DTLS.
     pub async fn connect(engine: &Engine) -> (RtcPeer, Leg, String) {
+        let (mut peer, offer) = RtcPeer::offer().await;
+        let (leg, answer) = tokio::time::timeout(Duration::from_secs(10), engine.answer(&offer))
+            .await
+            .expect("answer in time")
+            .expect("answer");
+        peer.accept(&answer).await;
+        (peer, leg, answer)
+    }
+
+    /// A peer and its offer (ICE candidates gathered, no trickle), as a page would send it.
+    pub async fn offer() -> (RtcPeer, String) {
         let mut m = MediaEngine::default();
         m.register_default_codecs().expect("codecs");
         let mut se = SettingEngine::default();
@@ -61,7 +73,7 @@ impl RtcPeer {
                 }
             })
         }));
-        let (state_tx, mut state) = mpsc::channel(16);
+        let (state_tx, state) = mpsc::channel(16);
         pc.on_peer_connection_state_change(Box::new(move |s| {
             let tx = state_tx.clone();
             Box::pin(async move {
@@ -72,17 +84,27 @@ impl RtcPeer {
         let mut gathered = pc.gathering_complete_promise().await;
         pc.set_local_description(offer).await.expect("local");
         let _ = gathered.recv().await;
-        let offer_sdp = pc.local_description().await.expect("sdp").sdp;
-        let (leg, answer) =
-            tokio::time::timeout(Duration::from_secs(10), engine.answer(&offer_sdp))
-                .await
-                .expect("answer in time")
-                .expect("answer");
-        pc.set_remote_description(
-            RTCSessionDescription::answer(answer.clone()).expect("answer sdp"),
+        let sdp = pc.local_description().await.expect("sdp").sdp;
+        (
+            RtcPeer {
+                pc,
+                track,
+                heard,
+                state,
+            },
+            sdp,
         )
-        .await
-        .expect("remote");
+    }
+
+    /// Applies callgate's answer and waits for ICE + DTLS.
+    pub async fn accept(&mut self, answer: &str) {
+        self.pc
+            .set_remote_description(
+                RTCSessionDescription::answer(answer.to_owned()).expect("answer sdp"),
+            )
+            .await
+            .expect("remote");
+        let state = &mut self.state;
         tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(s) = state.recv().await {
                 if s == RTCPeerConnectionState::Connected {
@@ -93,7 +115,6 @@ impl RtcPeer {
         })
         .await
         .expect("ICE + DTLS connected");
-        (RtcPeer { pc, track, heard }, leg, answer)
     }
 
     /// Sends one RTP packet from the "microphone".
