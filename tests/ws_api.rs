@@ -305,3 +305,111 @@ async fn page_calls_and_hears_the_far_end() {
         .expect("shutdown")
         .unwrap();
 }
+
+/// Incoming calls over the API: the page is told, answers with its WebRTC offer and hears the
+/// caller (sipp echoing RTP); the caller hangs up. A second caller is rejected by the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_answers_and_rejects_incoming_calls() {
+    use callgate::media::rtp::RtpPacket;
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = open(srv.addr).await;
+    let good = token(&srv.config, kam.port, "pass1001", 600);
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": good}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "registration" && ev["state"] == "registered" {
+            break;
+        }
+    }
+
+    let mut caller = Sipp::uac_with(kam.port, "1001", "uac_answered_long.xml", &["-rtp_echo"]);
+    let incoming = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    assert_eq!(incoming["from"], "1002", "{incoming}");
+    let call_id = incoming["callId"].as_str().unwrap().to_owned();
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "answer", "id": 2, "callId": call_id, "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "reply" {
+            break ev;
+        }
+    };
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let (mut sent, mut back, mut ended) = (0u16, 0, None);
+    while ended.is_none() {
+        tokio::select! {
+            _ = tick.tick(), if sent < 100 => {
+                let mut b = Vec::new();
+                RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 4, payload: &[0x6b; 160] }.write(&mut b);
+                page.send(&b).await;
+                sent += 1;
+            }
+            Some((_, p)) = page.heard.recv() => {
+                if p == [0x6b; 160] {
+                    back += 1;
+                }
+            }
+            ev = next(&mut ws, &mut seen) => {
+                if ev["type"] == "call" && ev["state"] == "ended" {
+                    ended = Some(ev);
+                }
+            }
+        }
+    }
+    let ended = ended.unwrap();
+    assert_eq!(ended["endReason"], "remote_hangup", "{ended}");
+    assert!(
+        back >= 25,
+        "the page heard {back} echoed packets before the caller hung up"
+    );
+    let (ok, log) = tokio::task::spawn_blocking(move || caller.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+
+    // A second caller: the page rejects; the caller sees 486.
+    let port = kam.port;
+    let probe = tokio::task::spawn_blocking(move || common::peers::sipp_probe(port, "1001", 486));
+    let incoming = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    let id2 = incoming["callId"].as_str().unwrap().to_owned();
+    ws.send(Message::text(
+        json!({"type": "reject", "id": 3, "callId": id2}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let (ok, log) = probe.await.unwrap();
+    assert!(ok, "caller did not get 486:\n{log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}

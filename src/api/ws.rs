@@ -20,7 +20,7 @@ use crate::media::bridge::{self, Flow, Mapping};
 use crate::media::rtp_leg::RtpLeg;
 use crate::media::webrtc::{Leg, WebRtcError};
 use crate::sip::call::CallEvent;
-use crate::sip::endpoint::{CallControl, EndpointError, RegistrationHandle};
+use crate::sip::endpoint::{CallControl, EndpointError, RegistrationEvent, RegistrationHandle};
 use crate::sip::registration::Status;
 use crate::sip::sdp::{AudioSdp, Direction};
 
@@ -44,6 +44,28 @@ enum Request {
     Call { id: u64, to: String, sdp: String },
     /// Hang up (or cancel) a call.
     Hangup { id: u64, call_id: String },
+    /// Answer an incoming call with the browser's SDP offer; the reply carries the answer.
+    Answer {
+        id: u64,
+        call_id: String,
+        sdp: String,
+    },
+    /// Refuse an incoming call (`code` 486 Busy Here by default, or 603 Decline, ...).
+    Reject {
+        id: u64,
+        call_id: String,
+        code: Option<u16>,
+    },
+    /// Put the far end on hold.
+    Hold { id: u64, call_id: String },
+    /// Resume.
+    Unhold { id: u64, call_id: String },
+    /// Send DTMF digits (SIP INFO for now).
+    Dtmf {
+        id: u64,
+        call_id: String,
+        digits: String,
+    },
 }
 
 /// Most simultaneous calls of one page (a call, a consultation, a waiting call).
@@ -89,6 +111,14 @@ enum Outgoing {
         sip: Option<SipStatus>,
         #[serde(rename = "endReason", skip_serializing_if = "Option::is_none")]
         end_reason: Option<&'static str>,
+    },
+    /// A call for the agent: answer with `answer {callId, sdp}` or `reject`.
+    Incoming {
+        #[serde(rename = "callId")]
+        call_id: String,
+        from: String,
+        #[serde(rename = "displayName", skip_serializing_if = "Option::is_none")]
+        display_name: Option<String>,
     },
     /// The agent is logged in.
     Connected {
@@ -163,22 +193,34 @@ async fn send(socket: &mut WebSocket, msg: &Outgoing) -> bool {
     }
 }
 
-async fn next_status(reg: &mut Option<RegistrationHandle>) -> Option<Status> {
+async fn next_registration_event(
+    reg: &mut Option<RegistrationHandle>,
+) -> Option<RegistrationEvent> {
     match reg.as_mut() {
-        Some(r) => r.changed().await,
+        Some(r) => r.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// An incoming call waiting for the page's `answer`.
+struct Ringing {
+    control: CallControl,
+    /// Hands the media legs to the call's follower once the page answered.
+    handoff: tokio::sync::oneshot::Sender<(Leg, RtpLeg, AudioSdp)>,
+    offer: Option<AudioSdp>,
 }
 
 async fn session(mut socket: WebSocket, state: AppState) {
     let mut reg: Option<RegistrationHandle> = None;
     let mut calls: HashMap<String, CallControl> = HashMap::new();
+    let mut ringing: HashMap<String, Ringing> = HashMap::new();
     let (events_tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
     loop {
         tokio::select! {
             Some(ev) = events_rx.recv() => {
                 if let Outgoing::Call { call_id, state: "ended", .. } = &ev {
                     calls.remove(call_id);
+                    ringing.remove(call_id);
                 }
                 if !send(&mut socket, &ev).await {
                     break;
@@ -219,6 +261,49 @@ async fn session(mut socket: WebSocket, state: AppState) {
                             c.hangup();
                             vec![ok(id)]
                         }
+                        None => match ringing.remove(&call_id) {
+                            Some(r) => {
+                                r.control.reject(603, "Decline");
+                                vec![ok(id)]
+                            }
+                            None => vec![error(Some(id), "unknown_call", "no such call in this session")],
+                        },
+                    },
+                    Ok(Request::Reject { id, call_id, code }) => match ringing.remove(&call_id) {
+                        Some(r) => {
+                            // The follower reports the `ended` (rejected) event.
+                            r.control.reject(code.filter(|c| (400..700).contains(c)).unwrap_or(486), "Busy Here");
+                            vec![ok(id)]
+                        }
+                        None => vec![error(Some(id), "unknown_call", "no ringing call with that id")],
+                    },
+                    Ok(Request::Answer { id, call_id, sdp }) => match ringing.remove(&call_id) {
+                        Some(r) => match answer_call(&state, r, &sdp).await {
+                            Ok((control, answer)) => {
+                                calls.insert(call_id.clone(), control);
+                                vec![Outgoing::Reply { id: Some(id), ok: true, error: None, call_id: Some(call_id), sdp: Some(answer) }]
+                            }
+                            Err((code, message)) => vec![error(Some(id), code, message)],
+                        },
+                        None => vec![error(Some(id), "unknown_call", "no ringing call with that id")],
+                    },
+                    Ok(Request::Hold { id, call_id }) | Ok(Request::Unhold { id, call_id }) if !calls.contains_key(&call_id) => {
+                        vec![error(Some(id), "unknown_call", "no such call in this session")]
+                    }
+                    Ok(Request::Hold { id, call_id }) => {
+                        if let Some(c) = calls.get(&call_id) { c.hold(); }
+                        vec![ok(id)]
+                    }
+                    Ok(Request::Unhold { id, call_id }) => {
+                        if let Some(c) = calls.get(&call_id) { c.unhold(); }
+                        vec![ok(id)]
+                    }
+                    Ok(Request::Dtmf { id, call_id, digits }) => match calls.get(&call_id) {
+                        Some(c) if !digits.is_empty() && digits.len() <= 64 && digits.chars().all(|d| d.is_ascii_digit() || "*#ABCDabcd".contains(d)) => {
+                            c.dtmf_info(&digits);
+                            vec![ok(id)]
+                        }
+                        Some(_) => vec![error(Some(id), "bad_request", "digits are 1-64 of 0-9 * # A-D")],
                         None => vec![error(Some(id), "unknown_call", "no such call in this session")],
                     },
                 };
@@ -228,9 +313,28 @@ async fn session(mut socket: WebSocket, state: AppState) {
                     }
                 }
             }
-            status = next_status(&mut reg) => match status {
-                Some(s) => {
+            ev = next_registration_event(&mut reg) => match ev {
+                Some(RegistrationEvent::Status(s)) => {
                     if !send(&mut socket, &registration_event(&s)).await {
+                        break;
+                    }
+                }
+                Some(RegistrationEvent::Incoming(inc)) => {
+                    let (control, events) = inc.call.split();
+                    let call_id = control.call_id().to_owned();
+                    let peer = inc.asserted.as_ref().unwrap_or(&inc.from).user().to_owned();
+                    let display_name = inc.from.display.clone();
+                    if ringing.len() + calls.len() >= MAX_CALLS_PER_SESSION {
+                        control.reject(486, "Busy Here");
+                        continue;
+                    }
+                    let ev = Outgoing::Incoming { call_id: call_id.clone(), from: peer.clone(), display_name };
+                    let (handoff, media) = tokio::sync::oneshot::channel();
+                    // Follows the call from now on: a caller's CANCEL before the answer reaches
+                    // the page as `ended` (`missed`).
+                    tokio::spawn(follow_call(call_id.clone(), peer, "inbound", events, CallMedia::Later(media, inc.offer.clone()), events_tx.clone()));
+                    ringing.insert(call_id.clone(), Ringing { control, handoff, offer: inc.offer });
+                    if !send(&mut socket, &ev).await {
                         break;
                     }
                 }
@@ -335,13 +439,74 @@ async fn start_call(
     tokio::spawn(follow_call(
         control.call_id().to_owned(),
         to.to_owned(),
+        "outbound",
         call_events,
-        leg,
-        rtp,
-        browser,
+        CallMedia::Now(leg, rtp, browser),
         events,
     ));
     Ok((control, answer))
+}
+
+/// The media of a call: ready (outbound, set up before dialling) or handed over when the page
+/// answers (inbound), with the caller's offer.
+enum CallMedia {
+    Now(Leg, RtpLeg, AudioSdp),
+    Later(
+        tokio::sync::oneshot::Receiver<(Leg, RtpLeg, AudioSdp)>,
+        Option<AudioSdp>,
+    ),
+}
+
+/// Answers a ringing call: the browser's offer answered by the WebRTC engine, an RTP port pair,
+/// and the SIP 200 answering the caller's offer with the codec the browser got.
+async fn answer_call(
+    state: &AppState,
+    ringing: Ringing,
+    offer: &str,
+) -> Result<(CallControl, String), (&'static str, String)> {
+    let caller = ringing.offer.clone().ok_or((
+        "no_common_codec",
+        "the caller sent no SDP offer (not supported yet)".to_owned(),
+    ))?;
+    let (leg, answer) = state.webrtc.answer(offer).await.map_err(|e| match e {
+        WebRtcError::BadOffer(_) => ("bad_sdp", e.to_string()),
+        _ => ("media_error", e.to_string()),
+    })?;
+    let browser = AudioSdp::parse(answer.as_bytes())
+        .ok()
+        .filter(|a| a.voice_codec().is_some())
+        .ok_or((
+            "no_common_codec",
+            "the browser offered neither PCMU nor PCMA".to_owned(),
+        ))?;
+    let voice = browser
+        .voice_codec()
+        .map(|c| c.name.clone())
+        .unwrap_or_default();
+    let rtp = RtpLeg::open(&state.rtp_ports, state.rtp_bind_ip)
+        .await
+        .map_err(|e| ("no_media_ports", e.to_string()))?;
+    let mut idb = [0u8; 8];
+    let _ = getrandom::fill(&mut idb);
+    let sip_answer = AudioSdp::answer(
+        &caller,
+        state.rtp_public_ip,
+        rtp.port(),
+        &[voice.as_str()],
+        u64::from_le_bytes(idb) >> 1,
+        Direction::SendRecv,
+    )
+    .map_err(|_| {
+        (
+            "no_common_codec",
+            format!("the caller did not offer {voice}, which the browser chose"),
+        )
+    })?;
+    ringing.control.answer(sip_answer.to_sdp());
+    if ringing.handoff.send((leg, rtp, browser)).is_err() {
+        return Err(("unknown_call", "the call ended meanwhile".to_owned()));
+    }
+    Ok((ringing.control, answer))
 }
 
 /// Follows one call: reports its states to the page and runs the media bridge once the far end
@@ -349,27 +514,56 @@ async fn start_call(
 async fn follow_call(
     call_id: String,
     peer: String,
+    direction: &'static str,
     mut call_events: mpsc::UnboundedReceiver<CallEvent>,
-    leg: Leg,
-    rtp: RtpLeg,
-    browser: AudioSdp,
+    media: CallMedia,
     events: mpsc::Sender<Outgoing>,
 ) {
     let report = |state: &'static str, sip: Option<SipStatus>, end_reason: Option<&'static str>| {
         Outgoing::Call {
             call_id: call_id.clone(),
             state,
-            direction: "outbound",
+            direction,
             peer: peer.clone(),
             sip,
             end_reason,
         }
     };
     let (flow_tx, flow_rx) = watch::channel(Flow::Forward);
-    let mut media = Some((leg, rtp, flow_rx));
     let mut bridge = None;
-    let _ = events.send(report("trying", None, None)).await;
-    while let Some(ev) = call_events.recv().await {
+    let (mut media, mut later, mut caller_offer, mut spare_flow) = match media {
+        CallMedia::Now(leg, rtp, browser) => (Some((leg, rtp, browser, flow_rx)), None, None, None),
+        CallMedia::Later(rx, offer) => (None, Some(rx), offer, Some(flow_rx)),
+    };
+    let first = if direction == "outbound" {
+        "trying"
+    } else {
+        "ringing"
+    };
+    let _ = events.send(report(first, None, None)).await;
+    loop {
+        let ev = tokio::select! {
+            ev = call_events.recv() => match ev {
+                Some(ev) => ev,
+                None => break,
+            },
+            handed = async {
+                match later.as_mut() {
+                    Some(rx) => rx.await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                later = None;
+                // The page answered an incoming call: the caller's offer is the far SDP.
+                match (handed, caller_offer.take(), spare_flow.take()) {
+                    (Some((leg, rtp, browser)), Some(offer), Some(flow_rx)) => {
+                        media = Some((leg, rtp, browser, flow_rx));
+                        CallEvent::Answered { answer: Some(offer) }
+                    }
+                    _ => continue,
+                }
+            }
+        };
         tracing::debug!(call = %call_id, event = ?ev, "call event");
         let far_sdp = match &ev {
             CallEvent::EarlyMedia { answer } => Some(answer.clone()),
@@ -377,7 +571,7 @@ async fn follow_call(
             _ => None,
         };
         // Take the legs only when the far end's SDP is here (not on a plain 180).
-        if let Some((sdp, (leg, mut rtp, flow_rx))) =
+        if let Some((sdp, (leg, mut rtp, browser, flow_rx))) =
             far_sdp.and_then(|sdp| media.take().map(|m| (sdp, m)))
         {
             match Mapping::negotiate(&browser, &sdp) {
@@ -433,7 +627,7 @@ async fn follow_call(
     let _ = flow_tx.send(Flow::Stop);
     if let Some(b) = bridge {
         let _ = b.await;
-    } else if let Some((leg, _, _)) = media {
+    } else if let Some((leg, _, _, _)) = media {
         leg.close().await;
     }
 }

@@ -182,6 +182,18 @@ impl RegistrationHandle {
     pub async fn next_incoming(&mut self) -> Option<IncomingCall> {
         self.incoming.recv().await
     }
+
+    /// Whichever comes first: a status change or an incoming call. `None` when the endpoint is
+    /// gone.
+    pub async fn next(&mut self) -> Option<RegistrationEvent> {
+        tokio::select! {
+            changed = self.status.changed() => {
+                changed.ok()?;
+                Some(RegistrationEvent::Status(self.status.borrow_and_update().clone()))
+            }
+            incoming = self.incoming.recv() => incoming.map(RegistrationEvent::Incoming),
+        }
+    }
 }
 
 impl Drop for RegistrationHandle {
@@ -190,6 +202,14 @@ impl Drop for RegistrationHandle {
             key: std::mem::take(&mut self.key),
         });
     }
+}
+
+/// What a registration reports to its holder.
+pub enum RegistrationEvent {
+    /// The registration's status changed.
+    Status(Status),
+    /// A call for the agent.
+    Incoming(IncomingCall),
 }
 
 /// An incoming call offered to the agent.
@@ -330,6 +350,16 @@ impl CallControl {
     /// See [`CallHandle::hangup`].
     pub fn hangup(&self) {
         self.act(CallAction::Hangup);
+    }
+
+    /// See [`CallHandle::answer`].
+    pub fn answer(&self, sdp: String) {
+        self.act(CallAction::Answer(sdp));
+    }
+
+    /// See [`CallHandle::reject`].
+    pub fn reject(&self, code: u16, reason: &str) {
+        self.act(CallAction::Reject(code, reason.to_owned()));
     }
 
     /// See [`CallHandle::hold`].

@@ -294,6 +294,15 @@ impl Sipp {
         Sipp::spawn(proxy_port, scenario, port, &args)
     }
 
+    /// [`Sipp::uac`] with extra sipp arguments (e.g. `-rtp_echo`).
+    pub fn uac_with(proxy_port: u16, callee: &str, scenario: &str, extra: &[&str]) -> Sipp {
+        let mut args = vec![
+            "-s", callee, "-key", "caller", "1002", "-au", "1002", "-ap", "pass1002",
+        ];
+        args.extend_from_slice(extra);
+        Sipp::spawn(proxy_port, scenario, free_udp_port(), &args)
+    }
+
     /// A caller (as 1002) calling `callee` through the proxy with `scenario` (UAC).
     pub fn uac(proxy_port: u16, callee: &str, scenario: &str) -> Sipp {
         Sipp::spawn(
