@@ -320,6 +320,7 @@ async fn session(mut socket: WebSocket, state: AppState) {
                     }
                 }
                 Some(RegistrationEvent::Incoming(inc)) => {
+                    let inc = *inc;
                     let (control, events) = inc.call.split();
                     let call_id = control.call_id().to_owned();
                     let peer = inc.asserted.as_ref().unwrap_or(&inc.from).user().to_owned();

@@ -191,7 +191,7 @@ impl RegistrationHandle {
                 changed.ok()?;
                 Some(RegistrationEvent::Status(self.status.borrow_and_update().clone()))
             }
-            incoming = self.incoming.recv() => incoming.map(RegistrationEvent::Incoming),
+            incoming = self.incoming.recv() => incoming.map(|i| RegistrationEvent::Incoming(Box::new(i))),
         }
     }
 }
@@ -209,7 +209,7 @@ pub enum RegistrationEvent {
     /// The registration's status changed.
     Status(Status),
     /// A call for the agent.
-    Incoming(IncomingCall),
+    Incoming(Box<IncomingCall>),
 }
 
 /// An incoming call offered to the agent.
