@@ -413,3 +413,83 @@ async fn page_answers_and_rejects_incoming_calls() {
         .expect("shutdown")
         .unwrap();
 }
+
+/// Blind transfer over the API: the page calls baresip (1002) and transfers it to 1003 (sipp);
+/// baresip follows the REFER, 1003 really gets the call, and the page's call ends `transferred`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_transfers_a_call() {
+    use common::peers::{Baresip, Sipp};
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut third = Sipp::uas(kam.port, "1003", "pass1003", "uas_hangup.xml");
+    let transferee = Baresip::start(kam.port, "1002", "pass1002");
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = open(srv.addr).await;
+    let good = token(&srv.config, kam.port, "pass1001", 600);
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": good}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "registration" && ev["state"] == "registered" {
+            break;
+        }
+    }
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    let call_id = reply["callId"].as_str().unwrap().to_owned();
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_ne!(ev["state"], "ended", "{ev}\n{}", transferee.log());
+        if ev["state"] == "established" {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let target = format!("sip:1003@127.0.0.1:{}", kam.port);
+    ws.send(Message::text(
+        json!({"type": "transfer", "id": 3, "callId": call_id, "to": target}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut transfer_states = Vec::new();
+    let ended = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "transfer" {
+            transfer_states.push(ev["state"].as_str().unwrap().to_owned());
+        }
+        if ev["type"] == "call" && ev["state"] == "ended" {
+            break ev;
+        }
+    };
+    assert!(
+        transfer_states.contains(&"accepted".to_owned()),
+        "{transfer_states:?}"
+    );
+    assert!(
+        transfer_states.contains(&"succeeded".to_owned()),
+        "{transfer_states:?}"
+    );
+    assert_eq!(ended["endReason"], "transferred", "{ended}");
+    let (ok, log) = tokio::task::spawn_blocking(move || third.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert!(ok, "1003 did not get the transferred call:\n{log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}

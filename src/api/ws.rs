@@ -66,6 +66,18 @@ enum Request {
         call_id: String,
         digits: String,
     },
+    /// Blind transfer: the far end is asked to call `to`.
+    Transfer {
+        id: u64,
+        call_id: String,
+        to: String,
+    },
+    /// Attended transfer: the far end of `callId` takes over `consultId` (a call to the target).
+    CompleteTransfer {
+        id: u64,
+        call_id: String,
+        consult_id: String,
+    },
 }
 
 /// Most simultaneous calls of one page (a call, a consultation, a waiting call).
@@ -111,6 +123,20 @@ enum Outgoing {
         sip: Option<SipStatus>,
         #[serde(rename = "endReason", skip_serializing_if = "Option::is_none")]
         end_reason: Option<&'static str>,
+    },
+    /// Progress of a transfer the agent asked for.
+    Transfer {
+        #[serde(rename = "callId")]
+        call_id: String,
+        state: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+    },
+    /// A DTMF digit from the far end.
+    Dtmf {
+        #[serde(rename = "callId")]
+        call_id: String,
+        digit: String,
     },
     /// A call for the agent: answer with `answer {callId, sdp}` or `reject`.
     Incoming {
@@ -305,6 +331,20 @@ async fn session(mut socket: WebSocket, state: AppState) {
                         }
                         Some(_) => vec![error(Some(id), "bad_request", "digits are 1-64 of 0-9 * # A-D")],
                         None => vec![error(Some(id), "unknown_call", "no such call in this session")],
+                    },
+                    Ok(Request::Transfer { id, call_id, to }) => match calls.get(&call_id) {
+                        Some(c) => {
+                            c.transfer(&to);
+                            vec![ok(id)]
+                        }
+                        None => vec![error(Some(id), "unknown_call", "no such call in this session")],
+                    },
+                    Ok(Request::CompleteTransfer { id, call_id, consult_id }) => match (calls.get(&call_id), calls.get(&consult_id)) {
+                        (Some(a), Some(b)) if call_id != consult_id => {
+                            a.complete_transfer(b);
+                            vec![ok(id)]
+                        }
+                        _ => vec![error(Some(id), "unknown_call", "callId and consultId must be two calls of this session")],
                     },
                 };
                 for r in &reply {
@@ -607,6 +647,15 @@ async fn follow_call(
                 None,
                 None,
             ),
+            CallEvent::Transfer { state, status } => Outgoing::Transfer {
+                call_id: call_id.clone(),
+                state: state.code(),
+                status,
+            },
+            CallEvent::Dtmf { digit, .. } => Outgoing::Dtmf {
+                call_id: call_id.clone(),
+                digit: digit.to_string(),
+            },
             CallEvent::Ended {
                 reason,
                 status,

@@ -376,6 +376,16 @@ impl CallControl {
     pub fn dtmf_info(&self, digits: &str) {
         self.act(CallAction::Dtmf(digits.to_owned()));
     }
+
+    /// See [`CallHandle::transfer`].
+    pub fn transfer(&self, to: &str) {
+        self.act(CallAction::Transfer(to.to_owned()));
+    }
+
+    /// See [`CallHandle::complete_transfer`].
+    pub fn complete_transfer(&self, consult: &CallControl) {
+        self.act(CallAction::CompleteTransfer(consult.id));
+    }
 }
 
 impl Drop for CallControl {
