@@ -1,4 +1,5 @@
-//! The HTTP server: health, and the browser WebSocket API at `/ws`.
+//! The HTTP server: the softphone page at `/`, the SDK at `/callgate.js`, health, and the
+//! browser WebSocket API at `/ws`.
 
 use axum::Router;
 use axum::routing::get;
@@ -26,6 +27,12 @@ pub struct AppState {
 /// The HTTP routes.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(phone_page))
+        .route("/callgate.js", get(sdk))
+        .route(
+            "/favicon.ico",
+            get(|| async { axum::http::StatusCode::NO_CONTENT }),
+        )
         .route("/healthz", get(healthz))
         .route("/ws", get(super::ws::handler))
         .with_state(state)
@@ -34,4 +41,23 @@ pub fn router(state: AppState) -> Router {
 /// Liveness: the process is up and serving HTTP.
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// The softphone page (web/phone.html, compiled in).
+async fn phone_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../../web/phone.html"))
+}
+
+/// The JavaScript SDK (web/callgate.js, compiled in).
+async fn sdk() -> (
+    [(axum::http::header::HeaderName, &'static str); 1],
+    &'static str,
+) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/javascript; charset=utf-8",
+        )],
+        include_str!("../../web/callgate.js"),
+    )
 }

@@ -982,7 +982,12 @@ impl Task {
                 while let Some(s) = e.reg.poll_event() {
                     progressed = true;
                     log_status(key, &s);
-                    let _ = e.status.send(s);
+                    // Only real changes reach the holders (the first status is already there).
+                    e.status.send_if_modified(|cur| {
+                        let changed = *cur != s;
+                        *cur = s.clone();
+                        changed
+                    });
                 }
             }
             progressed |= self.pump_calls(std_now);

@@ -1,0 +1,167 @@
+// callgate browser SDK: log an agent in with a loginByToken token and make / take calls.
+// ES module, no build step. Protocol: docs/API.md.
+//
+//   import { Callgate } from '/callgate.js';
+//   const phone = await Callgate.connect('wss://callgate.example/ws', token);
+//   phone.on('registration', r => ...);
+//   phone.on('incoming', call => call.answer());
+//   const call = await phone.call('1002');
+//   call.on('state', s => ...); call.hold(); call.dtmf('1'); call.hangup();
+
+/** Minimal event emitter. */
+class Emitter {
+  constructor() { this._h = new Map(); }
+  /** @param {string} ev @param {(arg: any) => void} fn */
+  on(ev, fn) { (this._h.get(ev) || this._h.set(ev, []).get(ev)).push(fn); return this; }
+  _emit(ev, arg) { for (const fn of this._h.get(ev) || []) { try { fn(arg); } catch (e) { console.error(e); } } }
+}
+
+/** A callgate error: `code` is stable (docs/API.md), `message` is for people. */
+export class CallgateError extends Error {
+  constructor(code, message) { super(message); this.code = code; }
+}
+
+/** Waits until ICE gathering is complete, so the offer carries its candidates. */
+function gathered(pc) {
+  if (pc.iceGatheringState === 'complete') return Promise.resolve();
+  return new Promise(resolve => {
+    const done = () => { if (pc.iceGatheringState === 'complete') { pc.removeEventListener('icegatheringstatechange', done); resolve(); } };
+    pc.addEventListener('icegatheringstatechange', done);
+    setTimeout(resolve, 3000); // whatever we have after 3 s
+  });
+}
+
+/** One call. Events: `state` ({state, sip, endReason}), `transfer`, `dtmf`. */
+export class Call extends Emitter {
+  constructor(phone, callId, direction, peer) {
+    super();
+    this.phone = phone; this.id = callId; this.direction = direction; this.peer = peer;
+    this.state = direction === 'inbound' ? 'ringing' : 'trying';
+    this.pc = null;
+    /** The far end's audio, ready for an <audio> element. */
+    this.remoteStream = new MediaStream();
+  }
+  async _media() {
+    const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
+    pc.ontrack = e => e.streams[0] ? e.streams[0].getTracks().forEach(t => this.remoteStream.addTrack(t)) : this.remoteStream.addTrack(e.track);
+    const mic = await this.phone._microphone();
+    mic.getAudioTracks().forEach(t => pc.addTrack(t, mic));
+    await pc.setLocalDescription(await pc.createOffer());
+    await gathered(pc);
+    this.pc = pc;
+    return pc.localDescription.sdp;
+  }
+  /** Answers an incoming call. */
+  async answer() {
+    const sdp = await this._media();
+    const r = await this.phone._request({ type: 'answer', callId: this.id, sdp });
+    await this.pc.setRemoteDescription({ type: 'answer', sdp: r.sdp });
+  }
+  /** Rejects an incoming call (486 Busy Here unless another code is given). */
+  reject(code) { return this.phone._request({ type: 'reject', callId: this.id, ...(code ? { code } : {}) }); }
+  hangup() { return this.phone._request({ type: 'hangup', callId: this.id }); }
+  hold() { return this.phone._request({ type: 'hold', callId: this.id }); }
+  unhold() { return this.phone._request({ type: 'unhold', callId: this.id }); }
+  /** @param {string} digits 0-9 * # A-D */
+  dtmf(digits) { return this.phone._request({ type: 'dtmf', callId: this.id, digits }); }
+  /** Blind transfer to `to`. */
+  transfer(to) { return this.phone._request({ type: 'transfer', callId: this.id, to }); }
+  /** Attended transfer: this call's far end takes over `consult`. */
+  completeTransfer(consult) { return this.phone._request({ type: 'completeTransfer', callId: this.id, consultId: consult.id }); }
+  _event(ev) {
+    if (ev.type === 'call') {
+      this.state = ev.state;
+      if (ev.state === 'ended' && this.pc) { this.pc.close(); }
+      this._emit('state', ev);
+    } else if (ev.type === 'transfer') { this._emit('transfer', ev); }
+    else if (ev.type === 'dtmf') { this._emit('dtmf', ev.digit); }
+  }
+}
+
+/** A logged-in agent. Events: `registration`, `incoming` (a Call), `close`. */
+export class Callgate extends Emitter {
+  /**
+   * Opens the WebSocket and logs in.
+   * @param {string} url e.g. `wss://callgate.example/ws`
+   * @param {string} token `APP:HEX` minted by the CRM backend
+   * @returns {Promise<Callgate>}
+   */
+  static async connect(url, token) {
+    const phone = new Callgate(url);
+    await phone._open();
+    const connected = new Promise(resolve => { phone._onConnected = resolve; });
+    await phone._request({ type: 'connect', token });
+    await connected; // `connected` (with the agent) follows the reply
+    return phone;
+  }
+  constructor(url) {
+    super();
+    this.url = url; this._id = 0; this._pending = new Map(); this.calls = new Map(); this._mic = null;
+    this.registration = { state: 'idle' };
+  }
+  _open() {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(this.url);
+      this.ws = ws;
+      ws.onopen = () => resolve();
+      ws.onerror = () => reject(new CallgateError('connection_failed', 'cannot reach callgate'));
+      ws.onclose = () => {
+        for (const [, p] of this._pending) p.reject(new CallgateError('connection_closed', 'connection to callgate closed'));
+        this._pending.clear();
+        this._emit('close');
+      };
+      ws.onmessage = m => this._message(JSON.parse(m.data));
+    });
+  }
+  _request(msg) {
+    const id = ++this._id;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve, reject });
+      this.ws.send(JSON.stringify({ ...msg, id }));
+    });
+  }
+  _message(m) {
+    if (m.type === 'reply') {
+      const p = this._pending.get(m.id);
+      if (!p) return;
+      this._pending.delete(m.id);
+      m.ok ? p.resolve(m) : p.reject(new CallgateError(m.error.code, m.error.message));
+    } else if (m.type === 'connected') {
+      this.agent = m.agent; this.sessionId = m.sessionId;
+      if (this._onConnected) this._onConnected();
+    } else if (m.type === 'registration') {
+      this.registration = m; this._emit('registration', m);
+    } else if (m.type === 'incoming') {
+      const call = new Call(this, m.callId, 'inbound', m.from);
+      call.displayName = m.displayName;
+      this.calls.set(m.callId, call);
+      this._emit('incoming', call);
+    } else if (m.callId && this.calls.has(m.callId)) {
+      const call = this.calls.get(m.callId);
+      call._event(m);
+      if (m.type === 'call' && m.state === 'ended') this.calls.delete(m.callId);
+    }
+  }
+  async _microphone() {
+    if (!this._mic) this._mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+    return this._mic;
+  }
+  /**
+   * Calls `to` (extension, number or SIP URI).
+   * @returns {Promise<Call>}
+   */
+  async call(to) {
+    const call = new Call(this, null, 'outbound', to);
+    const sdp = await call._media();
+    const r = await this._request({ type: 'call', to, sdp });
+    call.id = r.callId;
+    this.calls.set(r.callId, call);
+    await call.pc.setRemoteDescription({ type: 'answer', sdp: r.sdp });
+    return call;
+  }
+  /** Closes the connection (calls of this page end). */
+  close() { this.ws.close(); if (this._mic) this._mic.getTracks().forEach(t => t.stop()); }
+}
+
+// For pages without modules (and for tests driving the page).
+if (typeof window !== 'undefined') window.Callgate = Callgate;
