@@ -1,7 +1,8 @@
-//! The capstone: headless Chromium runs the softphone page served by callgate, logs in with a
-//! token minted by callgate, calls 1002 (sipp through Kamailio, echoing RTP) and hears audio;
-//! nothing the browser received contains the password. Needs Debian's `chromium` and
-//! `playwright-core` in tests/browser (tests/run installs both).
+//! The capstone: headless Chromium runs the softphone page served by callgate against a real
+//! Kamailio and sipp: log in with a token minted by callgate, call out and answer a call with
+//! audio both ways, refuse bad tokens visibly; nothing the browser received contains the
+//! password. Needs Debian's `chromium` and `playwright-core` in tests/browser (tests/run installs
+//! both). Screenshots land in tests/artifacts/screenshots/.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -14,86 +15,117 @@ use callgate::server::Bound;
 use common::peers::{Kamailio, Sipp, free_udp_port};
 use common::{TempDir, require_tool, run_bounded};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_logs_in_and_calls_with_audio_both_ways() {
-    require_tool("chromium", "apt-get install chromium");
-    require_tool("node", "apt-get install nodejs");
-    let kam = Kamailio::start(free_udp_port());
-    let mut far = Sipp::uas_with(
-        kam.port,
-        "1002",
-        "pass1002",
-        "uas_answer.xml",
-        &["-rtp_echo"],
-    );
+const PASSWORD: &str = "pass1001";
 
-    let dir = TempDir::new("browser");
-    let cfg = dir.write(
-        "callgate.toml",
-        &format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
-             [media]\nwebrtc_port = {}\n",
-            free_udp_port()
-        ),
-    );
-    dir.write("apps.toml", "[apps.crm]\nkeys = [\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"]\n");
-    let config = Config::load(&cfg).unwrap();
-    let acct = account_from_cli(
-        "1001",
-        None,
-        "pass1001".into(),
-        "127.0.0.1",
-        None,
-        Some(kam.port),
-        None,
-    )
-    .unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let token = config
-        .keyring()
-        .mint("crm", &acct, Some(now + 600), [3; 16])
+/// One browser scenario at a time: three Chromiums, Kamailios and sipps at once overload a
+/// 2-core machine and make timing assertions meaningless.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Gateway {
+    kam: Kamailio,
+    url: String,
+    config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _dir: TempDir,
+}
+
+impl Gateway {
+    async fn start() -> Gateway {
+        require_tool("chromium", "apt-get install chromium");
+        require_tool("node", "apt-get install nodejs");
+        let kam = Kamailio::start(free_udp_port());
+        let dir = TempDir::new("browser");
+        let cfg = dir.write(
+            "callgate.toml",
+            &format!(
+                "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
+                 [media]\nwebrtc_port = {}\n",
+                free_udp_port()
+            ),
+        );
+        dir.write("apps.toml", "[apps.crm]\nkeys = [\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"]\n");
+        let config = Config::load(&cfg).unwrap();
+        let bound = Bound::bind(config.clone()).await.unwrap();
+        let url = format!("http://{}/", bound.http_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(bound.serve(async {
+            let _ = stopped.await;
+        }));
+        Gateway {
+            kam,
+            url,
+            config,
+            stop: Some(stop),
+            _dir: dir,
+        }
+    }
+
+    fn token(&self, ttl: i64) -> String {
+        let acct = account_from_cli(
+            "1001",
+            None,
+            PASSWORD.into(),
+            "127.0.0.1",
+            None,
+            Some(self.kam.port),
+            None,
+        )
         .unwrap();
-    let bound = Bound::bind(config).await.unwrap();
-    let addr = bound.http_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(bound.serve(async {
-        let _ = stopped.await;
-    }));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        self.config
+            .keyring()
+            .mint("crm", &acct, Some(now + ttl), [3; 16])
+            .unwrap()
+    }
 
-    let shots =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/screenshots");
-    let _ = std::fs::create_dir_all(&shots);
-    let out = tokio::task::spawn_blocking(move || {
-        run_bounded(
-            std::process::Command::new("node")
-                .arg(
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/drive.js"),
-                )
-                .arg(format!("http://{addr}/"))
-                .arg(&token)
-                .args(["1002", "3"])
-                .env("SHOTS", &shots),
-            Duration::from_secs(90),
-        )
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-        panic!(
-            "driver output: {text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(report.get("error").is_none(), "{report:#}\n{}", kam.log());
-    assert_eq!(report["registered"], true);
-    assert_eq!(
-        report["agent"], "1001@127.0.0.1",
-        "the page shows who is logged in"
-    );
+    /// Runs the driver in `mode`; returns its report after checking no frame held the password.
+    async fn drive(&self, args: Vec<String>) -> serde_json::Value {
+        let shots =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/screenshots");
+        let _ = std::fs::create_dir_all(&shots);
+        let out = tokio::task::spawn_blocking(move || {
+            run_bounded(
+                std::process::Command::new("node")
+                    .arg(
+                        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                            .join("tests/browser/drive.js"),
+                    )
+                    .args(&args)
+                    .env("SHOTS", &shots),
+                Duration::from_secs(90),
+            )
+        })
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+            panic!(
+                "driver output: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        for frame in report["frames"].as_array().unwrap() {
+            assert!(
+                !frame.as_str().unwrap().contains(PASSWORD),
+                "the password reached the browser: {frame}"
+            );
+        }
+        report
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+fn assert_audio(report: &serde_json::Value) {
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     let sent = report["stats"]["packetsSent"].as_u64().unwrap_or(0);
     // 3 s at 50 packets/s: the fake microphone's audio went out and came back echoed.
@@ -102,14 +134,113 @@ async fn chromium_logs_in_and_calls_with_audio_both_ways() {
         "sent {sent}, received {received}: {:#}",
         report["stats"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_logs_in_and_calls_with_audio_both_ways() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut far = Sipp::uas_with(
+        gw.kam.port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo"],
+    );
+    let report = gw
+        .drive(vec![
+            "outbound".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1002".into(),
+            "3".into(),
+        ])
+        .await;
+    assert!(
+        report.get("error").is_none(),
+        "{report:#}\n{}",
+        gw.kam.log()
+    );
+    assert_eq!(report["registered"], true);
+    assert_eq!(
+        report["agent"], "1001@127.0.0.1",
+        "the page shows who is logged in"
+    );
+    assert_audio(&report);
     assert_eq!(report["ended"], true);
-    for frame in report["frames"].as_array().unwrap() {
-        assert!(!frame.as_str().unwrap().contains("pass1001"), "{frame}");
-    }
     let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
         .await
         .unwrap();
     assert!(ok, "{log}");
-    stop.send(()).unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(15), server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_answers_an_incoming_call() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let kam_port = gw.kam.port;
+    // The caller (sipp as 1002, echoing RTP) dials 1001 once the page is registered: start it
+    // shortly after the driver, which needs about a second to launch and log in.
+    let caller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut c = Sipp::uac_with(kam_port, "1001", "uac_answered_long.xml", &["-rtp_echo"]);
+        tokio::task::spawn_blocking(move || c.wait(Duration::from_secs(30)))
+            .await
+            .unwrap()
+    });
+    let report = gw
+        .drive(vec![
+            "inbound".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1".into(),
+        ])
+        .await;
+    assert!(
+        report.get("error").is_none(),
+        "{report:#}\n{}",
+        gw.kam.log()
+    );
+    assert_eq!(report["caller"], "1002", "the banner names the caller");
+    let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    assert!(received >= 40, "{:#}", report["stats"]);
+    assert_eq!(
+        report["ended"], true,
+        "the caller hung up and the page saw it"
+    );
+    let (ok, log) = caller.await.unwrap();
+    assert!(ok, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_shows_why_a_token_is_refused() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut tampered = gw.token(600).into_bytes();
+    let i = tampered.len() - 3;
+    tampered[i] = if tampered[i] == b'a' { b'b' } else { b'a' };
+    for (token, code) in [
+        (String::from_utf8(tampered).unwrap(), "bad_mac"),
+        (gw.token(-300), "token_expired"),
+    ] {
+        let report = gw
+            .drive(vec!["refused".into(), gw.url.clone(), token])
+            .await;
+        assert!(report.get("error").is_none(), "{report:#}");
+        let shown = report["error_shown"].as_str().unwrap_or_default();
+        assert!(
+            shown.starts_with(code),
+            "the page shows {shown:?}, expected {code}"
+        );
+        assert_eq!(report["error_visible"], true);
+        assert!(
+            !report["frames"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f.as_str().unwrap().contains("registration")),
+            "nothing registers: {:#}",
+            report["frames"]
+        );
+    }
 }

@@ -1,13 +1,25 @@
 // Drives the softphone page in headless Chromium (Debian's, through playwright-core; no browser
-// download): log in with a token, call a number, hold the call for a few seconds, read getStats,
-// hang up. Prints a JSON report; every WebSocket frame the page received is included so the test
-// can check that no secret reached the browser. Screenshots go to $SHOTS (if set).
-// Usage: node drive.js URL TOKEN NUMBER SECONDS
+// download). Prints a JSON report; every WebSocket frame the page received is included so the
+// test can check that no secret reached the browser. Screenshots go to $SHOTS (if set).
+//
+//   node drive.js outbound URL TOKEN NUMBER SECONDS   log in, call NUMBER, talk, hang up
+//   node drive.js inbound  URL TOKEN SECONDS          log in, answer the first incoming call
+//   node drive.js refused  URL TOKEN                  log in must fail: report the shown error
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
 
+const stats = page => page.evaluate(async () => {
+  const call = [...window.callgatePhone.calls.values()][0];
+  const out = {};
+  (await call.pc.getStats()).forEach(s => {
+    if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.packetsReceived = s.packetsReceived; }
+    if (s.type === 'outbound-rtp' && s.kind === 'audio') { out.packetsSent = s.packetsSent; }
+  });
+  return out;
+});
+
 (async () => {
-  const [url, token, number, seconds] = process.argv.slice(2);
+  const [mode, url, token, ...rest] = process.argv.slice(2);
   const profile = fs.mkdtempSync(path.join(os.tmpdir(), 'callgate-chromium-'));
   const ctx = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -24,31 +36,41 @@ const fs = require('fs'), os = require('os'), path = require('path');
     page.on('websocket', ws => ws.on('framereceived', f => report.frames.push(String(f.payload))));
     const shot = async name => { if (process.env.SHOTS) await page.screenshot({ path: path.join(process.env.SHOTS, name + '.png') }); };
     await page.goto(url);
-    await shot('1-idle');
+    await shot(`${mode}-1-idle`);
     await page.fill('#token', token);
     await page.click('#connect');
+    if (mode === 'refused') {
+      await page.waitForFunction(() => document.getElementById('error').textContent.length > 0, null, { timeout: 10000 });
+      report.error_visible = await page.isVisible('#error');
+      report.error_shown = await page.textContent('#error');
+      await shot(`${mode}-2-error`);
+    } else {
     await page.waitForFunction(() => window.callgatePhone && window.callgatePhone.registration.state === 'registered', null, { timeout: 10000 });
     report.registered = true;
     report.agent = await page.textContent('#agent');
-    await page.fill('#number', number);
-    await page.click('#dial');
-    await page.waitForFunction(() => [...window.callgatePhone.calls.values()].some(c => c.state === 'established'), null, { timeout: 15000 });
-    await page.waitForTimeout(Number(seconds) * 1000);
-    await shot('2-in-call');
-    report.stats = await page.evaluate(async () => {
-      const call = [...window.callgatePhone.calls.values()][0];
-      const out = {};
-      (await call.pc.getStats()).forEach(s => {
-        if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.packetsReceived = s.packetsReceived; out.audioLevel = s.audioLevel; }
-        if (s.type === 'outbound-rtp' && s.kind === 'audio') { out.packetsSent = s.packetsSent; }
-        if (s.type === 'candidate-pair' && s.state === 'succeeded') { out.pair = true; }
-      });
-      return out;
-    });
-    await page.click('.call button.bad');
-    await page.waitForFunction(() => window.callgatePhone.calls.size === 0, null, { timeout: 10000 });
+    if (mode === 'outbound') {
+      const [number, seconds] = rest;
+      await page.fill('#number', number);
+      await page.click('#dial');
+      await page.waitForFunction(() => [...window.callgatePhone.calls.values()].some(c => c.state === 'established'), null, { timeout: 15000 });
+      await page.waitForTimeout(Number(seconds) * 1000);
+      await shot(`${mode}-2-in-call`);
+      report.stats = await stats(page);
+      await page.click('.call button.bad');
+    } else {
+      const [seconds] = rest;
+      await page.waitForSelector('#banner.show', { timeout: 15000 });
+      report.caller = await page.textContent('#banner-who');
+      await shot(`${mode}-2-ringing`);
+      await page.click('#accept');
+      await page.waitForFunction(() => [...window.callgatePhone.calls.values()].some(c => c.state === 'established'), null, { timeout: 15000 });
+      await page.waitForTimeout(Number(seconds) * 1000);
+      await shot(`${mode}-3-in-call`);
+      report.stats = await stats(page);
+    }
+    await page.waitForFunction(() => window.callgatePhone.calls.size === 0, null, { timeout: 15000 });
     report.ended = true;
-    await shot('3-after-call');
+    }
   } catch (e) {
     report.error = String(e);
   } finally {
