@@ -244,3 +244,37 @@ async fn chromium_shows_why_a_token_is_refused() {
         );
     }
 }
+
+/// Hold, resume and DTMF from the page's buttons; sipp checks the re-INVITE directions and the
+/// INFO digits, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_holds_resumes_and_sends_dtmf() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut far = Sipp::uas(gw.kam.port, "1002", "pass1002", "uas_hold_dtmf.xml");
+    let report = gw
+        .drive(vec![
+            "features".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1002".into(),
+        ])
+        .await;
+    assert!(
+        report.get("error").is_none(),
+        "{report:#}\n{}",
+        gw.kam.log()
+    );
+    assert_eq!(
+        (report["held"].as_bool(), report["resumed"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(report["ended"], true);
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(
+        ok,
+        "sipp did not see hold, resume and DTMF 1 # in order:\n{log}"
+    );
+}

@@ -48,14 +48,34 @@ const stats = page => page.evaluate(async () => {
     await page.waitForFunction(() => window.callgatePhone && window.callgatePhone.registration.state === 'registered', null, { timeout: 10000 });
     report.registered = true;
     report.agent = await page.textContent('#agent');
+    const state = want => page.waitForFunction(w => [...window.callgatePhone.calls.values()].some(c => c.state === w), want, { timeout: 15000 });
     if (mode === 'outbound') {
       const [number, seconds] = rest;
       await page.fill('#number', number);
       await page.click('#dial');
-      await page.waitForFunction(() => [...window.callgatePhone.calls.values()].some(c => c.state === 'established'), null, { timeout: 15000 });
+      await state('established');
       await page.waitForTimeout(Number(seconds) * 1000);
       await shot(`${mode}-2-in-call`);
       report.stats = await stats(page);
+      await page.click('.call button.bad');
+    } else if (mode === 'features') {
+      // Hold, resume and DTMF with the page's own buttons.
+      const [number] = rest;
+      await page.fill('#number', number);
+      await page.click('#dial');
+      await state('established');
+      await page.waitForTimeout(300);
+      await page.click('.call button:has-text("Hold")');
+      await state('held');
+      await shot(`${mode}-2-held`);
+      report.held = true;
+      await page.click('.call button:has-text("Resume")');
+      await state('established');
+      report.resumed = true;
+      await page.waitForTimeout(300);
+      await page.click('#pad button:has-text("1")');
+      await page.click('#pad button:has-text("#")');
+      await page.waitForTimeout(500);
       await page.click('.call button.bad');
     } else {
       const [seconds] = rest;
