@@ -151,10 +151,21 @@ impl Bound {
                 .media
                 .public_ip
                 .unwrap_or(self.config.media.listen_ip),
+            origins: std::sync::Arc::new(
+                self.config
+                    .apps
+                    .iter()
+                    .map(|(name, app)| (name.clone(), app.allowed_origins.clone()))
+                    .collect(),
+            ),
+            bad_tokens: std::sync::Arc::new(api::ws::BadTokens::default()),
         };
-        let served = axum::serve(self.http, api::http::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            self.http,
+            api::http::router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         // Remove every registration before leaving (bounded by Timer F).
         self.sip.shutdown().await;
         served.map_err(RunError::Http)?;

@@ -27,6 +27,10 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_with_app_options("").await
+}
+
+async fn server_with_app_options(app_options: &str) -> Server {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -40,7 +44,10 @@ async fn server() -> Server {
             free_udp_port()
         ),
     );
-    dir.write("apps.toml", &format!("[apps.crm]\nkeys = [\"{KEY}\"]\n"));
+    dir.write(
+        "apps.toml",
+        &format!("[apps.crm]\nkeys = [\"{KEY}\"]\n{app_options}"),
+    );
     let config = Config::load(&cfg).expect("config");
     let bound = Bound::bind(config.clone()).await.expect("bind");
     let addr = bound.http_addr().expect("addr");
@@ -487,6 +494,81 @@ async fn page_transfers_a_call() {
     assert!(ok, "1003 did not get the transferred call:\n{log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}
+
+/// Refused tokens are counted per address: after 10 in a minute even a good token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_rate_limited() {
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = open(srv.addr).await;
+    for i in 0..10 {
+        ws.send(Message::text(
+            json!({"type": "connect", "id": i, "token": "crm:00"}).to_string(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            next(&mut ws, &mut seen).await["error"]["code"],
+            "malformed_token"
+        );
+    }
+    let good = token(&srv.config, free_udp_port(), "pass1001", 600);
+    let mut other = open(srv.addr).await;
+    other
+        .send(Message::text(
+            json!({"type": "connect", "id": 99, "token": good}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut other, &mut seen).await["error"]["code"],
+        "rate_limited"
+    );
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}
+
+/// An app with `allowed_origins` only logs in pages from those origins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_checked() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut srv =
+        server_with_app_options("allowed_origins = [\"https://crm.example.com\"]\n").await;
+    let mut seen = Vec::new();
+    let good = token(&srv.config, free_udp_port(), "pass1001", 600);
+    for (origin, want_ok) in [
+        (None, false),
+        (Some("https://evil.example"), false),
+        (Some("https://crm.example.com"), true),
+    ] {
+        let mut req = format!("ws://{}/ws", srv.addr)
+            .into_client_request()
+            .unwrap();
+        if let Some(o) = origin {
+            req.headers_mut().insert("Origin", o.parse().unwrap());
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        ws.send(Message::text(
+            json!({"type": "connect", "id": 1, "token": good}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let r = next(&mut ws, &mut seen).await;
+        if want_ok {
+            assert_eq!(r["ok"], true, "{origin:?}: {r}");
+        } else {
+            assert_eq!(r["error"]["code"], "origin_not_allowed", "{origin:?}: {r}");
+        }
+    }
     srv.stop.take().unwrap().send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
         .await

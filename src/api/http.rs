@@ -22,6 +22,10 @@ pub struct AppState {
     pub rtp_bind_ip: std::net::IpAddr,
     /// IP announced in SDP toward SIP peers (the public one behind NAT).
     pub rtp_public_ip: std::net::IpAddr,
+    /// Per app: the page origins allowed to log in (empty: any).
+    pub origins: std::sync::Arc<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Bad-token counter per source address.
+    pub bad_tokens: std::sync::Arc<super::ws::BadTokens>,
 }
 
 /// The HTTP routes.

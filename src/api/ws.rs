@@ -205,11 +205,82 @@ fn ok(id: u64) -> Outgoing {
     }
 }
 
+/// Bad tokens tolerated per source address and minute before `connect` is refused outright.
+pub const BAD_TOKENS_PER_MINUTE: u32 = 10;
+
+/// Counts refused tokens per source address (a guard against token guessing and floods).
+///
+/// A std `Mutex` around a small map: held only to bump or read a counter, never across an
+/// `.await`; shared by all WebSocket sessions (STYLE.md §3's documented exception). Bounded: when
+/// it holds too many addresses, expired windows are dropped, and if still full, it is cleared.
+#[derive(Debug, Default)]
+pub struct BadTokens {
+    map: std::sync::Mutex<HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+}
+
+impl BadTokens {
+    const MAX_ADDRESSES: usize = 10_000;
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn blocked(&self, ip: std::net::IpAddr) -> bool {
+        let Ok(map) = self.map.lock() else {
+            return false;
+        };
+        map.get(&ip)
+            .is_some_and(|(n, since)| *n >= BAD_TOKENS_PER_MINUTE && since.elapsed() < Self::WINDOW)
+    }
+
+    fn record(&self, ip: std::net::IpAddr) {
+        let Ok(mut map) = self.map.lock() else { return };
+        if map.len() >= Self::MAX_ADDRESSES {
+            map.retain(|_, (_, since)| since.elapsed() < Self::WINDOW);
+            if map.len() >= Self::MAX_ADDRESSES {
+                map.clear();
+            }
+        }
+        let entry = map.entry(ip).or_insert((0, std::time::Instant::now()));
+        if entry.1.elapsed() >= Self::WINDOW {
+            *entry = (0, std::time::Instant::now());
+        }
+        entry.0 += 1;
+    }
+}
+
+/// Who is on the other end of a WebSocket.
+#[derive(Debug, Clone)]
+struct Peer {
+    /// The client's address: the TCP peer, or, when that is a proxy on this machine, the first
+    /// `X-Forwarded-For` address.
+    ip: std::net::IpAddr,
+    /// The page's `Origin` header, lower-cased.
+    origin: Option<String>,
+}
+
 /// `GET /ws`: upgrades to the session protocol.
-pub async fn handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+pub async fn handler(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    axum::extract::ConnectInfo(addr): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let forwarded = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
+    let ip = match forwarded {
+        // Trust X-Forwarded-For only from a proxy on this machine.
+        Some(f) if addr.ip().is_loopback() => f,
+        _ => addr.ip(),
+    };
+    let origin = headers
+        .get("origin")
+        .and_then(|v| v.to_str().ok())
+        .map(|o| o.trim_end_matches('/').to_ascii_lowercase());
+    let peer = Peer { ip, origin };
     ws.max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
-        .on_upgrade(move |socket| session(socket, state))
+        .on_upgrade(move |socket| session(socket, state, peer))
 }
 
 async fn send(socket: &mut WebSocket, msg: &Outgoing) -> bool {
@@ -236,7 +307,7 @@ struct Ringing {
     offer: Option<AudioSdp>,
 }
 
-async fn session(mut socket: WebSocket, state: AppState) {
+async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     let mut reg: Option<RegistrationHandle> = None;
     let mut calls: HashMap<String, CallControl> = HashMap::new();
     let mut ringing: HashMap<String, Ringing> = HashMap::new();
@@ -267,7 +338,7 @@ async fn session(mut socket: WebSocket, state: AppState) {
                 let reply = match serde_json::from_str::<Request>(text.as_str()) {
                     Err(_) => vec![error(None, "bad_request", "not a known request (see docs/API.md)")],
                     Ok(Request::Ping { id }) => vec![ok(id)],
-                    Ok(Request::Connect { id, token }) => connect(&state, &mut reg, id, &token).await,
+                    Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, id, &token).await,
                     Ok(Request::Call { id, to, sdp }) => match reg.as_ref() {
                         None => vec![error(Some(id), "not_connected", "send connect with a token first")],
                         Some(_) if calls.len() >= MAX_CALLS_PER_SESSION => {
@@ -388,6 +459,7 @@ async fn session(mut socket: WebSocket, state: AppState) {
 
 async fn connect(
     state: &AppState,
+    peer: &Peer,
     reg: &mut Option<RegistrationHandle>,
     id: u64,
     token: &str,
@@ -399,13 +471,36 @@ async fn connect(
             "this session is already logged in",
         )];
     }
+    if state.bad_tokens.blocked(peer.ip) {
+        return vec![error(
+            Some(id),
+            "rate_limited",
+            "too many refused tokens from this address; wait a minute",
+        )];
+    }
     let verified = match state.keyring.verify(token, SystemTime::now()) {
         Ok(v) => v,
         Err(e) => {
+            state.bad_tokens.record(peer.ip);
             tracing::info!(code = %e.code(), "token refused");
             return vec![error(Some(id), e.code(), e.to_string())];
         }
     };
+    let allowed = state
+        .origins
+        .get(verified.app())
+        .map_or(&[][..], Vec::as_slice);
+    if !allowed.is_empty() && !peer.origin.as_ref().is_some_and(|o| allowed.contains(o)) {
+        tracing::info!(
+            app = verified.app(),
+            "login refused: page origin not allowed"
+        );
+        return vec![error(
+            Some(id),
+            "origin_not_allowed",
+            "this page's origin may not use this app's tokens (allowed_origins in apps.toml)",
+        )];
+    }
     let app = verified.app().to_owned();
     let account = verified.into_account();
     let agent = account.aor();

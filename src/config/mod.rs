@@ -153,6 +153,9 @@ pub struct AppInfo {
     pub key_count: usize,
     /// Whether it uses the published demo key.
     pub demo_key: bool,
+    /// Page origins (`https://crm.example.com`) allowed to log in with this app's tokens; empty:
+    /// any origin.
+    pub allowed_origins: Vec<String>,
 }
 
 /// The validated configuration.
@@ -768,6 +771,22 @@ fn check_apps(
             },
         };
         let key_count = keys.len();
+        let mut allowed_origins = Vec::new();
+        for (i, o) in app.allowed_origins.iter().enumerate() {
+            let o = o.trim().trim_end_matches('/');
+            let ok = (o.starts_with("https://") || o.starts_with("http://"))
+                && o.split_once("//")
+                    .is_some_and(|(_, host)| !host.is_empty() && !host.contains('/'));
+            if ok {
+                allowed_origins.push(o.to_ascii_lowercase());
+            } else {
+                c.add(
+                    file,
+                    format!("{}[{i}]", at("allowed_origins")),
+                    "must be an origin like https://crm.example.com (scheme and host, no path)",
+                );
+            }
+        }
         match AppKeys::new(mode, keys, iv, app.require_expires) {
             Ok(k) => {
                 keyrings.insert(name.clone(), k);
@@ -784,6 +803,7 @@ fn check_apps(
                 mode,
                 key_count,
                 demo_key,
+                allowed_origins,
             },
         );
     }

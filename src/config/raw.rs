@@ -155,6 +155,8 @@ pub(crate) struct RawApp {
     pub(crate) iv: Option<String>,
     #[serde(default = "yes")]
     pub(crate) require_expires: bool,
+    #[serde(default)]
+    pub(crate) allowed_origins: Vec<String>,
 }
 
 fn yes() -> bool {

@@ -225,3 +225,17 @@ fn sip_timer_and_registration_keys() {
     assert_eq!(s.registration.keepalive, None);
     assert_eq!(s.dns_server, Some("127.0.0.1:53".parse().unwrap()));
 }
+
+#[test]
+fn allowed_origins_are_origins() {
+    let got = problems(
+        "",
+        "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\nallowed_origins = [\"https://crm.example.com/\", \"crm.example.com\", \"https://x/path\"]\n",
+    );
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(
+        got.iter()
+            .all(|p| p.starts_with("apps.crm.allowed_origins[")),
+        "{got:#?}"
+    );
+}
