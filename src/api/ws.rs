@@ -526,15 +526,25 @@ async fn connect(
     vec![ok(id), Outgoing::Connected { agent, session_id }, current]
 }
 
-/// Sets up an outbound call: the browser's offer answered by the WebRTC engine, an RTP port pair,
-/// the SIP INVITE offering the codec the browser got, and a task that follows the call.
-async fn start_call(
+/// The browser side of a call, set up from the page's offer.
+struct BrowserMedia {
+    leg: Leg,
+    /// callgate's SDP answer for the page.
+    answer: String,
+    /// The negotiated browser side.
+    browser: AudioSdp,
+    /// The G.711 law the browser got (the SIP side must use the same: no transcoding yet).
+    voice: String,
+    rtp: RtpLeg,
+    /// `o=` session id for the SIP side's SDP.
+    session_id: u64,
+}
+
+/// Answers the page's offer with the WebRTC engine and opens an RTP port pair for the SIP side.
+async fn browser_media(
     state: &AppState,
-    reg: &RegistrationHandle,
-    to: &str,
     offer: &str,
-    events: mpsc::Sender<Outgoing>,
-) -> Result<(CallControl, String), (&'static str, String)> {
+) -> Result<BrowserMedia, (&'static str, String)> {
     let (leg, answer) = state.webrtc.answer(offer).await.map_err(|e| match e {
         WebRtcError::BadOffer(_) => ("bad_sdp", e.to_string()),
         _ => ("media_error", e.to_string()),
@@ -555,11 +565,38 @@ async fn start_call(
         .map_err(|e| ("no_media_ports", e.to_string()))?;
     let mut idb = [0u8; 8];
     let _ = getrandom::fill(&mut idb);
+    Ok(BrowserMedia {
+        leg,
+        answer,
+        browser,
+        voice,
+        rtp,
+        session_id: u64::from_le_bytes(idb) >> 1,
+    })
+}
+
+/// Sets up an outbound call: the browser's offer answered by the WebRTC engine, an RTP port pair,
+/// the SIP INVITE offering the codec the browser got, and a task that follows the call.
+async fn start_call(
+    state: &AppState,
+    reg: &RegistrationHandle,
+    to: &str,
+    offer: &str,
+    events: mpsc::Sender<Outgoing>,
+) -> Result<(CallControl, String), (&'static str, String)> {
+    let BrowserMedia {
+        leg,
+        answer,
+        browser,
+        voice,
+        rtp,
+        session_id,
+    } = browser_media(state, offer).await?;
     let sip_offer = AudioSdp::offer(
         state.rtp_public_ip,
         rtp.port(),
         &[voice.as_str()],
-        u64::from_le_bytes(idb) >> 1,
+        session_id,
         Direction::SendRecv,
     );
     let handle = state
@@ -604,32 +641,20 @@ async fn answer_call(
         "no_common_codec",
         "the caller sent no SDP offer (not supported yet)".to_owned(),
     ))?;
-    let (leg, answer) = state.webrtc.answer(offer).await.map_err(|e| match e {
-        WebRtcError::BadOffer(_) => ("bad_sdp", e.to_string()),
-        _ => ("media_error", e.to_string()),
-    })?;
-    let browser = AudioSdp::parse(answer.as_bytes())
-        .ok()
-        .filter(|a| a.voice_codec().is_some())
-        .ok_or((
-            "no_common_codec",
-            "the browser offered neither PCMU nor PCMA".to_owned(),
-        ))?;
-    let voice = browser
-        .voice_codec()
-        .map(|c| c.name.clone())
-        .unwrap_or_default();
-    let rtp = RtpLeg::open(&state.rtp_ports, state.rtp_bind_ip)
-        .await
-        .map_err(|e| ("no_media_ports", e.to_string()))?;
-    let mut idb = [0u8; 8];
-    let _ = getrandom::fill(&mut idb);
+    let BrowserMedia {
+        leg,
+        answer,
+        browser,
+        voice,
+        rtp,
+        session_id,
+    } = browser_media(state, offer).await?;
     let sip_answer = AudioSdp::answer(
         &caller,
         state.rtp_public_ip,
         rtp.port(),
         &[voice.as_str()],
-        u64::from_le_bytes(idb) >> 1,
+        session_id,
         Direction::SendRecv,
     )
     .map_err(|_| {
