@@ -25,6 +25,7 @@ struct Gateway {
     kam: Kamailio,
     url: String,
     config: Config,
+    config_path: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: TempDir,
 }
@@ -55,11 +56,40 @@ impl Gateway {
             kam,
             url,
             config,
+            config_path: cfg,
             stop: Some(stop),
             _dir: dir,
         }
     }
 
+    /// A token as a CRM developer mints one: with `callgate token mint` and the gateway's config.
+    fn cli_token(&self) -> String {
+        let out = run_bounded(
+            common::callgate()
+                .args(["token", "mint", "--config"])
+                .arg(&self.config_path)
+                .args([
+                    "--app",
+                    "crm",
+                    "--login",
+                    "1001",
+                    "--password",
+                    PASSWORD,
+                    "--domain",
+                    "127.0.0.1",
+                ])
+                .args(["--port", &self.kam.port.to_string(), "--ttl", "10m"]),
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A token minted in-process (for lifetimes the CLI refuses, such as already expired).
     fn token(&self, ttl: i64) -> String {
         let acct = account_from_cli(
             "1001",
@@ -151,7 +181,7 @@ async fn chromium_logs_in_and_calls_with_audio_both_ways() {
         .drive(vec![
             "outbound".into(),
             gw.url.clone(),
-            gw.token(600),
+            gw.cli_token(),
             "1002".into(),
             "3".into(),
         ])
