@@ -735,12 +735,8 @@ impl Call {
         }
         let data = b.build();
         self.invite = Message::parse(&data).ok();
-        self.pending.push(Purpose::Invite);
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Invite,
-            data,
-            dest: self.local.target,
-        });
+        let target = self.local.target;
+        self.start_request(Purpose::Invite, data, target);
     }
 
     fn send_cancel(&mut self) {
@@ -760,12 +756,8 @@ impl Call {
             b = b.header("Route", r);
         }
         self.cancel_sent = true;
-        self.pending.push(Purpose::Cancel);
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Cancel,
-            data: b.build(),
-            dest: self.local.target,
-        });
+        let target = self.local.target;
+        self.start_request(Purpose::Cancel, b.build(), target);
     }
 
     /// The ACK for a 2xx to our INVITE / re-INVITE with CSeq `cseq` (§13.2.2.4): its own branch,
@@ -778,6 +770,16 @@ impl Call {
     fn in_dialog(&mut self, method: &str) -> Builder {
         self.local_cseq += 1;
         self.dialog_request(method, self.local_cseq)
+    }
+
+    /// Starts a client transaction of this call: remembered as pending until its final response.
+    fn start_request(&mut self, purpose: Purpose, data: Vec<u8>, dest: SocketAddr) {
+        self.pending.push(purpose);
+        self.out.push_back(Output::Request {
+            purpose,
+            data,
+            dest,
+        });
     }
 
     /// A request inside the dialog (§12.2.1.1): remote target, route set, tags.
@@ -804,12 +806,7 @@ impl Call {
             .header("User-Agent", self.local.user_agent.clone())
             .build();
         let dest = self.next_hop();
-        self.pending.push(Purpose::Bye);
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Bye,
-            data,
-            dest,
-        });
+        self.start_request(Purpose::Bye, data, dest);
     }
 
     /// A response to the INVITE on our side of the dialog (UAS), with our tag and Contact.
@@ -1000,13 +997,8 @@ impl Call {
             .header("User-Agent", self.local.user_agent.clone())
             .build();
         self.transferring = true;
-        self.pending.push(Purpose::Refer);
         let dest = self.next_hop();
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Refer,
-            data,
-            dest,
-        });
+        self.start_request(Purpose::Refer, data, dest);
         true
     }
 
@@ -1117,13 +1109,8 @@ impl Call {
             .body("application/dtmf-relay", body.into_bytes())
             .build();
         self.info_in_flight = true;
-        self.pending.push(Purpose::Info);
         let dest = self.next_hop();
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Info,
-            data,
-            dest,
-        });
+        self.start_request(Purpose::Info, data, dest);
     }
 
     /// Puts the far end on hold (re-INVITE with our SDP `sendonly`).
@@ -1174,13 +1161,8 @@ impl Call {
         };
         self.reinvite = Some((msg, None));
         self.reinvite_ack = None;
-        self.pending.push(Purpose::Reinvite);
         let dest = self.next_hop();
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Reinvite,
-            data,
-            dest,
-        });
+        self.start_request(Purpose::Reinvite, data, dest);
     }
 
     fn can_reinvite(&self) -> bool {
@@ -1226,13 +1208,8 @@ impl Call {
         };
         self.reinvite = Some((msg, Some(held)));
         self.reinvite_ack = None;
-        self.pending.push(Purpose::Reinvite);
         let dest = self.next_hop();
-        self.out.push_back(Output::Request {
-            purpose: Purpose::Reinvite,
-            data,
-            dest,
-        });
+        self.start_request(Purpose::Reinvite, data, dest);
     }
 
     fn reinvite_response(&mut self, now: Instant, code: u16, resp: &Message) {
