@@ -7,53 +7,20 @@ mod common;
 
 use std::time::Duration;
 
-use callgate::account::account_from_cli;
 use callgate::media::bridge::{self, Flow, Mapping};
 use callgate::media::rewrite::PtMap;
 use callgate::media::rtp::RtpPacket;
 use callgate::media::rtp_leg::{PortPool, RtpLeg};
 use callgate::media::webrtc::{Engine, Settings as RtcSettings};
 use callgate::sip::call::CallEvent;
-use callgate::sip::endpoint::{Endpoint, Settings};
-use callgate::sip::registration::{self, Status};
 use callgate::sip::sdp::{AudioSdp, Direction};
-use callgate::sip::transaction::Timers;
 use common::peers::{Kamailio, Sipp, free_udp_port};
 use common::rtc_peer::RtcPeer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_audio_goes_through_a_real_call_and_back() {
     let kam = Kamailio::start(free_udp_port());
-    let ep = Endpoint::bind(Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        public_address: None,
-        timers: Timers::default(),
-        registration: registration::Settings::default(),
-        grace: Duration::ZERO,
-        max_registrations: 10,
-        call_waiting: true,
-        min_session_expires: Duration::from_secs(90),
-        dns_server: None,
-    })
-    .await
-    .unwrap();
-    let acct = account_from_cli(
-        "1001",
-        None,
-        "pass1001".into(),
-        "127.0.0.1",
-        None,
-        Some(kam.port),
-        None,
-    )
-    .unwrap();
-    let mut reg = ep.register(acct).await.unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        reg.wait_for(|s| matches!(s, Status::Registered { .. })),
-    )
-    .await
-    .expect("registered");
+    let (ep, reg) = common::agent::registered_1001(common::agent::settings(), kam.port).await;
     let mut far = Sipp::uas_with(
         kam.port,
         "1002",

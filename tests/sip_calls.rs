@@ -7,12 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use callgate::account::account_from_cli;
 use callgate::sip::call::{CallEvent, EndReason, TransferState};
-use callgate::sip::endpoint::{CallHandle, Endpoint, RegistrationHandle, Settings};
-use callgate::sip::registration::{self, Status};
+use callgate::sip::endpoint::{CallHandle, Endpoint, RegistrationHandle};
 use callgate::sip::sdp::{AudioSdp, Direction};
-use callgate::sip::transaction::Timers;
 use common::peers::{Kamailio, Sipp, free_udp_port};
 
 const LIMIT: Duration = Duration::from_secs(15);
@@ -34,41 +31,12 @@ async fn agent_with(call_waiting: bool) -> Agent {
         .with_test_writer()
         .try_init();
     let kam = Kamailio::start(free_udp_port());
-    let ep = Endpoint::bind(Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        public_address: None,
-        timers: Timers::default(),
-        registration: registration::Settings {
-            expires: Duration::from_secs(60),
-            ..registration::Settings::default()
-        },
-        grace: Duration::ZERO,
-        max_registrations: 10,
+    let settings = callgate::sip::endpoint::Settings {
         call_waiting,
         min_session_expires: Duration::from_secs(2),
-        dns_server: None,
-    })
-    .await
-    .expect("bind");
-    let acct = account_from_cli(
-        "1001",
-        None,
-        "pass1001".into(),
-        "127.0.0.1",
-        None,
-        Some(kam.port),
-        Some("Agent One"),
-    )
-    .unwrap();
-    let mut reg = ep.register(acct).await.expect("register");
-    let s = tokio::time::timeout(LIMIT, reg.wait_for(|s| !matches!(s, Status::Registering)))
-        .await
-        .expect("registration");
-    assert!(
-        matches!(s, Some(Status::Registered { .. })),
-        "{s:?}\n{}",
-        kam.log()
-    );
+        ..common::agent::settings()
+    };
+    let (ep, reg) = common::agent::registered_1001(settings, kam.port).await;
     Agent { kam, ep, reg }
 }
 

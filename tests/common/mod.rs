@@ -2,6 +2,7 @@
 //! waits that are always killed by PID.
 #![allow(dead_code, unreachable_pub, clippy::expect_used, clippy::unwrap_used)]
 
+pub mod agent;
 pub mod peers;
 pub mod rtc_peer;
 
