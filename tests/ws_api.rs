@@ -100,6 +100,23 @@ async fn open(addr: std::net::SocketAddr) -> Ws {
     ws
 }
 
+/// A page logged in as 1001 (token for the registrar on `kam_port`), once registered.
+async fn logged_in(srv: &Server, kam_port: u16, seen: &mut Vec<String>) -> Ws {
+    let mut ws = open(srv.addr).await;
+    let good = token(&srv.config, kam_port, "pass1001", 600);
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": good}).to_string(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let ev = next(&mut ws, seen).await;
+        if ev["type"] == "registration" && ev["state"] == "registered" {
+            return ws;
+        }
+    }
+}
+
 /// Next JSON frame, recorded into `seen`.
 async fn next(ws: &mut Ws, seen: &mut Vec<String>) -> Value {
     loop {
@@ -226,19 +243,7 @@ async fn page_calls_and_hears_the_far_end() {
     );
     let mut srv = server().await;
     let mut seen = Vec::new();
-    let mut ws = open(srv.addr).await;
-    let good = token(&srv.config, kam.port, "pass1001", 600);
-    ws.send(Message::text(
-        json!({"type": "connect", "id": 1, "token": good}).to_string(),
-    ))
-    .await
-    .unwrap();
-    loop {
-        let ev = next(&mut ws, &mut seen).await;
-        if ev["type"] == "registration" && ev["state"] == "registered" {
-            break;
-        }
-    }
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
 
     let (mut page, offer) = RtcPeer::offer().await;
     ws.send(Message::text(
@@ -324,19 +329,7 @@ async fn page_answers_and_rejects_incoming_calls() {
     let kam = Kamailio::start(free_udp_port());
     let mut srv = server().await;
     let mut seen = Vec::new();
-    let mut ws = open(srv.addr).await;
-    let good = token(&srv.config, kam.port, "pass1001", 600);
-    ws.send(Message::text(
-        json!({"type": "connect", "id": 1, "token": good}).to_string(),
-    ))
-    .await
-    .unwrap();
-    loop {
-        let ev = next(&mut ws, &mut seen).await;
-        if ev["type"] == "registration" && ev["state"] == "registered" {
-            break;
-        }
-    }
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
 
     let mut caller = Sipp::uac_with(kam.port, "1001", "uac_answered_long.xml", &["-rtp_echo"]);
     let incoming = loop {
@@ -433,19 +426,7 @@ async fn page_transfers_a_call() {
     let transferee = Baresip::start(kam.port, "1002", "pass1002");
     let mut srv = server().await;
     let mut seen = Vec::new();
-    let mut ws = open(srv.addr).await;
-    let good = token(&srv.config, kam.port, "pass1001", 600);
-    ws.send(Message::text(
-        json!({"type": "connect", "id": 1, "token": good}).to_string(),
-    ))
-    .await
-    .unwrap();
-    loop {
-        let ev = next(&mut ws, &mut seen).await;
-        if ev["type"] == "registration" && ev["state"] == "registered" {
-            break;
-        }
-    }
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
     let (mut page, offer) = RtcPeer::offer().await;
     ws.send(Message::text(
         json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
