@@ -610,15 +610,7 @@ fn remote_hold_is_answered_recvonly_and_reported() {
     let t0 = Instant::now();
     let (mut c, ok) = established();
     let hold_offer = SDP.replace("a=rtpmap:101", "a=sendonly\r\na=rtpmap:101");
-    let re = Builder::request("INVITE", "sip:1001-abc@127.0.0.1:5070")
-        .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKre;rport")
-        .header("From", ok.header("To").unwrap())
-        .header(
-            "To",
-            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
-        )
-        .header("Call-ID", c.call_id().to_owned())
-        .header("CSeq", "10 INVITE")
+    let re = from_far_end(&c, &ok, "INVITE", 10)
         .body("application/sdp", hold_offer.into_bytes())
         .into_message()
         .unwrap();
@@ -682,15 +674,7 @@ fn dtmf_info_received() {
         ("application/dtmf-relay", "Signal=Z\r\n", None),
         ("text/plain", "5", None),
     ] {
-        let info = Builder::request("INFO", "sip:1001-abc@127.0.0.1:5070")
-            .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKinfo")
-            .header("From", ok.header("To").unwrap())
-            .header(
-                "To",
-                format!("<sip:1001@example.com>;tag={}", c.local_tag()),
-            )
-            .header("Call-ID", c.call_id().to_owned())
-            .header("CSeq", "20 INFO")
+        let info = from_far_end(&c, &ok, "INFO", 20)
             .body(ct, body.as_bytes().to_vec())
             .into_message()
             .unwrap();
@@ -704,11 +688,12 @@ fn dtmf_info_received() {
     }
 }
 
-fn notify(c: &Call, ok: &Message, cseq: u32, state: &str, frag: &str) -> Message {
-    Builder::request("NOTIFY", "sip:1001-abc@127.0.0.1:5070")
+/// A request from the far end of an established call (`ok` is the 200 that established it).
+fn from_far_end(c: &Call, ok: &Message, method: &str, cseq: u32) -> Builder {
+    Builder::request(method, "sip:1001-abc@127.0.0.1:5070")
         .header(
             "Via",
-            format!("SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKn{cseq}"),
+            format!("SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bK{method}{cseq}"),
         )
         .header("From", ok.header("To").unwrap())
         .header(
@@ -716,7 +701,11 @@ fn notify(c: &Call, ok: &Message, cseq: u32, state: &str, frag: &str) -> Message
             format!("<sip:1001@example.com>;tag={}", c.local_tag()),
         )
         .header("Call-ID", c.call_id().to_owned())
-        .header("CSeq", format!("{cseq} NOTIFY"))
+        .header("CSeq", format!("{cseq} {method}"))
+}
+
+fn notify(c: &Call, ok: &Message, cseq: u32, state: &str, frag: &str) -> Message {
+    from_far_end(c, ok, "NOTIFY", cseq)
         .header("Event", "refer")
         .header("Subscription-State", state)
         .body("message/sipfrag;version=2.0", frag.as_bytes().to_vec())
@@ -1013,15 +1002,7 @@ fn early_media_then_answer() {
 fn inbound_refer_is_declined() {
     let t0 = Instant::now();
     let (mut c, ok) = established();
-    let refer = Builder::request("REFER", "sip:1001-abc@127.0.0.1:5070")
-        .header("Via", "SIP/2.0/UDP 127.0.0.1:6060;branch=z9hG4bKref")
-        .header("From", ok.header("To").unwrap())
-        .header(
-            "To",
-            format!("<sip:1001@example.com>;tag={}", c.local_tag()),
-        )
-        .header("Call-ID", c.call_id().to_owned())
-        .header("CSeq", "30 REFER")
+    let refer = from_far_end(&c, &ok, "REFER", 30)
         .header("Refer-To", "<sip:1003@example.com>")
         .into_message()
         .unwrap();
