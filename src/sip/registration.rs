@@ -279,6 +279,18 @@ impl Registration {
         }
     }
 
+    /// A request to the registrar: Request-URI, our Via with a fresh branch, Max-Forwards.
+    fn request(&mut self, method: &str) -> Builder {
+        let via = format!(
+            "SIP/2.0/UDP {};branch=z9hG4bK{};rport",
+            self.binding.via_host,
+            self.rng.hex()
+        );
+        Builder::request(method, &self.request_uri)
+            .header("Via", via)
+            .header("Max-Forwards", "70")
+    }
+
     fn send_register(&mut self) {
         self.cseq += 1;
         let expires = match self.goal {
@@ -290,16 +302,8 @@ impl Registration {
             Some(name) => format!("\"{name}\" <{aor}>;tag={}", self.binding.from_tag),
             None => format!("<{aor}>;tag={}", self.binding.from_tag),
         };
-        let mut b = Builder::request("REGISTER", &self.request_uri)
-            .header(
-                "Via",
-                format!(
-                    "SIP/2.0/UDP {};branch=z9hG4bK{};rport",
-                    self.binding.via_host,
-                    self.rng.hex()
-                ),
-            )
-            .header("Max-Forwards", "70")
+        let mut b = self
+            .request("REGISTER")
             .header("From", from)
             .header("To", format!("<{aor}>"))
             .header("Call-ID", self.binding.call_id.clone())
@@ -337,16 +341,8 @@ impl Registration {
 
     fn send_keepalive(&mut self) {
         let aor = format!("sip:{}@{}", self.account.login, self.account.domain);
-        let b = Builder::request("OPTIONS", &self.request_uri)
-            .header(
-                "Via",
-                format!(
-                    "SIP/2.0/UDP {};branch=z9hG4bK{};rport",
-                    self.binding.via_host,
-                    self.rng.hex()
-                ),
-            )
-            .header("Max-Forwards", "70")
+        let b = self
+            .request("OPTIONS")
             .header("From", format!("<{aor}>;tag={}", self.rng.hex()))
             .header("To", format!("<{}>", self.request_uri))
             .header("Call-ID", format!("ka-{}", self.rng.hex()))

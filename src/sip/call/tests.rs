@@ -31,6 +31,18 @@ fn account() -> crate::account::SipAccount {
     .unwrap()
 }
 
+/// Our call to sip:1002@example.com, INVITE queued.
+fn outgoing_to_1002() -> Call {
+    Call::outgoing(
+        local(),
+        account(),
+        "sip:1002@example.com".into(),
+        SDP.into(),
+        Timers::default(),
+        5,
+    )
+}
+
 fn outputs(c: &mut Call) -> Vec<Output> {
     std::iter::from_fn(|| c.poll_output()).collect()
 }
@@ -71,14 +83,7 @@ fn reply(req: &Message, code: u16, extra: &[(&str, &str)], body: Option<&str>) -
 #[test]
 fn outbound_auth_ring_answer_ack_bye() {
     let t0 = Instant::now();
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let out = outputs(&mut c);
     let (p, inv, dest) = request_of(&out[0]);
     assert_eq!(
@@ -160,14 +165,7 @@ fn outbound_auth_ring_answer_ack_bye() {
 #[test]
 fn outbound_failures_carry_status() {
     let t0 = Instant::now();
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let (_, inv, _) = request_of(&outputs(&mut c)[0]);
     let busy = response_to(&inv, 486, "Busy Here", Some("x"))
         .into_message()
@@ -182,14 +180,7 @@ fn outbound_failures_carry_status() {
         }]
     );
     assert!(c.is_finished());
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let _ = outputs(&mut c);
     c.handle_tx_timeout(Purpose::Invite);
     assert!(matches!(
@@ -204,14 +195,7 @@ fn outbound_failures_carry_status() {
 #[test]
 fn cancel_waits_for_a_provisional() {
     let t0 = Instant::now();
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let (_, inv, _) = request_of(&outputs(&mut c)[0]);
     c.hangup(t0);
     assert!(
@@ -243,14 +227,7 @@ fn cancel_waits_for_a_provisional() {
 #[test]
 fn answer_crossing_cancel_is_acked_and_byed() {
     let t0 = Instant::now();
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let (_, inv, _) = request_of(&outputs(&mut c)[0]);
     c.handle_response(t0, Purpose::Invite, &reply(&inv, 180, &[], None));
     c.hangup(t0);
@@ -519,14 +496,7 @@ fn dial_strings() {
 /// An established outbound call (ACK sent), for the hold tests.
 fn established() -> (Call, Message) {
     let t0 = Instant::now();
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let (_, inv, _) = request_of(&outputs(&mut c)[0]);
     let ok = reply(
         &inv,
@@ -925,14 +895,7 @@ fn session_interval_below_min_se_gets_422() {
 #[test]
 fn we_refresh_when_the_answer_says_so() {
     let t0 = Instant::now();
-    let mut c = Call::outgoing(
-        local(),
-        account(),
-        "sip:1002@example.com".into(),
-        SDP.into(),
-        Timers::default(),
-        5,
-    );
+    let mut c = outgoing_to_1002();
     let (_, inv, _) = request_of(&outputs(&mut c)[0]);
     assert_eq!(inv.header("Supported"), Some("timer"));
     let ok = reply(
