@@ -8,6 +8,7 @@ pub mod account;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod dialplan;
 pub mod logging;
 pub mod media;
 pub mod secret;

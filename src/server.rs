@@ -159,6 +159,15 @@ impl Bound {
                     .collect(),
             ),
             bad_tokens: std::sync::Arc::new(api::ws::BadTokens::default()),
+            dial_plans: std::sync::Arc::new(
+                self.config
+                    .apps
+                    .iter()
+                    .map(|(name, app)| (name.clone(), app.dial_plan.clone()))
+                    .collect(),
+            ),
+            dtmf: self.config.media.dtmf,
+            media_timeout: self.config.media.timeout,
         };
         let served = axum::serve(
             self.http,

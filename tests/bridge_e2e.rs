@@ -65,12 +65,13 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
         }
     };
     rtp.set_remote(std::net::SocketAddr::new(answer.addr, answer.port));
-    let (flow_tx, flow_rx) = tokio::sync::watch::channel(Flow::Forward);
+    let (mut steer, ctl) = bridge::controls();
     // The payload types of both negotiations, paired by name (the engine's own SDP parsed).
     let browser_audio = AudioSdp::parse(browser_sdp.as_bytes()).expect("the WebRTC answer parses");
     let mapping = Mapping::negotiate(&browser_audio, &answer).expect("bridgeable");
+    let mapping_te = mapping.sip_telephone_event;
     assert_eq!(mapping.to_sip.first(), Some(&PtMap { from: 0, to: 0 }));
-    let bridge = tokio::spawn(bridge::run(leg, rtp, mapping, 0xB41D, flow_rx));
+    let bridge = tokio::spawn(bridge::run(leg, rtp, mapping, 0xB41D, ctl));
 
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let deadline = tokio::time::Instant::now() + Duration::from_millis(2600);
@@ -83,10 +84,10 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
             _ = tick.tick(), if sent < 80 => {
                 // Packets 25-54 fall into a 600 ms hold: nothing is forwarded meanwhile.
                 if sent == 25 {
-                    flow_tx.send(Flow::Hold).unwrap();
+                    steer.flow.send(Flow::Hold).unwrap();
                 }
                 if sent == 55 {
-                    flow_tx.send(Flow::Forward).unwrap();
+                    steer.flow.send(Flow::Forward).unwrap();
                 }
                 let mut b = Vec::new();
                 RtpPacket { marker: sent == 0, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 3, payload: &[0x3c; 160] }.write(&mut b);
@@ -101,7 +102,22 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
             }
         }
     }
-    flow_tx.send(Flow::Stop).unwrap();
+    // DTMF crosses as RFC 4733 events with sipp's payload type; sipp echoes them and the bridge
+    // reports each digit it hears once.
+    assert_eq!(mapping_te, Some(101));
+    steer.dtmf.send('5').unwrap();
+    steer.dtmf.send('#').unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(3), async {
+        let mut d = String::new();
+        while d.len() < 2 {
+            d.push(steer.heard.recv().await.unwrap());
+        }
+        d
+    })
+    .await
+    .expect("the echoed digits within 3 s");
+    assert_eq!(heard, "5#");
+    steer.flow.send(Flow::Stop).unwrap();
     let stats = bridge.await.unwrap();
     // 80 sent, 30 of them during the hold: about 50 come back, before and after it.
     assert!(

@@ -37,14 +37,15 @@ async fn short_calls_leave_nothing_behind() {
         let rtp = RtpLeg::open(&pool, "127.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        let (flow_tx, flow_rx) = tokio::sync::watch::channel(Flow::Forward);
+        let (steer, ctl) = bridge::controls();
         let mapping = Mapping {
             to_sip: vec![PtMap { from: 0, to: 0 }],
             to_browser: vec![PtMap { from: 0, to: 0 }],
+            sip_telephone_event: None,
         };
-        let task = tokio::spawn(bridge::run(leg, rtp, mapping, 1, flow_rx));
+        let task = tokio::spawn(bridge::run(leg, rtp, mapping, 1, ctl));
         tokio::time::sleep(Duration::from_millis(40)).await;
-        flow_tx.send(Flow::Stop).unwrap();
+        steer.flow.send(Flow::Stop).unwrap();
         task.await.unwrap();
         browser.pc.close().await.unwrap();
         drop(browser);

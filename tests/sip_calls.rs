@@ -372,6 +372,77 @@ async fn blind_transfer_reaches_the_third_party() {
     sipp_done(third).await;
 }
 
+/// Attended transfer: 1002 (the transferee) is held while we consult 1003 (the target); then we
+/// REFER 1002 to 1003 with a Replaces naming the consultation dialog. Both sipp peers log what
+/// they saw, and the Replaces must name exactly the dialog 1003 has with us (its Call-ID, its own
+/// tag as to-tag, ours as from-tag). 1002 reports success; both our legs end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attended_transfer_replaces_the_consultation_dialog() {
+    let a = agent().await;
+    let transferee = Sipp::uas_with(
+        a.kam.port,
+        "1002",
+        "pass1002",
+        "uas_transferee.xml",
+        &["-trace_logs"],
+    );
+    let target = Sipp::uas_with(
+        a.kam.port,
+        "1003",
+        "pass1003",
+        "uas_consulted.xml",
+        &["-trace_logs"],
+    );
+    let mut first = a.ep.dial(&a.reg, "1002", sdp()).await.expect("dial");
+    answered(&mut first).await;
+    first.hold();
+    assert!(matches!(
+        next(&mut first).await,
+        CallEvent::Hold { held: true, .. }
+    ));
+    let mut consult =
+        a.ep.dial(&a.reg, "1003", sdp())
+            .await
+            .expect("dial consult");
+    answered(&mut consult).await;
+    first.complete_transfer(&consult);
+    let (seen, reason, _) = until_ended(&mut first).await;
+    assert!(
+        seen.iter().any(|e| matches!(
+            e,
+            CallEvent::Transfer {
+                state: TransferState::Succeeded,
+                ..
+            }
+        )),
+        "{seen:?}"
+    );
+    assert_eq!(reason, EndReason::Transferred);
+    let (_, consult_reason, _) = until_ended(&mut consult).await;
+    assert_eq!(consult_reason, EndReason::LocalHangup);
+    let logs = tokio::task::spawn_blocking(move || {
+        let (mut c, mut b) = (transferee, target);
+        (c.wait(LIMIT), b.wait(LIMIT))
+    })
+    .await
+    .unwrap();
+    let ((c_ok, c_log), (b_ok, b_log)) = logs;
+    assert!(c_ok, "transferee: {c_log}");
+    assert!(b_ok, "target: {b_log}");
+    let words = |log: &str, tag: &str| -> Vec<String> {
+        log.lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag} line in {log}"))
+            .split_whitespace()
+            .map(|w| w.replace("%40", "@").replace("%3A", ":"))
+            .collect()
+    };
+    let replaces = words(&c_log, "REPLACES ");
+    let dialog = words(&b_log, "DIALOG ");
+    assert_eq!(replaces.len(), 3, "{replaces:?}");
+    assert_eq!(replaces, dialog, "Replaces vs the target's dialog");
+}
+
 /// Consult: the first call is held while a second one is made, then resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consult_call_while_the_first_is_held() {

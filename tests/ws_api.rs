@@ -31,6 +31,11 @@ async fn server() -> Server {
 }
 
 async fn server_with_app_options(app_options: &str) -> Server {
+    server_with(app_options, "").await
+}
+
+/// A server whose apps.toml app has `app_options` and whose `[media]` has `media_options`.
+async fn server_with(app_options: &str, media_options: &str) -> Server {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -40,7 +45,7 @@ async fn server_with_app_options(app_options: &str) -> Server {
         "callgate.toml",
         &format!(
             "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
-             [media]\nwebrtc_port = {}\n",
+             [media]\nwebrtc_port = {}\n{media_options}\n",
             free_udp_port()
         ),
     );
@@ -286,6 +291,43 @@ async fn page_calls_and_hears_the_far_end() {
         }
     }
     assert!(back >= 45, "the page heard {back} of 50 echoed packets");
+
+    // DTMF: sipp negotiated telephone-event/8000, so the digits go as RFC 4733 events in the
+    // RTP stream (with sipp's payload type); sipp echoes them, and callgate reports each digit
+    // it hears back once, and passes the events on to the page with the page's payload type.
+    ws.send(Message::text(
+        json!({"type": "dtmf", "id": 5, "callId": call_id, "digits": "12#"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 5, "ok": true})
+    );
+    let mut digits = String::new();
+    while digits.len() < 3 {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_eq!(
+            (ev["type"].as_str(), ev["callId"].as_str()),
+            (Some("dtmf"), Some(call_id.as_str())),
+            "{ev}"
+        );
+        digits.push_str(ev["digit"].as_str().unwrap());
+    }
+    assert_eq!(digits, "12#");
+    let mut events_at_page = Vec::new();
+    while let Ok(Some((_, p))) =
+        tokio::time::timeout(Duration::from_millis(300), page.heard.recv()).await
+    {
+        if p.len() == 4 && p[1] & 0x80 != 0 && events_at_page.last() != Some(&p[0]) {
+            events_at_page.push(p[0]);
+        }
+    }
+    assert_eq!(
+        events_at_page,
+        vec![1, 2, 11],
+        "telephone-event end packets at the page"
+    );
 
     ws.send(Message::text(
         json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
@@ -550,6 +592,121 @@ async fn origins_are_checked() {
             assert_eq!(r["error"]["code"], "origin_not_allowed", "{origin:?}: {r}");
         }
     }
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}
+
+/// A far end that answers and then sends no media (a dead peer, a broken NAT): callgate hangs
+/// up after `media.timeout_secs`, sends BYE, and tells the page why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_far_end_is_hung_up_after_the_media_timeout() {
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    // No -rtp_echo: sipp answers and stays silent; it expects our BYE.
+    let mut far = Sipp::uas(kam.port, "1002", "pass1002", "uas_answer.xml");
+    let mut srv = server_with("", "timeout_secs = 2").await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let started = tokio::time::Instant::now();
+    let mut established_at = None;
+    let ended = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["state"] == "established" {
+            established_at = Some(tokio::time::Instant::now());
+        }
+        if ev["state"] == "ended" {
+            break ev;
+        }
+    };
+    let established_at = established_at.expect("the call was answered first");
+    assert_eq!(ended["endReason"], "media_timeout", "{ended}");
+    let silent_for = established_at.elapsed();
+    assert!(
+        silent_for >= Duration::from_millis(1900) && started.elapsed() < Duration::from_secs(8),
+        "hung up {silent_for:?} after the answer"
+    );
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "sipp got our BYE: {log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+}
+
+/// The app's dial plan: a national number typed by the agent reaches the far end in E.164 (sipp
+/// is registered as +49301234567 at Kamailio, so only the normalised number finds it); denied
+/// prefixes and, when the app says so, SIP URIs are refused with their codes before any SIP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_plan_normalises_and_refuses() {
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas(kam.port, "+49301234567", "pass4930", "uas_hangup.xml");
+    let mut srv = server_with_app_options(
+        "[apps.crm.dial_plan]\ncountry_code = \"49\"\ndeny_prefixes = [\"+49900\"]\nallow_uris = false\n",
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    for (id, to, code) in [
+        (2, "0900 1234567", "destination_denied"),
+        (3, "sip:1002@127.0.0.1", "uri_not_allowed"),
+        (4, "+49 30 12ab", "bad_destination"),
+    ] {
+        ws.send(Message::text(
+            json!({"type": "call", "id": id, "to": to, "sdp": "v=0"}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let reply = next(&mut ws, &mut seen).await;
+        assert_eq!(reply["error"]["code"], code, "{to}: {reply}");
+    }
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": 5, "to": "030 123 45-67", "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let mut states = Vec::new();
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        states.push(ev["state"].as_str().unwrap_or_default().to_owned());
+        if ev["state"] == "ended" {
+            // uas_hangup answers, then hangs up itself.
+            assert_eq!(ev["endReason"], "remote_hangup", "{ev}\n{}", kam.log());
+            break;
+        }
+    }
+    assert!(states.contains(&"established".to_owned()), "{states:?}");
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
     srv.stop.take().unwrap().send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
         .await

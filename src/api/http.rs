@@ -26,6 +26,12 @@ pub struct AppState {
     pub origins: std::sync::Arc<std::collections::BTreeMap<String, Vec<String>>>,
     /// Bad-token counter per source address.
     pub bad_tokens: std::sync::Arc<super::ws::BadTokens>,
+    /// Per app: its dial plan.
+    pub dial_plans: std::sync::Arc<std::collections::BTreeMap<String, crate::dialplan::DialPlan>>,
+    /// How DTMF from the page is sent.
+    pub dtmf: crate::config::DtmfMode,
+    /// Hang-up after this long without SIP-side RTP (`None`: never).
+    pub media_timeout: Option<std::time::Duration>,
 }
 
 /// The HTTP routes.

@@ -13,14 +13,18 @@ use serde::{Deserialize, Serialize};
 
 use std::collections::HashMap;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::http::AppState;
+use crate::config::DtmfMode;
+use crate::dialplan::{DialError, DialPlan};
 use crate::media::bridge::{self, Flow, Mapping};
 use crate::media::rtp_leg::RtpLeg;
 use crate::media::webrtc::{Leg, WebRtcError};
 use crate::sip::call::CallEvent;
-use crate::sip::endpoint::{CallControl, EndpointError, RegistrationEvent, RegistrationHandle};
+use crate::sip::endpoint::{
+    CallCommander, CallControl, EndpointError, RegistrationEvent, RegistrationHandle,
+};
 use crate::sip::registration::Status;
 use crate::sip::sdp::{AudioSdp, Direction};
 
@@ -299,9 +303,24 @@ async fn next_registration_event(
     }
 }
 
+/// A call of this session: its control, and its follower's DTMF input (the follower picks
+/// RFC 4733 or SIP INFO once it knows what the far end negotiated).
+struct SessionCall {
+    control: CallControl,
+    dtmf: mpsc::UnboundedSender<String>,
+}
+
+impl std::ops::Deref for SessionCall {
+    type Target = CallControl;
+    fn deref(&self) -> &CallControl {
+        &self.control
+    }
+}
+
 /// An incoming call waiting for the page's `answer`.
 struct Ringing {
     control: CallControl,
+    dtmf: mpsc::UnboundedSender<String>,
     /// Hands the media legs to the call's follower once the page answered.
     handoff: tokio::sync::oneshot::Sender<(Leg, RtpLeg, AudioSdp)>,
     offer: Option<AudioSdp>,
@@ -309,7 +328,9 @@ struct Ringing {
 
 async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     let mut reg: Option<RegistrationHandle> = None;
-    let mut calls: HashMap<String, CallControl> = HashMap::new();
+    // The logged-in agent's app's dial plan.
+    let mut plan = DialPlan::default();
+    let mut calls: HashMap<String, SessionCall> = HashMap::new();
     let mut ringing: HashMap<String, Ringing> = HashMap::new();
     let (events_tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
     loop {
@@ -338,19 +359,22 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 let reply = match serde_json::from_str::<Request>(text.as_str()) {
                     Err(_) => vec![error(None, "bad_request", "not a known request (see docs/API.md)")],
                     Ok(Request::Ping { id }) => vec![ok(id)],
-                    Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, id, &token).await,
+                    Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, &mut plan, id, &token).await,
                     Ok(Request::Call { id, to, sdp }) => match reg.as_ref() {
                         None => vec![error(Some(id), "not_connected", "send connect with a token first")],
                         Some(_) if calls.len() >= MAX_CALLS_PER_SESSION => {
                             vec![error(Some(id), "too_many_calls", "this page has too many calls")]
                         }
-                        Some(r) => match start_call(&state, r, &to, &sdp, events_tx.clone()).await {
-                            Ok((control, answer)) => {
-                                let call_id = control.call_id().to_owned();
-                                calls.insert(call_id.clone(), control);
+                        Some(r) => match plan.apply(&to) {
+                            Err(e) => vec![refused(id, &e)],
+                            Ok(to) => match start_call(&state, r, &to, &sdp, events_tx.clone()).await {
+                            Ok((call, answer)) => {
+                                let call_id = call.call_id().to_owned();
+                                calls.insert(call_id.clone(), call);
                                 vec![Outgoing::Reply { id: Some(id), ok: true, error: None, call_id: Some(call_id), sdp: Some(answer) }]
                             }
                             Err((code, message)) => vec![error(Some(id), code, message)],
+                        },
                         },
                     },
                     Ok(Request::Hangup { id, call_id }) => match calls.get(&call_id) {
@@ -376,8 +400,8 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     },
                     Ok(Request::Answer { id, call_id, sdp }) => match ringing.remove(&call_id) {
                         Some(r) => match answer_call(&state, r, &sdp).await {
-                            Ok((control, answer)) => {
-                                calls.insert(call_id.clone(), control);
+                            Ok((call, answer)) => {
+                                calls.insert(call_id.clone(), call);
                                 vec![Outgoing::Reply { id: Some(id), ok: true, error: None, call_id: Some(call_id), sdp: Some(answer) }]
                             }
                             Err((code, message)) => vec![error(Some(id), code, message)],
@@ -397,22 +421,25 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     }
                     Ok(Request::Dtmf { id, call_id, digits }) => match calls.get(&call_id) {
                         Some(c) if !digits.is_empty() && digits.len() <= 64 && digits.chars().all(|d| d.is_ascii_digit() || "*#ABCDabcd".contains(d)) => {
-                            c.dtmf_info(&digits);
+                            let _ = c.dtmf.send(digits);
                             vec![ok(id)]
                         }
                         Some(_) => vec![error(Some(id), "bad_request", "digits are 1-64 of 0-9 * # A-D")],
                         None => vec![error(Some(id), "unknown_call", "no such call in this session")],
                     },
                     Ok(Request::Transfer { id, call_id, to }) => match calls.get(&call_id) {
-                        Some(c) => {
-                            c.transfer(&to);
-                            vec![ok(id)]
-                        }
+                        Some(c) => match plan.apply(&to) {
+                            Ok(to) => {
+                                c.transfer(&to);
+                                vec![ok(id)]
+                            }
+                            Err(e) => vec![refused(id, &e)],
+                        },
                         None => vec![error(Some(id), "unknown_call", "no such call in this session")],
                     },
                     Ok(Request::CompleteTransfer { id, call_id, consult_id }) => match (calls.get(&call_id), calls.get(&consult_id)) {
                         (Some(a), Some(b)) if call_id != consult_id => {
-                            a.complete_transfer(b);
+                            a.complete_transfer(&b.control);
                             vec![ok(id)]
                         }
                         _ => vec![error(Some(id), "unknown_call", "callId and consultId must be two calls of this session")],
@@ -442,10 +469,22 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     }
                     let ev = Outgoing::Incoming { call_id: call_id.clone(), from: peer.clone(), display_name };
                     let (handoff, media) = tokio::sync::oneshot::channel();
+                    let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
                     // Follows the call from now on: a caller's CANCEL before the answer reaches
                     // the page as `ended` (`missed`).
-                    tokio::spawn(follow_call(call_id.clone(), peer, "inbound", events, CallMedia::Later(media, inc.offer.clone()), events_tx.clone()));
-                    ringing.insert(call_id.clone(), Ringing { control, handoff, offer: inc.offer });
+                    tokio::spawn(follow_call(Follow {
+                        call_id: call_id.clone(),
+                        peer,
+                        direction: "inbound",
+                        call_events: events,
+                        media: CallMedia::Later(media, inc.offer.clone()),
+                        events: events_tx.clone(),
+                        commander: control.commander(),
+                        dtmf: dtmf_rx,
+                        dtmf_mode: state.dtmf,
+                        media_timeout: state.media_timeout,
+                    }));
+                    ringing.insert(call_id.clone(), Ringing { control, dtmf, handoff, offer: inc.offer });
                     if !send(&mut socket, &ev).await {
                         break;
                     }
@@ -461,6 +500,7 @@ async fn connect(
     state: &AppState,
     peer: &Peer,
     reg: &mut Option<RegistrationHandle>,
+    plan: &mut DialPlan,
     id: u64,
     token: &str,
 ) -> Vec<Outgoing> {
@@ -502,6 +542,9 @@ async fn connect(
         )];
     }
     let app = verified.app().to_owned();
+    if let Some(p) = state.dial_plans.get(&app) {
+        *plan = p.clone();
+    }
     let account = verified.into_account();
     let agent = account.aor();
     let handle = match state.sip.register(account).await {
@@ -524,6 +567,16 @@ async fn connect(
         u64::from_le_bytes(b)
     });
     vec![ok(id), Outgoing::Connected { agent, session_id }, current]
+}
+
+/// The reply for a dial string the app's dial plan refused.
+fn refused(id: u64, e: &DialError) -> Outgoing {
+    let code = match e {
+        DialError::UriNotAllowed => "uri_not_allowed",
+        DialError::Denied { .. } => "destination_denied",
+        _ => "bad_destination",
+    };
+    error(Some(id), code, e.to_string())
 }
 
 /// The browser side of a call, set up from the page's offer.
@@ -583,7 +636,7 @@ async fn start_call(
     to: &str,
     offer: &str,
     events: mpsc::Sender<Outgoing>,
-) -> Result<(CallControl, String), (&'static str, String)> {
+) -> Result<(SessionCall, String), (&'static str, String)> {
     let BrowserMedia {
         leg,
         answer,
@@ -609,15 +662,20 @@ async fn start_call(
             _ => ("unavailable", e.to_string()),
         })?;
     let (control, call_events) = handle.split();
-    tokio::spawn(follow_call(
-        control.call_id().to_owned(),
-        to.to_owned(),
-        "outbound",
+    let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
+    tokio::spawn(follow_call(Follow {
+        call_id: control.call_id().to_owned(),
+        peer: to.to_owned(),
+        direction: "outbound",
         call_events,
-        CallMedia::Now(leg, rtp, browser),
+        media: CallMedia::Now(leg, rtp, browser),
         events,
-    ));
-    Ok((control, answer))
+        commander: control.commander(),
+        dtmf: dtmf_rx,
+        dtmf_mode: state.dtmf,
+        media_timeout: state.media_timeout,
+    }));
+    Ok((SessionCall { control, dtmf }, answer))
 }
 
 /// The media of a call: ready (outbound, set up before dialling) or handed over when the page
@@ -636,7 +694,7 @@ async fn answer_call(
     state: &AppState,
     ringing: Ringing,
     offer: &str,
-) -> Result<(CallControl, String), (&'static str, String)> {
+) -> Result<(SessionCall, String), (&'static str, String)> {
     let caller = ringing.offer.clone().ok_or((
         "no_common_codec",
         "the caller sent no SDP offer (not supported yet)".to_owned(),
@@ -667,19 +725,47 @@ async fn answer_call(
     if ringing.handoff.send((leg, rtp, browser)).is_err() {
         return Err(("unknown_call", "the call ended meanwhile".to_owned()));
     }
-    Ok((ringing.control, answer))
+    Ok((
+        SessionCall {
+            control: ringing.control,
+            dtmf: ringing.dtmf,
+        },
+        answer,
+    ))
 }
 
-/// Follows one call: reports its states to the page and runs the media bridge once the far end
-/// sends its SDP (early media or answer).
-async fn follow_call(
+/// What [`follow_call`] needs.
+struct Follow {
     call_id: String,
     peer: String,
     direction: &'static str,
-    mut call_events: mpsc::UnboundedReceiver<CallEvent>,
+    call_events: mpsc::UnboundedReceiver<CallEvent>,
     media: CallMedia,
     events: mpsc::Sender<Outgoing>,
-) {
+    commander: CallCommander,
+    /// Digits the page asked to send.
+    dtmf: mpsc::UnboundedReceiver<String>,
+    dtmf_mode: DtmfMode,
+    media_timeout: Option<std::time::Duration>,
+}
+
+/// Follows one call: reports its states to the page, runs the media bridge once the far end
+/// sends its SDP (early media or answer), routes the page's DTMF (RFC 4733 when the far end
+/// negotiated telephone-event, SIP INFO otherwise), reports the far end's RFC 4733 digits, and
+/// hangs up an established call whose far end stopped sending media.
+async fn follow_call(f: Follow) {
+    let Follow {
+        call_id,
+        peer,
+        direction,
+        mut call_events,
+        media,
+        events,
+        commander,
+        dtmf: mut dtmf_in,
+        dtmf_mode,
+        media_timeout,
+    } = f;
     let report = |state: &'static str, sip: Option<SipStatus>, end_reason: Option<&'static str>| {
         Outgoing::Call {
             call_id: call_id.clone(),
@@ -690,12 +776,19 @@ async fn follow_call(
             end_reason,
         }
     };
-    let (flow_tx, flow_rx) = watch::channel(Flow::Forward);
+    let (mut steer, ctl) = bridge::controls();
+    let mut ctl = Some(ctl);
     let mut bridge = None;
-    let (mut media, mut later, mut caller_offer, mut spare_flow) = match media {
-        CallMedia::Now(leg, rtp, browser) => (Some((leg, rtp, browser, flow_rx)), None, None, None),
-        CallMedia::Later(rx, offer) => (None, Some(rx), offer, Some(flow_rx)),
+    let mut rfc4733 = false;
+    let (mut media, mut later, mut caller_offer) = match media {
+        CallMedia::Now(leg, rtp, browser) => (Some((leg, rtp, browser)), None, None),
+        CallMedia::Later(rx, offer) => (None, Some(rx), offer),
     };
+    // Media liveness: watched while established and held by nobody, from `watch_from` on.
+    let (mut established, mut held, mut remote_held) = (false, false, false);
+    let mut watch_from = std::time::Instant::now();
+    let mut timed_out = false;
+    let mut liveness = tokio::time::interval(std::time::Duration::from_millis(500));
     let first = if direction == "outbound" {
         "trying"
     } else {
@@ -716,13 +809,44 @@ async fn follow_call(
             } => {
                 later = None;
                 // The page answered an incoming call: the caller's offer is the far SDP.
-                match (handed, caller_offer.take(), spare_flow.take()) {
-                    (Some((leg, rtp, browser)), Some(offer), Some(flow_rx)) => {
-                        media = Some((leg, rtp, browser, flow_rx));
+                match (handed, caller_offer.take()) {
+                    (Some(m), Some(offer)) => {
+                        media = Some(m);
                         CallEvent::Answered { answer: Some(offer) }
                     }
                     _ => continue,
                 }
+            }
+            Some(digits) = dtmf_in.recv() => {
+                if rfc4733 && dtmf_mode == DtmfMode::Rfc4733 {
+                    for d in digits.chars() {
+                        let _ = steer.dtmf.send(d);
+                    }
+                } else {
+                    commander.dtmf_info(&digits);
+                }
+                continue;
+            }
+            Some(digit) = steer.heard.recv() => {
+                let out = Outgoing::Dtmf { call_id: call_id.clone(), digit: digit.to_string() };
+                if events.send(out).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = liveness.tick(), if media_timeout.is_some() && bridge.is_some() && !timed_out => {
+                let now = std::time::Instant::now();
+                if let Some(limit) = media_timeout {
+                    if established && !held && !remote_held
+                        && now.saturating_duration_since(watch_from) >= limit
+                        && steer.activity.sip_idle(now) >= limit
+                    {
+                        tracing::info!(call = %call_id, secs = limit.as_secs(), "no media from the far end: hanging up");
+                        timed_out = true;
+                        commander.hangup_media_timeout();
+                    }
+                }
+                continue;
             }
         };
         tracing::debug!(call = %call_id, event = ?ev, "call event");
@@ -732,19 +856,21 @@ async fn follow_call(
             _ => None,
         };
         // Take the legs only when the far end's SDP is here (not on a plain 180).
-        if let Some((sdp, (leg, mut rtp, browser, flow_rx))) =
-            far_sdp.and_then(|sdp| media.take().map(|m| (sdp, m)))
+        if let Some((sdp, (leg, mut rtp, browser), ctl)) = far_sdp
+            .and_then(|sdp| media.take().map(|m| (sdp, m)))
+            .and_then(|(sdp, m)| ctl.take().map(|c| (sdp, m, c)))
         {
             match Mapping::negotiate(&browser, &sdp) {
                 Ok(mapping) => {
                     rtp.set_remote(std::net::SocketAddr::new(sdp.addr, sdp.port));
                     tracing::debug!(call = %call_id, remote = %sdp.addr, port = sdp.port, ?mapping, "bridge starts");
+                    rfc4733 = mapping.sip_telephone_event.is_some();
                     bridge = Some(tokio::spawn(bridge::run(
                         leg,
                         rtp,
                         mapping,
                         0x00ca_11ed,
-                        flow_rx,
+                        ctl,
                     )));
                 }
                 Err(e) => tracing::warn!(call = %call_id, "cannot bridge media: {e}"),
@@ -753,20 +879,22 @@ async fn follow_call(
         let out = match ev {
             CallEvent::Ringing => report("ringing", None, None),
             CallEvent::EarlyMedia { .. } => report("early", None, None),
-            CallEvent::Answered { .. } => report("established", None, None),
-            CallEvent::Hold { held, .. } => {
-                let _ = flow_tx.send(if held { Flow::Hold } else { Flow::Forward });
-                report(if held { "held" } else { "established" }, None, None)
+            CallEvent::Answered { .. } => {
+                established = true;
+                watch_from = std::time::Instant::now();
+                report("established", None, None)
             }
-            CallEvent::RemoteHold { held, .. } => report(
-                if held {
-                    "held_by_remote"
-                } else {
-                    "established"
-                },
-                None,
-                None,
-            ),
+            CallEvent::Hold { held: h, .. } => {
+                held = h;
+                watch_from = std::time::Instant::now();
+                let _ = steer.flow.send(if h { Flow::Hold } else { Flow::Forward });
+                report(if h { "held" } else { "established" }, None, None)
+            }
+            CallEvent::RemoteHold { held: h, .. } => {
+                remote_held = h;
+                watch_from = std::time::Instant::now();
+                report(if h { "held_by_remote" } else { "established" }, None, None)
+            }
             CallEvent::Transfer { state, status } => Outgoing::Transfer {
                 call_id: call_id.clone(),
                 state: state.code(),
@@ -794,10 +922,10 @@ async fn follow_call(
             break;
         }
     }
-    let _ = flow_tx.send(Flow::Stop);
+    let _ = steer.flow.send(Flow::Stop);
     if let Some(b) = bridge {
         let _ = b.await;
-    } else if let Some((leg, _, _, _)) = media {
+    } else if let Some((leg, _, _)) = media {
         leg.close().await;
     }
 }

@@ -124,6 +124,21 @@ pub struct Media {
     pub rtp_port_min: u16,
     /// Last RTP port.
     pub rtp_port_max: u16,
+    /// How DTMF from the page reaches the SIP side.
+    pub dtmf: DtmfMode,
+    /// An established, unheld call whose SIP side sends no RTP for this long is hung up
+    /// (`None`: never).
+    pub timeout: Option<Duration>,
+}
+
+/// How DTMF digits from the page are sent to the SIP side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DtmfMode {
+    /// RFC 4733 telephone-events in the RTP stream when the far end negotiated
+    /// telephone-event/8000, SIP INFO otherwise.
+    Rfc4733,
+    /// Always SIP INFO (`application/dtmf-relay`).
+    Info,
 }
 
 /// Storage locations.
@@ -156,6 +171,8 @@ pub struct AppInfo {
     /// Page origins (`https://crm.example.com`) allowed to log in with this app's tokens; empty:
     /// any origin.
     pub allowed_origins: Vec<String>,
+    /// How the app's agents' dial strings are normalised.
+    pub dial_plan: crate::dialplan::DialPlan,
 }
 
 /// The validated configuration.
@@ -436,6 +453,13 @@ impl Config {
             600,
             "seconds",
         );
+        let media_timeout = range(
+            "media.timeout_secs",
+            raw.media.timeout_secs,
+            0,
+            86_400,
+            "seconds (0 = never)",
+        );
         let max_regs = range(
             "sip.max_registrations",
             raw.sip.max_registrations,
@@ -502,6 +526,18 @@ impl Config {
                 "must be set when media.listen_ip is 0.0.0.0 or :: (peers need a concrete address)",
             );
         }
+        let dtmf = match raw.media.dtmf.as_str() {
+            "rfc4733" => DtmfMode::Rfc4733,
+            "info" => DtmfMode::Info,
+            other => {
+                c.add(
+                    &file,
+                    "media.dtmf",
+                    format!("{other:?} is not \"rfc4733\" or \"info\""),
+                );
+                DtmfMode::Rfc4733
+            }
+        };
         let rtp_min = c.port(&file, "media.rtp_port_min", raw.media.rtp_port_min, false);
         let rtp_max = c.port(&file, "media.rtp_port_max", raw.media.rtp_port_max, false);
         if let (Some(lo), Some(hi)) = (rtp_min, rtp_max) {
@@ -628,6 +664,8 @@ impl Config {
                 public_ip,
                 rtp_port_min,
                 rtp_port_max,
+                dtmf,
+                timeout: (media_timeout > 0).then(|| Duration::from_secs(media_timeout)),
             },
             tokens,
             storage: Storage {
@@ -787,6 +825,7 @@ fn check_apps(
                 );
             }
         }
+        let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
         match AppKeys::new(mode, keys, iv, app.require_expires) {
             Ok(k) => {
                 keyrings.insert(name.clone(), k);
@@ -804,10 +843,93 @@ fn check_apps(
                 key_count,
                 demo_key,
                 allowed_origins,
+                dial_plan,
             },
         );
     }
     (infos, keyrings)
+}
+
+/// Validates `[apps.NAME.dial_plan]` (`at` is its dotted key); absent: the default plan.
+fn check_dial_plan(
+    c: &mut Checker,
+    file: &str,
+    at: &str,
+    raw: Option<raw::RawDialPlan>,
+) -> crate::dialplan::DialPlan {
+    let mut plan = crate::dialplan::DialPlan::default();
+    let Some(raw) = raw else { return plan };
+    let digits = |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(cc) = raw.country_code {
+        if !cc.is_empty() && digits(&cc, 3) {
+            plan.country_code = Some(cc);
+        } else {
+            c.add(
+                file,
+                format!("{at}.country_code"),
+                "must be 1 to 3 digits, e.g. \"49\"",
+            );
+        }
+    }
+    for (key, value, target) in [
+        (
+            "national_prefix",
+            raw.national_prefix,
+            &mut plan.national_prefix,
+        ),
+        (
+            "international_prefix",
+            raw.international_prefix,
+            &mut plan.international_prefix,
+        ),
+    ] {
+        if let Some(v) = value {
+            if digits(&v, 4) {
+                *target = v;
+            } else {
+                c.add(
+                    file,
+                    format!("{at}.{key}"),
+                    "must be up to 4 digits (\"\" for none)",
+                );
+            }
+        }
+    }
+    if let Some(n) = raw.extension_max_digits {
+        match usize::try_from(n) {
+            Ok(n) if n <= 15 => plan.extension_max_digits = n,
+            _ => c.add(
+                file,
+                format!("{at}.extension_max_digits"),
+                "must be between 0 and 15",
+            ),
+        }
+    }
+    if let Some(p) = raw.e164_prefix {
+        if p == "+" || digits(&p, 4) {
+            plan.e164_prefix = p;
+        } else {
+            c.add(
+                file,
+                format!("{at}.e164_prefix"),
+                "must be \"+\", up to 4 digits (\"00\"), or \"\"",
+            );
+        }
+    }
+    if let Some(a) = raw.allow_uris {
+        plan.allow_uris = a;
+    }
+    for (i, p) in raw.deny_prefixes.into_iter().enumerate() {
+        match p.strip_prefix('+') {
+            Some(d) if !d.is_empty() && digits(d, 15) => plan.deny_prefixes.push(p),
+            _ => c.add(
+                file,
+                format!("{at}.deny_prefixes[{i}]"),
+                "must be an E.164 prefix like \"+1900\"",
+            ),
+        }
+    }
+    plan
 }
 
 #[cfg(test)]

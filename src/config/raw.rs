@@ -76,6 +76,8 @@ pub(crate) struct RawMedia {
     pub(crate) public_ip: String,
     pub(crate) rtp_port_min: i64,
     pub(crate) rtp_port_max: i64,
+    pub(crate) dtmf: String,
+    pub(crate) timeout_secs: i64,
 }
 
 impl Default for RawMedia {
@@ -86,6 +88,8 @@ impl Default for RawMedia {
             public_ip: String::new(),
             rtp_port_min: 20000,
             rtp_port_max: 20999,
+            dtmf: "rfc4733".into(),
+            timeout_secs: 60,
         }
     }
 }
@@ -157,6 +161,20 @@ pub(crate) struct RawApp {
     pub(crate) require_expires: bool,
     #[serde(default)]
     pub(crate) allowed_origins: Vec<String>,
+    #[serde(default)]
+    pub(crate) dial_plan: Option<RawDialPlan>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawDialPlan {
+    pub(crate) country_code: Option<String>,
+    pub(crate) national_prefix: Option<String>,
+    pub(crate) international_prefix: Option<String>,
+    pub(crate) extension_max_digits: Option<i64>,
+    pub(crate) e164_prefix: Option<String>,
+    pub(crate) allow_uris: Option<bool>,
+    pub(crate) deny_prefixes: Vec<String>,
 }
 
 fn yes() -> bool {

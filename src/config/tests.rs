@@ -239,3 +239,44 @@ fn allowed_origins_are_origins() {
         "{got:#?}"
     );
 }
+
+#[test]
+fn dial_plans_and_media_options_are_checked() {
+    let got = problems(
+        "[media]\ndtmf = \"inband\"\ntimeout_secs = -1\n",
+        "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n[apps.crm.dial_plan]\n\
+         country_code = \"+49\"\nnational_prefix = \"x\"\nextension_max_digits = 40\n\
+         e164_prefix = \"plus\"\ndeny_prefixes = [\"1900\", \"+44909\"]\n",
+    );
+    let keys: Vec<&str> = got
+        .iter()
+        .map(|p| p.split(':').next().unwrap_or_default())
+        .collect();
+    for key in [
+        "media.dtmf",
+        "media.timeout_secs",
+        "apps.crm.dial_plan.country_code",
+        "apps.crm.dial_plan.national_prefix",
+        "apps.crm.dial_plan.extension_max_digits",
+        "apps.crm.dial_plan.e164_prefix",
+        "apps.crm.dial_plan.deny_prefixes[0]",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(key)),
+            "{key} not reported: {got:#?}"
+        );
+    }
+    assert_eq!(keys.len(), 7, "{got:#?}");
+    let dir = tempdir();
+    std::fs::write(dir.join("callgate.toml"), "").unwrap();
+    std::fs::write(
+        dir.join("apps.toml"),
+        "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n[apps.crm.dial_plan]\ncountry_code = \"49\"\n",
+    )
+    .unwrap();
+    let c = Config::load(&dir.join("callgate.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = c.unwrap();
+    let plan = &c.apps["crm"].dial_plan;
+    assert_eq!(plan.apply("030 1234"), Ok("+49301234".into()));
+}

@@ -1,10 +1,14 @@
 //! The bridge: browser (WebRTC leg) ⇄ SIP (RTP leg), one task per call. Each direction goes
 //! through a [`Rewriter`], so each side sees one continuous stream with its own payload types.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use super::dtmf::{self, Scheduled};
 use super::rewrite::{PtMap, Rewriter};
 use super::rtp::RtpPacket;
 use super::rtp_leg::{MAX_DATAGRAM, RtpLeg};
@@ -18,6 +22,9 @@ pub struct Mapping {
     pub to_sip: Vec<PtMap>,
     /// SIP PT → browser PT.
     pub to_browser: Vec<PtMap>,
+    /// The SIP side's telephone-event/8000 PT, when both sides negotiated it (RFC 4733 DTMF
+    /// possible; otherwise DTMF goes by SIP INFO).
+    pub sip_telephone_event: Option<u8>,
 }
 
 /// Why two negotiations cannot be bridged as they are.
@@ -74,7 +81,9 @@ impl Mapping {
             from: sv.pt,
             to: bv.pt,
         }];
+        let mut sip_telephone_event = None;
         if let (Some(bt), Some(st)) = (browser.telephone_event(), sip.telephone_event()) {
+            sip_telephone_event = Some(st.pt);
             to_sip.push(PtMap {
                 from: bt.pt,
                 to: st.pt,
@@ -84,7 +93,11 @@ impl Mapping {
                 to: bt.pt,
             });
         }
-        Ok(Mapping { to_sip, to_browser })
+        Ok(Mapping {
+            to_sip,
+            to_browser,
+            sip_telephone_event,
+        })
     }
 }
 
@@ -110,25 +123,134 @@ pub enum Flow {
     Stop,
 }
 
+/// When the SIP side last sent media, for the inactivity hang-up (read by the call's owner,
+/// which knows whether silence is expected, e.g. on hold).
+#[derive(Debug)]
+pub struct Activity {
+    base: Instant,
+    last_sip_ms: AtomicU64,
+}
+
+impl Activity {
+    /// Starts counting now.
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            last_sip_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.base).as_millis() as u64;
+        self.last_sip_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the SIP side's last RTP packet (or since the bridge started).
+    pub fn sip_idle(&self, now: Instant) -> Duration {
+        let last = self.base + Duration::from_millis(self.last_sip_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+}
+
+/// How a call's owner steers its bridge and hears from it.
+#[derive(Debug)]
+pub struct Controls {
+    /// Forward / hold / stop.
+    pub flow: watch::Receiver<Flow>,
+    /// DTMF digits to send to the SIP side as RFC 4733 telephone-events, in order.
+    pub dtmf: mpsc::UnboundedReceiver<char>,
+    /// Digits the SIP side sent as telephone-events (each reported once).
+    pub heard: mpsc::UnboundedSender<char>,
+    /// Updated on each SIP-side packet.
+    pub activity: Arc<Activity>,
+}
+
+/// The owner's ends of a bridge's [`Controls`].
+#[derive(Debug)]
+pub struct Steering {
+    /// Forward / hold / stop.
+    pub flow: watch::Sender<Flow>,
+    /// Digits to send as telephone-events.
+    pub dtmf: mpsc::UnboundedSender<char>,
+    /// Digits heard from the SIP side.
+    pub heard: mpsc::UnboundedReceiver<char>,
+    /// The SIP side's media activity.
+    pub activity: Arc<Activity>,
+}
+
+/// A connected pair of [`Steering`] (for the call's owner) and [`Controls`] (for [`run`]).
+pub fn controls() -> (Steering, Controls) {
+    let (flow_tx, flow) = watch::channel(Flow::Forward);
+    let (dtmf_tx, dtmf) = mpsc::unbounded_channel();
+    let (heard, heard_rx) = mpsc::unbounded_channel();
+    let activity = Activity::new();
+    (
+        Steering {
+            flow: flow_tx,
+            dtmf: dtmf_tx,
+            heard: heard_rx,
+            activity: activity.clone(),
+        },
+        Controls {
+            flow,
+            dtmf,
+            heard,
+            activity,
+        },
+    )
+}
+
+/// Length of one DTMF digit we send, and the pause before the next.
+const DIGIT_MS: u32 = 120;
+const DIGIT_GAP: Duration = Duration::from_millis(80);
+
+/// The telephone-event we are sending: its packets, the next one, and the event's timestamp.
+struct Sending {
+    started: Instant,
+    timestamp: u32,
+    packets: Vec<Scheduled>,
+    next: usize,
+}
+
+impl Sending {
+    fn due(&self) -> Option<Instant> {
+        let p = self.packets.get(self.next)?;
+        Some(self.started + Duration::from_millis(u64::from(p.at_ms)))
+    }
+}
+
 /// Runs until `flow` says [`Flow::Stop`] or the browser leg closes; returns the statistics.
 pub async fn run(
     mut browser: Leg,
     mut sip: RtpLeg,
     mapping: Mapping,
     ssrc: u32,
-    mut flow: watch::Receiver<Flow>,
+    mut ctl: Controls,
 ) -> BridgeStats {
     let start = Instant::now();
+    let sip_te = mapping.sip_telephone_event;
     let mut to_sip = Rewriter::new(ssrc, 8000, mapping.to_sip);
     let mut to_browser = Rewriter::new(ssrc ^ 0x5555_5555, 8000, mapping.to_browser);
     let mut stats = BridgeStats::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut held = *flow.borrow() == Flow::Hold;
+    let mut held = *ctl.flow.borrow() == Flow::Hold;
+    let mut digits: VecDeque<char> = VecDeque::new();
+    let mut sending: Option<Sending> = None;
+    let mut next_digit_at = start;
+    let mut heard = dtmf::Receiver::default();
+    let mut dtmf_open = true;
+    ctl.activity.touch(start);
     loop {
+        // The next telephone-event packet to send, or the next digit to start.
+        let wake = match &sending {
+            Some(s) => s.due(),
+            None if !digits.is_empty() => Some(next_digit_at),
+            None => None,
+        };
         tokio::select! {
-            changed = flow.changed() => {
+            changed = ctl.flow.changed() => {
                 let now = match changed {
-                    Ok(()) => *flow.borrow(),
+                    Ok(()) => *ctl.flow.borrow(),
                     Err(_) => Flow::Stop,
                 };
                 match now {
@@ -143,10 +265,43 @@ pub async fn run(
                     }
                 }
             }
+            d = ctl.dtmf.recv(), if dtmf_open => match d {
+                Some(d) if sip_te.is_some() => digits.push_back(d),
+                Some(_) => {}
+                None => dtmf_open = false,
+            },
+            () = sleep_until(wake), if wake.is_some() => {
+                let now = Instant::now();
+                let Some(pt) = sip_te else { digits.clear(); sending = None; continue };
+                if sending.is_none() {
+                    let Some(packets) = digits.pop_front().and_then(|d| dtmf::digit_schedule(d, DIGIT_MS)) else { continue };
+                    sending = Some(Sending { started: now, timestamp: to_sip.timestamp_at(now), packets, next: 0 });
+                }
+                let Some(s) = sending.as_mut() else { continue };
+                // Send what is due (several end packets share one instant).
+                while let Some(p) = s.packets.get(s.next).copied() {
+                    if s.started + Duration::from_millis(u64::from(p.at_ms)) > now {
+                        break;
+                    }
+                    s.next += 1;
+                    if held {
+                        continue;
+                    }
+                    let bytes = to_sip.inject(s.started, p.marker, pt, s.timestamp, &p.event.to_bytes());
+                    if sip.send(bytes).await {
+                        stats.to_sip += 1;
+                    }
+                }
+                if s.next >= s.packets.len() {
+                    sending = None;
+                    next_digit_at = now + DIGIT_GAP;
+                }
+            }
             pkt = browser.recv_rtp() => {
                 let Some(pkt) = pkt else { break };
                 let Ok(p) = RtpPacket::parse(&pkt) else { continue };
-                if held {
+                // While we send a telephone-event, the browser's audio waits (RFC 4733 §2.5.1.1).
+                if held || sending.is_some() {
                     continue;
                 }
                 if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
@@ -158,12 +313,19 @@ pub async fn run(
             n = sip.recv(&mut buf) => {
                 let Ok(n) = n else { break };
                 let Ok(p) = RtpPacket::parse(buf.get(..n).unwrap_or_default()) else { continue };
-                let arrival = start.elapsed().as_millis() as u64 * 8;
+                let now = Instant::now();
+                ctl.activity.touch(now);
+                let arrival = now.saturating_duration_since(start).as_millis() as u64 * 8;
                 stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
                 if held {
                     continue;
                 }
-                if let Some(out) = to_browser.rewrite(Instant::now(), &p) {
+                if Some(p.payload_type) == sip_te {
+                    if let Some(d) = heard.on_packet(p.timestamp, p.payload) {
+                        let _ = ctl.heard.send(d);
+                    }
+                }
+                if let Some(out) = to_browser.rewrite(now, &p) {
                     if browser.send_rtp(out).await.is_ok() {
                         stats.to_browser += 1;
                     }
@@ -180,6 +342,13 @@ pub async fn run(
         "bridge ended"
     );
     stats
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -60,6 +60,47 @@ impl Rewriter {
         self.map = map;
     }
 
+    /// The RTP timestamp this stream is at, at `now` (the last packet's, advanced by wall time),
+    /// and the sequence number the next packet takes; `None` before the first packet.
+    fn position(&self, now: Instant) -> Option<(u16, u32)> {
+        let (seq, ts, at) = self.last_out?;
+        let elapsed = now.saturating_duration_since(at);
+        let ticks = (elapsed.as_micros() * u128::from(self.clock_rate) / 1_000_000) as u32;
+        Some((seq.wrapping_add(1), ts.wrapping_add(ticks)))
+    }
+
+    /// The timestamp a packet generated at `now` (a telephone-event we originate) starts at.
+    pub fn timestamp_at(&self, now: Instant) -> u32 {
+        self.position(now).map_or(0, |(_, ts)| ts)
+    }
+
+    /// A packet we originate (RFC 4733 DTMF): payload type `pt` (already the outgoing leg's),
+    /// timestamp `timestamp` (from [`timestamp_at`](Self::timestamp_at) at `started`, shared by
+    /// every packet of one event), the next sequence number and our SSRC. The forwarded stream
+    /// continues after it by one (the next forwarded packet is treated as a new source).
+    pub fn inject(
+        &mut self,
+        started: Instant,
+        marker: bool,
+        pt: u8,
+        timestamp: u32,
+        payload: &[u8],
+    ) -> &[u8] {
+        let sequence = self.position(started).map_or(0, |(seq, _)| seq);
+        self.last_out = Some((sequence, timestamp, started));
+        self.source = None;
+        RtpPacket {
+            marker,
+            payload_type: pt,
+            sequence,
+            timestamp,
+            ssrc: self.ssrc,
+            payload,
+        }
+        .write(&mut self.buf);
+        &self.buf
+    }
+
     /// Rewrites `pkt` received at `now`; returns the bytes to send, or `None` to drop it.
     pub fn rewrite(&mut self, now: Instant, pkt: &RtpPacket<'_>) -> Option<&[u8]> {
         let pt = self.map.iter().find(|m| m.from == pkt.payload_type)?.to;
@@ -189,6 +230,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!((o.0, o.1), (11, 1600 + 8000));
+    }
+
+    #[test]
+    fn injected_events_share_the_sequence_and_timestamp_line() {
+        let t0 = Instant::now();
+        let mut r = Rewriter::new(5, 8000, vec![PtMap { from: 0, to: 0 }]);
+        assert_eq!(out(&mut r, t0, &pkt(1, 10, 1600, 0)).map(|o| o.0), Some(10));
+        let start = t0 + Duration::from_millis(20);
+        let ts = r.timestamp_at(start);
+        assert_eq!(ts, 1760);
+        for i in 0..3u16 {
+            let b = r.inject(start, i == 0, 101, ts, &[1, 0, 0, 160]).to_vec();
+            let p = RtpPacket::parse(&b).unwrap();
+            assert_eq!(
+                (p.sequence, p.timestamp, p.ssrc, p.payload_type, p.marker),
+                (11 + i, 1760, 5, 101, i == 0)
+            );
+        }
+        // Voice resumes 100 ms after the event started: next number, wall-clock timestamp.
+        let o = out(
+            &mut r,
+            start + Duration::from_millis(100),
+            &pkt(1, 16, 1600 + 6 * 160, 0),
+        )
+        .unwrap();
+        assert_eq!((o.0, o.1), (14, 1760 + 800));
     }
 
     #[test]

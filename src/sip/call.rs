@@ -81,6 +81,8 @@ pub enum EndReason {
     Timeout,
     /// We transferred the far end elsewhere and the transfer succeeded.
     Transferred,
+    /// The far end sent no media for too long; we hung up (BYE sent).
+    MediaTimeout,
 }
 
 impl EndReason {
@@ -95,6 +97,7 @@ impl EndReason {
             EndReason::Failed => "failed",
             EndReason::Timeout => "timeout",
             EndReason::Transferred => "transferred",
+            EndReason::MediaTimeout => "media_timeout",
         }
     }
 }
@@ -916,6 +919,12 @@ impl Call {
 
     /// Hangs up in whatever state: CANCEL, BYE, or 603 for an unanswered incoming call.
     pub fn hangup(&mut self, now: Instant) {
+        self.hangup_because(now, EndReason::LocalHangup);
+    }
+
+    /// [`hangup`](Self::hangup), recording why an established call ended (e.g.
+    /// [`EndReason::MediaTimeout`]).
+    pub fn hangup_because(&mut self, now: Instant, reason: EndReason) {
         let _ = now;
         match (self.role, self.state) {
             (_, State::Ended) => {}
@@ -936,7 +945,7 @@ impl Call {
             (_, State::Established) => {
                 self.ok_retransmit = None;
                 self.send_bye();
-                self.end(EndReason::LocalHangup, None, "");
+                self.end(reason, None, "");
             }
         }
     }

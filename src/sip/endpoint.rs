@@ -126,6 +126,8 @@ enum CallAction {
     Answer(String),
     Reject(u16, String),
     Hangup,
+    /// Hang up an established call whose media stopped.
+    MediaTimeout,
     Hold(bool),
     Dtmf(String),
     Transfer(String),
@@ -362,6 +364,15 @@ impl CallControl {
         self.act(CallAction::Reject(code, reason.to_owned()));
     }
 
+    /// A second, non-owning handle for the call's media side: it can send DTMF by INFO and hang
+    /// up on a media timeout, but dropping it does not end the call.
+    pub fn commander(&self) -> CallCommander {
+        CallCommander {
+            id: self.id,
+            cmds: self.cmds.clone(),
+        }
+    }
+
     /// See [`CallHandle::hold`].
     pub fn hold(&self) {
         self.act(CallAction::Hold(true));
@@ -385,6 +396,33 @@ impl CallControl {
     /// See [`CallHandle::complete_transfer`].
     pub fn complete_transfer(&self, consult: &CallControl) {
         self.act(CallAction::CompleteTransfer(consult.id));
+    }
+}
+
+/// What the media side of a call may ask of it (see [`CallControl::commander`]).
+#[derive(Clone)]
+pub struct CallCommander {
+    id: u64,
+    cmds: mpsc::UnboundedSender<Command>,
+}
+
+impl CallCommander {
+    fn act(&self, action: CallAction) {
+        let _ = self.cmds.send(Command::Call {
+            id: self.id,
+            action,
+        });
+    }
+
+    /// See [`CallHandle::dtmf_info`].
+    pub fn dtmf_info(&self, digits: &str) {
+        self.act(CallAction::Dtmf(digits.to_owned()));
+    }
+
+    /// Hangs up an established call because its media stopped (it ends with
+    /// [`EndReason::MediaTimeout`](crate::sip::call::EndReason::MediaTimeout)).
+    pub fn hangup_media_timeout(&self) {
+        self.act(CallAction::MediaTimeout);
     }
 }
 
@@ -831,6 +869,10 @@ impl Task {
                         CallAction::Answer(sdp) => c.call.answer(now.into_std(), sdp),
                         CallAction::Reject(code, reason) => c.call.reject(code, &reason),
                         CallAction::Hangup => c.call.hangup(now.into_std()),
+                        CallAction::MediaTimeout => c.call.hangup_because(
+                            now.into_std(),
+                            crate::sip::call::EndReason::MediaTimeout,
+                        ),
                         CallAction::Hold(true) => c.call.hold(now.into_std()),
                         CallAction::Hold(false) => c.call.unhold(now.into_std()),
                         CallAction::CompleteTransfer(_) => {}

@@ -324,7 +324,9 @@ impl Sipp {
             .flatten()
             .flatten()
         {
-            if entry.file_name().to_string_lossy().ends_with("_errors.log") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // Errors, and what scenarios logged with <log> (sipp -trace_logs).
+            if name.ends_with("_errors.log") || name.ends_with("_logs.log") {
                 log.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
             }
         }

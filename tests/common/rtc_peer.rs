@@ -7,13 +7,15 @@ use std::time::Duration;
 use callgate::media::webrtc::{Engine, Leg};
 use tokio::sync::mpsc;
 use webrtc::api::APIBuilder;
-use webrtc::api::media_engine::{MIME_TYPE_PCMU, MediaEngine};
+use webrtc::api::media_engine::{MIME_TYPE_PCMU, MIME_TYPE_TELEPHONE_EVENT, MediaEngine};
 use webrtc::api::setting_engine::SettingEngine;
 use webrtc::peer_connection::RTCPeerConnection;
 use webrtc::peer_connection::configuration::RTCConfiguration;
 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState;
 use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
+use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecParameters;
+use webrtc::rtp_transceiver::rtp_codec::RTPCodecType;
 use webrtc::track::track_local::TrackLocalWriter;
 use webrtc::track::track_local::track_local_static_rtp::TrackLocalStaticRTP;
 
@@ -41,6 +43,22 @@ impl RtcPeer {
     pub async fn offer() -> (RtcPeer, String) {
         let mut m = MediaEngine::default();
         m.register_default_codecs().expect("codecs");
+        // As Chrome does: telephone-event/8000 with a dynamic payload type (126, not 101).
+        m.register_codec(
+            RTCRtpCodecParameters {
+                capability: RTCRtpCodecCapability {
+                    mime_type: MIME_TYPE_TELEPHONE_EVENT.to_owned(),
+                    clock_rate: 8000,
+                    channels: 1,
+                    sdp_fmtp_line: "0-15".to_owned(),
+                    rtcp_feedback: vec![],
+                },
+                payload_type: 126,
+                ..Default::default()
+            },
+            RTPCodecType::Audio,
+        )
+        .expect("telephone-event");
         let mut se = SettingEngine::default();
         se.set_include_loopback_candidate(true);
         se.set_ip_filter(Box::new(|ip| ip.is_loopback()));

@@ -510,6 +510,18 @@ fn established() -> (Call, Message) {
 }
 
 #[test]
+fn media_timeout_hangs_up_with_its_reason() {
+    let (mut c, _) = established();
+    c.hangup_because(Instant::now(), EndReason::MediaTimeout);
+    let (p, bye, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!((p, bye.method()), (Purpose::Bye, "BYE"));
+    match events(&mut c).as_slice() {
+        [CallEvent::Ended { reason, .. }] => assert_eq!(reason.code(), "media_timeout"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn local_hold_and_resume() {
     let t0 = Instant::now();
     let (mut c, _) = established();
