@@ -11,6 +11,8 @@ pub mod config;
 pub mod dialplan;
 pub mod logging;
 pub mod media;
+pub mod metrics;
+pub mod sdnotify;
 pub mod secret;
 pub mod server;
 pub mod sip;

@@ -140,6 +140,7 @@ impl Bound {
             "callgate {} listening: HTTP API at http://{http_addr}/ (health: /healthz), SIP on udp:{sip_addr}, browser media on udp:{media_addr}",
             env!("CARGO_PKG_VERSION"),
         );
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
         let state = api::http::AppState {
             keyring: std::sync::Arc::new(self.config.keyring().clone()),
             sip: self.sip.clone(),
@@ -168,12 +169,42 @@ impl Bound {
             ),
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
+            metrics: metrics.clone(),
         };
+        let sip = self.sip.clone();
+        let drain = self.config.drain;
+        // On the signal: stop taking logins and calls, let calls go on for up to `drain`, then
+        // stop serving; what is left is hung up below.
+        let drained = async move {
+            shutdown.await;
+            crate::sdnotify::notify("STOPPING=1");
+            metrics
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let deadline = tokio::time::Instant::now() + drain;
+            let calls = sip.snapshot().await.calls;
+            if calls > 0 {
+                tracing::info!(
+                    calls,
+                    "shutting down: letting calls finish for up to {}s",
+                    drain.as_secs()
+                );
+            }
+            while tokio::time::Instant::now() < deadline && sip.snapshot().await.calls > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            let left = sip.snapshot().await.calls;
+            tracing::info!(
+                calls_left = left,
+                "shutting down: hanging up what is left, unregistering"
+            );
+        };
+        crate::sdnotify::notify("READY=1");
         let served = axum::serve(
             self.http,
             api::http::router(state).into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(drained)
         .await;
         // Remove every registration before leaving (bounded by Timer F).
         self.sip.shutdown().await;

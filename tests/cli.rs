@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Daemon, TempDir, callgate, run_bounded};
+use common::{Daemon, TempDir, callgate, http_get, run_bounded};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -190,32 +189,31 @@ fn check_config_names_file_and_key() {
     assert!(ok, "{err}");
 }
 
-fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// `callgate run` with no config on a fresh machine: starts on the built-in config, logs where it
 /// listens, serves, and stops cleanly on SIGTERM. Uses port 8080: run inside a private network
 /// namespace (tests/run does) so nothing else holds it.
 #[test]
 fn run_with_no_config_starts_and_stops() {
     let dir = TempDir::new("cli-run");
+    // systemd's readiness socket (Type=notify), as systemd would pass it.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let notified = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let mut d = Daemon::spawn(
         callgate()
             .arg("run")
             .current_dir(dir.path())
+            .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("RUST_LOG"),
     );
+    assert_eq!(notified(), "READY=1");
     let line = d.wait_for("listening", Duration::from_secs(15));
     assert!(line.contains("http=127.0.0.1:8080"), "{line}");
     assert!(
@@ -232,7 +230,20 @@ fn run_with_no_config_starts_and_stops() {
     let resp = http_get("127.0.0.1:8080", "/healthz");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("ok\n"), "{resp}");
+    let resp = http_get("127.0.0.1:8080", "/readyz");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("ready\n"),
+        "{resp}"
+    );
+    let resp = http_get("127.0.0.1:8080", "/metrics");
+    assert!(
+        resp.starts_with("HTTP/1.1 200")
+            && resp.contains("text/plain; version=0.0.4")
+            && resp.contains("\ncallgate_calls_active 0\n"),
+        "{resp}"
+    );
     let status = d.terminate(Duration::from_secs(10));
+    assert_eq!(notified(), "STOPPING=1");
     assert!(status.success(), "{status:?}");
     assert!(
         d.seen.iter().any(|l| l.contains("callgate stopped")),

@@ -34,8 +34,9 @@ async fn server_with_app_options(app_options: &str) -> Server {
     server_with(app_options, "").await
 }
 
-/// A server whose apps.toml app has `app_options` and whose `[media]` has `media_options`.
-async fn server_with(app_options: &str, media_options: &str) -> Server {
+/// A server whose apps.toml app has `app_options`; `main_extra` goes into callgate.toml at the
+/// end of its `[media]` table (more keys, or further tables).
+async fn server_with(app_options: &str, main_extra: &str) -> Server {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -45,7 +46,7 @@ async fn server_with(app_options: &str, media_options: &str) -> Server {
         "callgate.toml",
         &format!(
             "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
-             [media]\nwebrtc_port = {}\n{media_options}\n",
+             [media]\nwebrtc_port = {}\n{main_extra}\n",
             free_udp_port()
         ),
     );
@@ -712,4 +713,85 @@ async fn dial_plan_normalises_and_refuses() {
         .await
         .expect("shutdown")
         .unwrap();
+}
+
+/// Shutdown with a call up: callgate turns not-ready (/readyz 503), refuses new calls, lets the
+/// call go on for `service.drain_secs`, then hangs it up (BYE) and stops. /metrics counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_calls_then_hangs_up() {
+    use common::http_get;
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas(kam.port, "1002", "pass1002", "uas_answer.xml");
+    let mut srv = server_with("", "[service]\ndrain_secs = 2").await;
+    let addr = srv.addr.to_string();
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || http_get(&addr, path))
+    };
+    let metrics = get("/metrics").await.unwrap();
+    for line in [
+        "callgate_calls_active 1",
+        "callgate_agent_sessions 1",
+        "callgate_calls_started_total{direction=\"outbound\"} 1",
+        "callgate_registrations{state=\"registered\"} 1",
+        "callgate_call_setup_seconds_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(!metrics.contains("pass1001"));
+
+    let stop_at = tokio::time::Instant::now();
+    srv.stop.take().unwrap().send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = get("/readyz").await.unwrap();
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.ends_with("draining\n"),
+        "{ready}"
+    );
+    ws.send(Message::text(
+        json!({"type": "call", "id": 3, "to": "1002", "sdp": "v=0"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let refused = next(&mut ws, &mut seen).await;
+    assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    let ended = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), next(&mut ws, &mut seen))
+            .await
+            .expect("the call ends after the drain");
+        if ev["state"] == "ended" {
+            break ev;
+        }
+    };
+    let drained_for = stop_at.elapsed();
+    assert_eq!(ended["endReason"], "local_hangup", "{ended}");
+    assert!(
+        drained_for >= Duration::from_millis(1900),
+        "hung up {drained_for:?} after the signal, before the 2 s drain"
+    );
+    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
+        .await
+        .expect("shutdown")
+        .unwrap();
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "sipp got our BYE: {log}");
+    page.pc.close().await.unwrap();
 }

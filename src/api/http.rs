@@ -1,7 +1,9 @@
-//! The HTTP server: the softphone page at `/`, the SDK at `/callgate.js`, health, and the
+//! The HTTP server: the softphone page at `/`, the SDK at `/callgate.js`, `/healthz`, `/readyz`,
+//! `/metrics`, and the
 //! browser WebSocket API at `/ws`.
 
 use axum::Router;
+use axum::extract::State;
 use axum::routing::get;
 
 use crate::sip::endpoint::Endpoint;
@@ -32,6 +34,8 @@ pub struct AppState {
     pub dtmf: crate::config::DtmfMode,
     /// Hang-up after this long without SIP-side RTP (`None`: never).
     pub media_timeout: Option<std::time::Duration>,
+    /// Counters for /metrics, and the draining flag.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// The HTTP routes.
@@ -44,6 +48,8 @@ pub fn router(state: AppState) -> Router {
             get(|| async { axum::http::StatusCode::NO_CONTENT }),
         )
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/ws", get(super::ws::handler))
         .with_state(state)
 }
@@ -51,6 +57,30 @@ pub fn router(state: AppState) -> Router {
 /// Liveness: the process is up and serving HTTP.
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// Readiness: 200 while callgate takes new logins and calls, 503 once it is draining for
+/// shutdown (load balancers then send new pages elsewhere).
+async fn readyz(State(state): State<AppState>) -> (axum::http::StatusCode, &'static str) {
+    if state.metrics.is_draining() {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        (axum::http::StatusCode::OK, "ready\n")
+    }
+}
+
+/// Prometheus metrics (text format 0.0.4).
+async fn metrics(
+    State(state): State<AppState>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    let sip = state.sip.snapshot().await;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&sip),
+    )
 }
 
 /// The softphone page (web/phone.html, compiled in).

@@ -327,6 +327,7 @@ struct Ringing {
 }
 
 async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
+    state.metrics.websocket(1);
     let mut reg: Option<RegistrationHandle> = None;
     // The logged-in agent's app's dial plan.
     let mut plan = DialPlan::default();
@@ -362,6 +363,9 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, &mut plan, id, &token).await,
                     Ok(Request::Call { id, to, sdp }) => match reg.as_ref() {
                         None => vec![error(Some(id), "not_connected", "send connect with a token first")],
+                        Some(_) if state.metrics.is_draining() => {
+                            vec![error(Some(id), "unavailable", "callgate is shutting down")]
+                        }
                         Some(_) if calls.len() >= MAX_CALLS_PER_SESSION => {
                             vec![error(Some(id), "too_many_calls", "this page has too many calls")]
                         }
@@ -483,6 +487,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         dtmf: dtmf_rx,
                         dtmf_mode: state.dtmf,
                         media_timeout: state.media_timeout,
+                        metrics: state.metrics.clone(),
                     }));
                     ringing.insert(call_id.clone(), Ringing { control, dtmf, handoff, offer: inc.offer });
                     if !send(&mut socket, &ev).await {
@@ -492,6 +497,10 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 None => break,
             },
         }
+    }
+    state.metrics.websocket(-1);
+    if reg.is_some() {
+        state.metrics.agent(-1);
     }
     // Dropping `reg` releases this session's share of the registration.
 }
@@ -511,6 +520,13 @@ async fn connect(
             "this session is already logged in",
         )];
     }
+    if state.metrics.is_draining() {
+        return vec![error(
+            Some(id),
+            "unavailable",
+            "callgate is shutting down; connect again in a moment",
+        )];
+    }
     if state.bad_tokens.blocked(peer.ip) {
         return vec![error(
             Some(id),
@@ -522,6 +538,7 @@ async fn connect(
         Ok(v) => v,
         Err(e) => {
             state.bad_tokens.record(peer.ip);
+            state.metrics.token_failure(&e.code());
             tracing::info!(code = %e.code(), "token refused");
             return vec![error(Some(id), e.code(), e.to_string())];
         }
@@ -561,6 +578,7 @@ async fn connect(
     tracing::info!(%agent, %app, "agent connected");
     let current = registration_event(&handle.status());
     *reg = Some(handle);
+    state.metrics.agent(1);
     let session_id = format!("s-{:016x}", {
         let mut b = [0u8; 8];
         let _ = getrandom::fill(&mut b);
@@ -674,6 +692,7 @@ async fn start_call(
         dtmf: dtmf_rx,
         dtmf_mode: state.dtmf,
         media_timeout: state.media_timeout,
+        metrics: state.metrics.clone(),
     }));
     Ok((SessionCall { control, dtmf }, answer))
 }
@@ -747,6 +766,7 @@ struct Follow {
     dtmf: mpsc::UnboundedReceiver<String>,
     dtmf_mode: DtmfMode,
     media_timeout: Option<std::time::Duration>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Follows one call: reports its states to the page, runs the media bridge once the far end
@@ -765,7 +785,14 @@ async fn follow_call(f: Follow) {
         dtmf: mut dtmf_in,
         dtmf_mode,
         media_timeout,
+        metrics,
     } = f;
+    let placed = std::time::Instant::now();
+    metrics.call_started(if direction == "outbound" {
+        crate::metrics::Direction::Outbound
+    } else {
+        crate::metrics::Direction::Inbound
+    });
     let report = |state: &'static str, sip: Option<SipStatus>, end_reason: Option<&'static str>| {
         Outgoing::Call {
             call_id: call_id.clone(),
@@ -882,6 +909,9 @@ async fn follow_call(f: Follow) {
             CallEvent::Answered { .. } => {
                 established = true;
                 watch_from = std::time::Instant::now();
+                if direction == "outbound" {
+                    metrics.call_setup(placed.elapsed());
+                }
                 report("established", None, None)
             }
             CallEvent::Hold { held: h, .. } => {
@@ -913,6 +943,7 @@ async fn follow_call(f: Follow) {
                     status,
                     reason: phrase,
                 });
+                metrics.call_ended(reason.code());
                 let _ = events.send(report("ended", sip, Some(reason.code()))).await;
                 break;
             }
@@ -924,7 +955,9 @@ async fn follow_call(f: Follow) {
     }
     let _ = steer.flow.send(Flow::Stop);
     if let Some(b) = bridge {
-        let _ = b.await;
+        if let Ok(stats) = b.await {
+            metrics.media(stats.to_sip, stats.to_browser, stats.sip_in.lost());
+        }
     } else if let Some((leg, _, _)) = media {
         leg.close().await;
     }

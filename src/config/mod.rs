@@ -194,6 +194,8 @@ pub struct Config {
     pub storage: Storage,
     /// Logging.
     pub log: Log,
+    /// On SIGTERM / SIGINT: how long calls in progress may go on before they are hung up.
+    pub drain: Duration,
     /// Apps by name.
     pub apps: BTreeMap<String, AppInfo>,
     keyring: Keyring,
@@ -460,6 +462,13 @@ impl Config {
             86_400,
             "seconds (0 = never)",
         );
+        let drain = range(
+            "service.drain_secs",
+            raw.service.drain_secs,
+            0,
+            3_600,
+            "seconds",
+        );
         let max_regs = range(
             "sip.max_registrations",
             raw.sip.max_registrations,
@@ -676,6 +685,7 @@ impl Config {
                 level: raw.log.level,
                 format,
             },
+            drain: Duration::from_secs(drain),
             apps,
             keyring: Keyring::new(keyring_apps, tokens),
         })

@@ -12,6 +12,19 @@ pub(crate) struct RawConfig {
     pub(crate) tokens: RawTokens,
     pub(crate) storage: RawStorage,
     pub(crate) log: RawLog,
+    pub(crate) service: RawService,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawService {
+    pub(crate) drain_secs: i64,
+}
+
+impl Default for RawService {
+    fn default() -> Self {
+        RawService { drain_secs: 30 }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -113,6 +113,9 @@ enum Command {
     Shutdown {
         done: oneshot::Sender<()>,
     },
+    Snapshot {
+        reply: oneshot::Sender<crate::metrics::SipSnapshot>,
+    },
 }
 
 struct Acquired {
@@ -632,6 +635,16 @@ impl Endpoint {
         }
     }
 
+    /// Calls and registrations right now, and the datagram counters (for metrics and the
+    /// shutdown drain).
+    pub async fn snapshot(&self) -> crate::metrics::SipSnapshot {
+        let (reply, rx) = oneshot::channel();
+        if self.cmds.send(Command::Snapshot { reply }).is_err() {
+            return crate::metrics::SipSnapshot::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     /// Hangs up every call, unregisters everything (bounded by Timer F) and stops the task.
     pub async fn shutdown(&self) {
         let (done, rx) = oneshot::channel();
@@ -892,6 +905,26 @@ impl Task {
                         }
                     }
                 }
+            }
+            Command::Snapshot { reply } => {
+                let mut snap = crate::metrics::SipSnapshot {
+                    calls: self.calls.len(),
+                    received: self.stats.received.load(Ordering::Relaxed),
+                    sent: self.stats.sent.load(Ordering::Relaxed),
+                    malformed: self.stats.malformed.load(Ordering::Relaxed),
+                    ..Default::default()
+                };
+                for e in self.regs.values() {
+                    let state = match &*e.status.borrow() {
+                        Status::Idle => "idle",
+                        Status::Registering => "registering",
+                        Status::Registered { .. } => "registered",
+                        Status::Failed { .. } => "failed",
+                        Status::Unregistered => "unregistered",
+                    };
+                    *snap.registrations.entry(state).or_default() += 1;
+                }
+                let _ = reply.send(snap);
             }
             Command::Shutdown { done } => {
                 self.begin_shutdown();

@@ -6,7 +6,8 @@ pub mod agent;
 pub mod peers;
 pub mod rtc_peer;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -172,4 +173,19 @@ pub fn require_tool(tool: &str, install_hint: &str) {
         found,
         "this test needs `{tool}`: {install_hint} (tests/run installs everything)"
     );
+}
+
+/// A plain HTTP/1.1 GET (Connection: close); the whole response, headers included.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
