@@ -138,6 +138,27 @@ async fn next(ws: &mut Ws, seen: &mut Vec<String>) -> Value {
     }
 }
 
+/// The page places a call to `to` (request `id`) with a fresh WebRTC peer's offer; callgate must
+/// accept it. Returns the peer, connected to callgate's answer, and the call id.
+async fn place_call(
+    ws: &mut Ws,
+    seen: &mut Vec<String>,
+    id: u64,
+    to: &str,
+) -> (common::rtc_peer::RtcPeer, String) {
+    let (mut page, offer) = common::rtc_peer::RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": id, "to": to, "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(ws, seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let call_id = reply["callId"].as_str().unwrap().to_owned();
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    (page, call_id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_login_registers_and_bad_tokens_do_not() {
     let kam = Kamailio::start(free_udp_port());
@@ -237,7 +258,6 @@ async fn token_login_registers_and_bad_tokens_do_not() {
 async fn page_calls_and_hears_the_far_end() {
     use callgate::media::rtp::RtpPacket;
     use common::peers::Sipp;
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     let mut far = Sipp::uas_with(
@@ -251,16 +271,7 @@ async fn page_calls_and_hears_the_far_end() {
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
 
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = next(&mut ws, &mut seen).await;
-    assert_eq!(reply["ok"], true, "{reply}");
-    let call_id = reply["callId"].as_str().unwrap().to_owned();
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (mut page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     let mut states = Vec::new();
     while !states.contains(&"established".to_owned()) {
         let ev = next(&mut ws, &mut seen).await;
@@ -462,7 +473,6 @@ async fn page_answers_and_rejects_incoming_calls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_transfers_a_call() {
     use common::peers::{Baresip, Sipp};
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     let mut third = Sipp::uas(kam.port, "1003", "pass1003", "uas_hangup.xml");
@@ -470,15 +480,7 @@ async fn page_transfers_a_call() {
     let mut srv = server().await;
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = next(&mut ws, &mut seen).await;
-    let call_id = reply["callId"].as_str().unwrap().to_owned();
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     loop {
         let ev = next(&mut ws, &mut seen).await;
         assert_ne!(ev["state"], "ended", "{ev}\n{}", transferee.log());
@@ -605,7 +607,6 @@ async fn origins_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_far_end_is_hung_up_after_the_media_timeout() {
     use common::peers::Sipp;
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     // No -rtp_echo: sipp answers and stays silent; it expects our BYE.
@@ -613,15 +614,7 @@ async fn silent_far_end_is_hung_up_after_the_media_timeout() {
     let mut srv = server_with("", "timeout_secs = 2").await;
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = next(&mut ws, &mut seen).await;
-    assert_eq!(reply["ok"], true, "{reply}");
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (page, _call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     let started = tokio::time::Instant::now();
     let mut established_at = None;
     let ended = loop {
@@ -659,7 +652,6 @@ async fn silent_far_end_is_hung_up_after_the_media_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_plan_normalises_and_refuses() {
     use common::peers::Sipp;
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     let mut far = Sipp::uas(kam.port, "+49301234567", "pass4930", "uas_hangup.xml");
@@ -682,15 +674,7 @@ async fn dial_plan_normalises_and_refuses() {
         let reply = next(&mut ws, &mut seen).await;
         assert_eq!(reply["error"]["code"], code, "{to}: {reply}");
     }
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "call", "id": 5, "to": "030 123 45-67", "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = next(&mut ws, &mut seen).await;
-    assert_eq!(reply["ok"], true, "{reply}");
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (page, _call_id) = place_call(&mut ws, &mut seen, 5, "030 123 45-67").await;
     let mut states = Vec::new();
     loop {
         let ev = next(&mut ws, &mut seen).await;
@@ -721,7 +705,6 @@ async fn dial_plan_normalises_and_refuses() {
 async fn shutdown_drains_calls_then_hangs_up() {
     use common::http_get;
     use common::peers::Sipp;
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     let mut far = Sipp::uas(kam.port, "1002", "pass1002", "uas_answer.xml");
@@ -729,15 +712,7 @@ async fn shutdown_drains_calls_then_hangs_up() {
     let addr = srv.addr.to_string();
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "call", "id": 2, "to": "1002", "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = next(&mut ws, &mut seen).await;
-    assert_eq!(reply["ok"], true, "{reply}");
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (page, _call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     while next(&mut ws, &mut seen).await["state"] != "established" {}
 
     let get = |path: &'static str| {
