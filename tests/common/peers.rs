@@ -10,12 +10,31 @@ use std::time::{Duration, Instant};
 
 use super::{TempDir, require_tool};
 
-/// A free UDP port on 127.0.0.1 (bound and released; tests run in their own namespace).
+/// A free UDP port on 127.0.0.1 for a peer to bind. Ports come from 21000-32759, below the
+/// kernel's ephemeral range (32768+), so a socket another test binds to port 0 meanwhile cannot
+/// take one before the peer binds it (the race of "bind port 0, release, hand over"); each call
+/// moves on by 4, as sipp also binds the media port + 2. Checked free before it is handed out.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        21000 + (std::process::id() % 64) as u16 * 4,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..1000 {
+        let mut port = NEXT.fetch_add(4, Ordering::Relaxed);
+        if port >= 32760 {
+            port = 21000 + port % 4;
+            NEXT.store(port + 4, Ordering::Relaxed);
+        }
+        let free = (0..3).all(|i| UdpSocket::bind(("127.0.0.1", port + i)).is_ok());
+        if free {
+            return port;
+        }
+    }
+    panic!("no free UDP port in 21000-32759")
 }
 
 fn fixture(name: &str) -> PathBuf {
