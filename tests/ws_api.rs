@@ -26,6 +26,19 @@ struct Server {
     _dir: TempDir,
 }
 
+impl Server {
+    /// Stops serving and waits (15 s at most) for the server to finish.
+    async fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(15), &mut self.task)
+            .await
+            .expect("shutdown")
+            .unwrap();
+    }
+}
+
 async fn server() -> Server {
     server_with_app_options("").await
 }
@@ -245,11 +258,7 @@ async fn token_login_registers_and_bad_tokens_do_not() {
     }
 
     let _ = ws.close(None).await;
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// The page calls over the API: its WebRTC offer goes in `call`, callgate's answer comes back,
@@ -365,11 +374,7 @@ async fn page_calls_and_hears_the_far_end() {
     assert!(ok, "{log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// Incoming calls over the API: the page is told, answers with its WebRTC offer and hears the
@@ -461,11 +466,7 @@ async fn page_answers_and_rejects_incoming_calls() {
     assert!(ok, "caller did not get 486:\n{log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// Blind transfer over the API: the page calls baresip (1002) and transfers it to 1003 (sipp);
@@ -520,11 +521,7 @@ async fn page_transfers_a_call() {
     assert!(ok, "1003 did not get the transferred call:\n{log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// Refused tokens are counted per address: after 10 in a minute even a good token is refused.
@@ -556,11 +553,7 @@ async fn bad_tokens_are_rate_limited() {
         next(&mut other, &mut seen).await["error"]["code"],
         "rate_limited"
     );
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// An app with `allowed_origins` only logs in pages from those origins.
@@ -595,11 +588,7 @@ async fn origins_are_checked() {
             assert_eq!(r["error"]["code"], "origin_not_allowed", "{origin:?}: {r}");
         }
     }
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// A far end that answers and then sends no media (a dead peer, a broken NAT): callgate hangs
@@ -639,11 +628,7 @@ async fn silent_far_end_is_hung_up_after_the_media_timeout() {
     assert!(ok, "sipp got our BYE: {log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// The app's dial plan: a national number typed by the agent reaches the far end in E.164 (sipp
@@ -692,11 +677,7 @@ async fn dial_plan_normalises_and_refuses() {
     assert!(ok, "{log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
-    srv.stop.take().unwrap().send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), &mut srv.task)
-        .await
-        .expect("shutdown")
-        .unwrap();
+    srv.shut_down().await;
 }
 
 /// Shutdown with a call up: callgate turns not-ready (/readyz 503), refuses new calls, lets the
