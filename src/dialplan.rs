@@ -108,6 +108,22 @@ impl DialPlan {
     }
 }
 
+impl DialPlan {
+    /// Whether the far end may transfer the agent's call to `uri` (an inbound REFER's target,
+    /// called at the agent's expense): its user part must pass the plan as if dialled, so
+    /// `deny_prefixes` apply to numbers however they are written.
+    pub fn check_referral(&self, uri: &str) -> Result<(), DialError> {
+        let rest = uri.split_once(':').map_or(uri, |(_, r)| r);
+        match rest.split_once('@') {
+            Some((user, _)) => {
+                let user = user.split(';').next().unwrap_or(user);
+                self.apply(user).map(|_| ())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
 fn nonempty_strip<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     if prefix.is_empty() {
         None
@@ -173,6 +189,36 @@ mod tests {
         assert_eq!(p.apply("030 1234567"), Ok("0301234567".into()));
         assert_eq!(p.apply("0049301234567"), Ok("+49301234567".into()));
         assert_eq!(p.apply("+1 212 555 0100"), Ok("+12125550100".into()));
+    }
+
+    #[test]
+    fn referral_targets_obey_the_deny_list_in_any_spelling() {
+        let p = germany();
+        assert_eq!(p.check_referral("sip:1003@pbx.example.com"), Ok(()));
+        assert_eq!(
+            p.check_referral("sip:alice@example.com;transport=udp"),
+            Ok(())
+        );
+        assert_eq!(p.check_referral("sip:pbx.example.com"), Ok(()));
+        for premium in [
+            "sip:+499001234567@example.com",
+            "sip:09001234567@example.com",
+            "sip:00499001234567;user=phone@example.com",
+        ] {
+            assert!(
+                matches!(p.check_referral(premium), Err(DialError::Denied { .. })),
+                "{premium}"
+            );
+        }
+        // Allowed although the app refuses URIs typed by agents: a REFER's target is a URI.
+        let strict = DialPlan {
+            allow_uris: false,
+            ..germany()
+        };
+        assert_eq!(
+            strict.check_referral("sip:+49301234567@example.com"),
+            Ok(())
+        );
     }
 
     #[test]

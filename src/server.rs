@@ -169,6 +169,7 @@ impl Bound {
             ),
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
+            accept_refer: self.config.sip.accept_refer,
             metrics: metrics.clone(),
         };
         let sip = self.sip.clone();

@@ -50,6 +50,11 @@ async fn server_with_app_options(app_options: &str) -> Server {
 /// A server whose apps.toml app has `app_options`; `main_extra` goes into callgate.toml at the
 /// end of its `[media]` table (more keys, or further tables).
 async fn server_with(app_options: &str, main_extra: &str) -> Server {
+    server_with_sip(app_options, "", main_extra).await
+}
+
+/// [`server_with`], plus `sip_extra` keys in callgate.toml's `[sip]` table.
+async fn server_with_sip(app_options: &str, sip_extra: &str, main_extra: &str) -> Server {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -58,7 +63,7 @@ async fn server_with(app_options: &str, main_extra: &str) -> Server {
     let cfg = dir.write(
         "callgate.toml",
         &format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
+            "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n{sip_extra}\n\
              [media]\nwebrtc_port = {}\n{main_extra}\n",
             free_udp_port()
         ),
@@ -519,6 +524,147 @@ async fn page_transfers_a_call() {
         .await
         .unwrap();
     assert!(ok, "1003 did not get the transferred call:\n{log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}
+
+/// The far end transfers the agent (an inbound REFER, `sip.accept_refer = true`): sipp 1002
+/// calls the page, which answers; sipp REFERs it to 1003. callgate calls 1003 (with Referred-By),
+/// NOTIFYs sipp of the progress until 200, and the page's call goes on with 1003 under the same
+/// call id: the page hears 1003's echo, its received sequence numbers run on without a jump, and
+/// its hang-up reaches 1003.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_end_transfers_the_page_to_a_third_party() {
+    use callgate::media::rtp::RtpPacket;
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut target = Sipp::uas_with(
+        kam.port,
+        "1003",
+        "pass1003",
+        "uas_referred.xml",
+        &["-rtp_echo", "-trace_logs"],
+    );
+    let mut srv = server_with_sip("", "accept_refer = true", "").await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let mut transferor = Sipp::uac_with(
+        kam.port,
+        "1001",
+        "uac_refers.xml",
+        &["-rtp_echo", "-trace_logs"],
+    );
+    let incoming = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    let call_id = incoming["callId"].as_str().unwrap().to_owned();
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "answer", "id": 2, "callId": call_id, "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "reply" {
+            break ev;
+        }
+    };
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+
+    // Talk all along: 0x6b until the transfer succeeded, then 0x3c, which only 1003 can echo
+    // (callgate no longer sends to the transferor).
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let (mut sent, mut from_target, mut pattern) = (0u16, 0, 0x6bu8);
+    let mut referred = Vec::new();
+    let mut seqs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while from_target < 25 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no echo from 1003; referred: {referred:?}\n{}",
+            kam.log()
+        );
+        tokio::select! {
+            _ = tick.tick() => {
+                let mut b = Vec::new();
+                RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 4, payload: &[pattern; 160] }.write(&mut b);
+                page.send(&b).await;
+                sent = sent.wrapping_add(1);
+            }
+            Some((seq, p)) = page.heard.recv() => {
+                if p.len() == 160 {
+                    seqs.push(seq);
+                }
+                if p == [0x3c; 160] {
+                    from_target += 1;
+                }
+            }
+            ev = next(&mut ws, &mut seen) => {
+                assert_eq!(ev["callId"], call_id.as_str(), "{ev}");
+                assert_ne!(ev["state"], "ended", "{ev}\nreferred: {referred:?}");
+                if ev["type"] == "referred" {
+                    referred.push(ev["state"].as_str().unwrap().to_owned());
+                    if ev["state"] == "accepted" {
+                        assert_eq!(ev["to"], format!("sip:1003@127.0.0.1:{}", kam.port), "{ev}");
+                    }
+                }
+                if ev["type"] == "call" && ev["state"] == "established" && referred.contains(&"succeeded".to_owned()) {
+                    assert_eq!(ev["peer"], "1003", "{ev}");
+                    pattern = 0x3c;
+                }
+            }
+        }
+    }
+    assert_eq!(referred.first().map(String::as_str), Some("accepted"));
+    assert_eq!(referred.last().map(String::as_str), Some("succeeded"));
+    // One stream at the page across both far ends: no jump back or ahead beyond a lost packet.
+    for w in seqs.windows(2) {
+        let step = w[1].wrapping_sub(w[0]);
+        assert!(
+            (1..=3).contains(&step),
+            "sequence numbers at the page jump {} -> {}",
+            w[0],
+            w[1]
+        );
+    }
+    let (ok, log) = tokio::task::spawn_blocking(move || transferor.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "the transferor's scenario: {log}");
+    assert!(log.contains("FRAG 100"), "{log}");
+    assert!(log.contains("FRAG 200"), "{log}");
+
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ended = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "call" && ev["state"] == "ended" {
+            break ev;
+        }
+    };
+    assert_eq!(ended["callId"], call_id.as_str());
+    assert_eq!(ended["endReason"], "local_hangup", "{ended}");
+    let (ok, log) = tokio::task::spawn_blocking(move || target.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "1003 got the call and our BYE: {log}");
+    assert!(
+        log.lines().any(
+            |l| l.starts_with("REFERRED-BY") && l.trim_end().ends_with(" <sip:1002@127.0.0.1>")
+        ),
+        "the INVITE to 1003 names the transferor in Referred-By: {log}"
+    );
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
     srv.shut_down().await;

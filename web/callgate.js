@@ -31,7 +31,11 @@ function gathered(pc) {
   });
 }
 
-/** One call. Events: `state` ({state, sip, endReason}), `transfer`, `dtmf`. */
+/**
+ * One call. Events: `state` ({state, sip, endReason}), `transfer` (a transfer this page asked
+ * for), `referred` (the far end transfers this call: {state, to, sip}; on `succeeded` the call
+ * goes on with the new party and `peer` changes), `dtmf`.
+ */
 export class Call extends Emitter {
   constructor(phone, callId, direction, peer) {
     super();
@@ -71,9 +75,11 @@ export class Call extends Emitter {
   _event(ev) {
     if (ev.type === 'call') {
       this.state = ev.state;
+      if (ev.peer) this.peer = ev.peer;
       if (ev.state === 'ended' && this.pc) { this.pc.close(); }
       this._emit('state', ev);
     } else if (ev.type === 'transfer') { this._emit('transfer', ev); }
+    else if (ev.type === 'referred') { this._emit('referred', ev); }
     else if (ev.type === 'dtmf') { this._emit('dtmf', ev.digit); }
   }
 }

@@ -34,6 +34,8 @@ pub struct AppState {
     pub dtmf: crate::config::DtmfMode,
     /// Hang-up after this long without SIP-side RTP (`None`: never).
     pub media_timeout: Option<std::time::Duration>,
+    /// Follow the far end's REFER (checked against the app's dial plan).
+    pub accept_refer: bool,
     /// Counters for /metrics, and the draining flag.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }

@@ -136,6 +136,17 @@ enum Outgoing {
         #[serde(skip_serializing_if = "Option::is_none")]
         status: Option<u16>,
     },
+    /// The far end transfers the agent's call elsewhere (its REFER): whether callgate follows,
+    /// then how the call to the new party goes. On `succeeded` the same call goes on with it.
+    Referred {
+        #[serde(rename = "callId")]
+        call_id: String,
+        state: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sip: Option<SipStatus>,
+    },
     /// A DTMF digit from the far end.
     Dtmf {
         #[serde(rename = "callId")]
@@ -371,7 +382,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         }
                         Some(r) => match plan.apply(&to) {
                             Err(e) => vec![refused(id, &e)],
-                            Ok(to) => match start_call(&state, r, &to, &sdp, events_tx.clone()).await {
+                            Ok(to) => match start_call(&state, r, &to, &sdp, events_tx.clone(), &plan).await {
                             Ok((call, answer)) => {
                                 let call_id = call.call_id().to_owned();
                                 calls.insert(call_id.clone(), call);
@@ -487,6 +498,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         dtmf: dtmf_rx,
                         dtmf_mode: state.dtmf,
                         media_timeout: state.media_timeout,
+                        refer: state.accept_refer.then(|| plan.clone()),
                         metrics: state.metrics.clone(),
                     }));
                     ringing.insert(call_id.clone(), Ringing { control, dtmf, handoff, offer: inc.offer });
@@ -654,6 +666,7 @@ async fn start_call(
     to: &str,
     offer: &str,
     events: mpsc::Sender<Outgoing>,
+    plan: &DialPlan,
 ) -> Result<(SessionCall, String), (&'static str, String)> {
     let BrowserMedia {
         leg,
@@ -692,6 +705,7 @@ async fn start_call(
         dtmf: dtmf_rx,
         dtmf_mode: state.dtmf,
         media_timeout: state.media_timeout,
+        refer: state.accept_refer.then(|| plan.clone()),
         metrics: state.metrics.clone(),
     }));
     Ok((SessionCall { control, dtmf }, answer))
@@ -766,6 +780,8 @@ struct Follow {
     dtmf: mpsc::UnboundedReceiver<String>,
     dtmf_mode: DtmfMode,
     media_timeout: Option<std::time::Duration>,
+    /// Follow the far end's REFER to targets this dial plan allows; `None`: decline.
+    refer: Option<DialPlan>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -776,7 +792,7 @@ struct Follow {
 async fn follow_call(f: Follow) {
     let Follow {
         call_id,
-        peer,
+        mut peer,
         direction,
         mut call_events,
         media,
@@ -785,6 +801,7 @@ async fn follow_call(f: Follow) {
         dtmf: mut dtmf_in,
         dtmf_mode,
         media_timeout,
+        refer,
         metrics,
     } = f;
     let placed = std::time::Instant::now();
@@ -793,16 +810,30 @@ async fn follow_call(f: Follow) {
     } else {
         crate::metrics::Direction::Inbound
     });
-    let report = |state: &'static str, sip: Option<SipStatus>, end_reason: Option<&'static str>| {
+    let report = |peer: &str,
+                  state: &'static str,
+                  sip: Option<SipStatus>,
+                  end_reason: Option<&'static str>| {
         Outgoing::Call {
             call_id: call_id.clone(),
             state,
             direction,
-            peer: peer.clone(),
+            peer: peer.to_owned(),
             sip,
             end_reason,
         }
     };
+    let referred =
+        |state: &'static str, to: Option<String>, sip: Option<SipStatus>| Outgoing::Referred {
+            call_id: call_id.clone(),
+            state,
+            to,
+            sip,
+        };
+    // The browser side's SDP once the bridge runs (to map payload types for a new SIP peer),
+    // and where the SIP side's media goes.
+    let mut browser_sdp: Option<AudioSdp> = None;
+    let mut sip_media: Option<std::net::SocketAddr> = None;
     let (mut steer, ctl) = bridge::controls();
     let mut ctl = Some(ctl);
     let mut bridge = None;
@@ -821,7 +852,7 @@ async fn follow_call(f: Follow) {
     } else {
         "ringing"
     };
-    let _ = events.send(report(first, None, None)).await;
+    let _ = events.send(report(&peer, first, None, None)).await;
     loop {
         let ev = tokio::select! {
             ev = call_events.recv() => match ev {
@@ -889,7 +920,10 @@ async fn follow_call(f: Follow) {
         {
             match Mapping::negotiate(&browser, &sdp) {
                 Ok(mapping) => {
-                    rtp.set_remote(std::net::SocketAddr::new(sdp.addr, sdp.port));
+                    let remote = std::net::SocketAddr::new(sdp.addr, sdp.port);
+                    rtp.set_remote(remote);
+                    sip_media = Some(remote);
+                    browser_sdp = Some(browser.clone());
                     tracing::debug!(call = %call_id, remote = %sdp.addr, port = sdp.port, ?mapping, "bridge starts");
                     rfc4733 = mapping.sip_telephone_event.is_some();
                     bridge = Some(tokio::spawn(bridge::run(
@@ -903,27 +937,105 @@ async fn follow_call(f: Follow) {
                 Err(e) => tracing::warn!(call = %call_id, "cannot bridge media: {e}"),
             }
         }
+        // A new SIP-side peer or address for a running bridge: a re-INVITE that moved the far
+        // end's media, or the party a followed transfer reached.
+        let moved = match &ev {
+            CallEvent::RemoteHold { offer: Some(s), .. }
+            | CallEvent::Hold {
+                answer: Some(s), ..
+            }
+            | CallEvent::Replaced {
+                answer: Some(s), ..
+            } => Some(s),
+            _ => None,
+        };
+        if let (Some(sdp), Some(b), true) = (moved, browser_sdp.as_ref(), bridge.is_some()) {
+            let remote = std::net::SocketAddr::new(sdp.addr, sdp.port);
+            let changed = Some(remote) != sip_media || matches!(ev, CallEvent::Replaced { .. });
+            // An old-style hold (c=0.0.0.0) says "do not send", not where to.
+            if changed && !sdp.addr.is_unspecified() && sdp.port != 0 {
+                match Mapping::negotiate(b, sdp) {
+                    Ok(mapping) => {
+                        tracing::debug!(call = %call_id, %remote, "the far end's media moved");
+                        rfc4733 = mapping.sip_telephone_event.is_some();
+                        sip_media = Some(remote);
+                        let _ = steer.retarget.send((remote, mapping));
+                    }
+                    Err(e) => {
+                        tracing::warn!(call = %call_id, "cannot bridge the new far end's media: {e}")
+                    }
+                }
+            }
+        }
         let out = match ev {
-            CallEvent::Ringing => report("ringing", None, None),
-            CallEvent::EarlyMedia { .. } => report("early", None, None),
+            CallEvent::Ringing => report(&peer, "ringing", None, None),
+            CallEvent::EarlyMedia { .. } => report(&peer, "early", None, None),
             CallEvent::Answered { .. } => {
                 established = true;
                 watch_from = std::time::Instant::now();
                 if direction == "outbound" {
                     metrics.call_setup(placed.elapsed());
                 }
-                report("established", None, None)
+                report(&peer, "established", None, None)
             }
             CallEvent::Hold { held: h, .. } => {
                 held = h;
                 watch_from = std::time::Instant::now();
                 let _ = steer.flow.send(if h { Flow::Hold } else { Flow::Forward });
-                report(if h { "held" } else { "established" }, None, None)
+                report(&peer, if h { "held" } else { "established" }, None, None)
             }
             CallEvent::RemoteHold { held: h, .. } => {
                 remote_held = h;
                 watch_from = std::time::Instant::now();
-                report(if h { "held_by_remote" } else { "established" }, None, None)
+                report(
+                    &peer,
+                    if h { "held_by_remote" } else { "established" },
+                    None,
+                    None,
+                )
+            }
+            CallEvent::Referred { target } => {
+                let verdict = match &refer {
+                    None => Err("transfers by the far end are off (sip.accept_refer)".to_owned()),
+                    Some(plan) => plan.check_referral(&target).map_err(|e| e.to_string()),
+                };
+                commander.follow_refer(verdict.is_ok());
+                if let Err(why) = &verdict {
+                    tracing::info!(call = %call_id, %target, "declined the far end's transfer: {why}");
+                }
+                referred(
+                    if verdict.is_ok() {
+                        "accepted"
+                    } else {
+                        "declined"
+                    },
+                    Some(target),
+                    None,
+                )
+            }
+            CallEvent::ReferProgress { status, phrase } => referred(
+                if status >= 300 { "failed" } else { "progress" },
+                None,
+                Some(SipStatus {
+                    status,
+                    reason: phrase,
+                }),
+            ),
+            CallEvent::Replaced { peer: p, .. } => {
+                peer = if p.user().is_empty() {
+                    p.uri.clone()
+                } else {
+                    p.user().to_owned()
+                };
+                let _ = events.send(referred("succeeded", Some(p.uri), None)).await;
+                // The new party's call is established and ours to hold: start clean.
+                remote_held = false;
+                if held {
+                    held = false;
+                    let _ = steer.flow.send(Flow::Forward);
+                }
+                watch_from = std::time::Instant::now();
+                report(&peer, "established", None, None)
             }
             CallEvent::Transfer { state, status } => Outgoing::Transfer {
                 call_id: call_id.clone(),
@@ -944,7 +1056,9 @@ async fn follow_call(f: Follow) {
                     reason: phrase,
                 });
                 metrics.call_ended(reason.code());
-                let _ = events.send(report("ended", sip, Some(reason.code()))).await;
+                let _ = events
+                    .send(report(&peer, "ended", sip, Some(reason.code())))
+                    .await;
                 break;
             }
             _ => continue,

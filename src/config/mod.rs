@@ -86,6 +86,9 @@ pub struct Sip {
     pub dns_server: Option<SocketAddr>,
     /// Offer a second incoming call while one is active (else 486 Busy Here).
     pub call_waiting: bool,
+    /// Follow the far end's REFER (it transfers the agent's call elsewhere), subject to the
+    /// app's dial plan; else 603 Decline.
+    pub accept_refer: bool,
 }
 
 impl Sip {
@@ -666,6 +669,7 @@ impl Config {
                 max_registrations: usize::try_from(max_regs).unwrap_or(10_000),
                 dns_server,
                 call_waiting: raw.sip.call_waiting,
+                accept_refer: raw.sip.accept_refer,
             },
             media: Media {
                 listen_ip,

@@ -58,6 +58,7 @@ pub(crate) struct RawSip {
     pub(crate) max_registrations: i64,
     pub(crate) dns_server: String,
     pub(crate) call_waiting: bool,
+    pub(crate) accept_refer: bool,
 }
 
 impl Default for RawSip {
@@ -77,6 +78,7 @@ impl Default for RawSip {
             max_registrations: 10_000,
             dns_server: String::new(),
             call_waiting: true,
+            accept_refer: false,
         }
     }
 }

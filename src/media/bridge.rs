@@ -2,6 +2,7 @@
 //! through a [`Rewriter`], so each side sees one continuous stream with its own payload types.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -163,6 +164,9 @@ pub struct Controls {
     pub heard: mpsc::UnboundedSender<char>,
     /// Updated on each SIP-side packet.
     pub activity: Arc<Activity>,
+    /// A new SIP-side peer (a re-INVITE moved its media, or a followed transfer replaced it):
+    /// its address and the payload types negotiated with it.
+    pub retarget: mpsc::UnboundedReceiver<(SocketAddr, Mapping)>,
 }
 
 /// The owner's ends of a bridge's [`Controls`].
@@ -176,6 +180,8 @@ pub struct Steering {
     pub heard: mpsc::UnboundedReceiver<char>,
     /// The SIP side's media activity.
     pub activity: Arc<Activity>,
+    /// Points the SIP side at a new peer.
+    pub retarget: mpsc::UnboundedSender<(SocketAddr, Mapping)>,
 }
 
 /// A connected pair of [`Steering`] (for the call's owner) and [`Controls`] (for [`run`]).
@@ -184,18 +190,21 @@ pub fn controls() -> (Steering, Controls) {
     let (dtmf_tx, dtmf) = mpsc::unbounded_channel();
     let (heard, heard_rx) = mpsc::unbounded_channel();
     let activity = Activity::new();
+    let (retarget_tx, retarget) = mpsc::unbounded_channel();
     (
         Steering {
             flow: flow_tx,
             dtmf: dtmf_tx,
             heard: heard_rx,
             activity: activity.clone(),
+            retarget: retarget_tx,
         },
         Controls {
             flow,
             dtmf,
             heard,
             activity,
+            retarget,
         },
     )
 }
@@ -228,7 +237,7 @@ pub async fn run(
     mut ctl: Controls,
 ) -> BridgeStats {
     let start = Instant::now();
-    let sip_te = mapping.sip_telephone_event;
+    let mut sip_te = mapping.sip_telephone_event;
     let mut to_sip = Rewriter::new(ssrc, 8000, mapping.to_sip);
     let mut to_browser = Rewriter::new(ssrc ^ 0x5555_5555, 8000, mapping.to_browser);
     let mut stats = BridgeStats::default();
@@ -264,6 +273,20 @@ pub async fn run(
                         }
                     }
                 }
+            }
+            Some((addr, m)) = ctl.retarget.recv() => {
+                // Same streams for both sides, continued from where they are (the Rewriters
+                // take the new source's numbering as a source change).
+                tracing::debug!(remote = %addr, mapping = ?m, "SIP side retargeted");
+                sip.set_remote(addr);
+                to_sip.set_map(m.to_sip);
+                to_browser.set_map(m.to_browser);
+                to_sip.rebase();
+                to_browser.rebase();
+                sip_te = m.sip_telephone_event;
+                heard = dtmf::Receiver::default();
+                sending = None;
+                ctl.activity.touch(Instant::now());
             }
             d = ctl.dtmf.recv(), if dtmf_open => match d {
                 Some(d) if sip_te.is_some() => digits.push_back(d),

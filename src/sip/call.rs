@@ -31,6 +31,8 @@ pub enum Purpose {
     Info,
     /// A REFER (transfer).
     Refer,
+    /// A NOTIFY reporting the progress of a transfer the far end asked of us.
+    Notify,
 }
 
 /// Something for the owner to do.
@@ -193,6 +195,28 @@ pub enum CallEvent {
         /// Their new SDP offer (new address or port for media, if any).
         offer: Option<AudioSdp>,
     },
+    /// The far end asks us to call `target` in its place (an inbound REFER, RFC 3515). The
+    /// owner answers with [`Call::accept_refer`] or [`Call::decline_refer`].
+    Referred {
+        /// The SIP URI to call.
+        target: String,
+    },
+    /// Progress of the call placed for the far end's REFER: a status of that new call. From 300
+    /// on it failed, and this call goes on as before.
+    ReferProgress {
+        /// The new call's status.
+        status: u16,
+        /// Its reason phrase.
+        phrase: String,
+    },
+    /// The call placed for the far end's REFER was answered: from now on this call is with
+    /// `peer`, whose media is described by `answer`.
+    Replaced {
+        /// The new far party.
+        peer: Party,
+        /// Their SDP (absent if it came with early media only).
+        answer: Option<AudioSdp>,
+    },
     /// The call is over.
     Ended {
         /// Why.
@@ -228,6 +252,79 @@ impl TransferState {
             TransferState::Failed => "failed",
         }
     }
+}
+
+/// A transfer the far end asked of us (an inbound REFER), once accepted: whom to call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Referral {
+    /// The target's SIP URI (the Refer-To URI without its header part).
+    pub target: String,
+    /// The Replaces header value for the new INVITE (attended transfer, RFC 3891), decoded.
+    pub replaces: Option<String>,
+    /// The Referred-By value to pass on (RFC 3892): the REFER's own, or the referrer's address.
+    pub referred_by: String,
+}
+
+/// An inbound REFER waiting for the owner's decision.
+#[derive(Debug)]
+struct InboundRefer {
+    tx: TxId,
+    request: Message,
+    referral: Referral,
+}
+
+/// Longest Refer-To we follow.
+const MAX_REFER_TO: usize = 1024;
+
+/// `%XX` decoding of a URI header value (RFC 3261 §19.1.1); `None` if malformed or not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A Refer-To value split into the URI to call and its decoded `Replaces` header, if any
+/// (`<sip:b@host?Replaces=id%3Bto-tag%3D1%3Bfrom-tag%3D2>`). Only `sip:` URIs are followed.
+fn parse_refer_to(value: &str) -> Option<(String, Option<String>)> {
+    if value.len() > MAX_REFER_TO {
+        return None;
+    }
+    let uri = name_addr_uri(value).trim();
+    let (target, headers) = match uri.split_once('?') {
+        Some((t, h)) => (t, Some(h)),
+        None => (uri, None),
+    };
+    let scheme_ok = target
+        .get(..4)
+        .is_some_and(|s| s.eq_ignore_ascii_case("sip:"));
+    let host = target.get(4..).unwrap_or_default();
+    if !scheme_ok || host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    let mut replaces = None;
+    for h in headers.into_iter().flat_map(|h| h.split('&')) {
+        if let Some((name, v)) = h.split_once('=') {
+            if name.eq_ignore_ascii_case("replaces") {
+                let v = percent_decode(v)?;
+                if v.chars().any(char::is_control) {
+                    return None;
+                }
+                replaces = Some(v);
+            }
+        }
+    }
+    Some((format!("sip:{host}"), replaces))
 }
 
 /// Who we are in this call.
@@ -449,6 +546,15 @@ pub struct Call {
     info_in_flight: bool,
     /// A transfer is under way (REFER sent, final NOTIFY not yet received).
     transferring: bool,
+    /// An inbound REFER waiting for the owner's decision.
+    inbound_refer: Option<InboundRefer>,
+    /// We accepted an inbound REFER and owe the referrer NOTIFYs until the final one.
+    refer_subscription: bool,
+    /// Headers of our INVITE beyond the usual ones (Referred-By, Replaces).
+    extra_headers: Vec<(&'static str, String)>,
+    /// After a transfer we followed succeeded: when to BYE this dialog ourselves if the
+    /// referrer has not (RFC 5589 leaves it to the referrer).
+    bye_at: Option<Instant>,
     challenge: Option<Challenge>,
     nc: u32,
     answered_challenge: bool,
@@ -513,6 +619,10 @@ impl Call {
             dtmf_queue: VecDeque::new(),
             info_in_flight: false,
             transferring: false,
+            inbound_refer: None,
+            refer_subscription: false,
+            extra_headers: Vec::new(),
+            bye_at: None,
             challenge: None,
             nc: 0,
             answered_challenge: false,
@@ -540,7 +650,46 @@ impl Call {
         timers: Timers,
         seed: u64,
     ) -> Call {
+        Call::outgoing_with(local, account, request_uri, sdp, timers, seed, Vec::new())
+    }
+
+    /// Starts the call a followed transfer asks for: to the referral's target, with its
+    /// Referred-By (RFC 3892) and, for an attended transfer, its Replaces (RFC 3891).
+    pub fn referred(
+        local: Local,
+        account: SipAccount,
+        referral: &Referral,
+        sdp: String,
+        timers: Timers,
+        seed: u64,
+    ) -> Call {
+        let mut extra = vec![("Referred-By", referral.referred_by.clone())];
+        if let Some(r) = &referral.replaces {
+            extra.push(("Replaces", r.clone()));
+            extra.push(("Require", "replaces".to_owned()));
+        }
+        Call::outgoing_with(
+            local,
+            account,
+            referral.target.clone(),
+            sdp,
+            timers,
+            seed,
+            extra,
+        )
+    }
+
+    fn outgoing_with(
+        local: Local,
+        account: SipAccount,
+        request_uri: String,
+        sdp: String,
+        timers: Timers,
+        seed: u64,
+        extra_headers: Vec<(&'static str, String)>,
+    ) -> Call {
         let mut c = Call::blank(Role::Outbound, local, account, timers, seed);
+        c.extra_headers = extra_headers;
         c.local_header = match &c.account.visible_name {
             Some(n) => format!("\"{n}\" <{}>;tag={}", c.local.aor, c.local_tag),
             None => format!("<{}>;tag={}", c.local.aor, c.local_tag),
@@ -676,6 +825,18 @@ impl Call {
     }
 
     fn end(&mut self, reason: EndReason, status: Option<u16>, phrase: &str) {
+        if let Some(r) = self.inbound_refer.take() {
+            let data = response_to(
+                &r.request,
+                481,
+                "Call Does Not Exist",
+                Some(&self.local_tag),
+            )
+            .build();
+            self.out.push_back(Output::Respond { tx: r.tx, data });
+        }
+        self.refer_subscription = false;
+        self.bye_at = None;
         if self.state != State::Ended {
             self.state = State::Ended;
             self.events.push_back(CallEvent::Ended {
@@ -718,6 +879,9 @@ impl Call {
             )
             .header("Supported", "timer")
             .header("User-Agent", self.local.user_agent.clone());
+        for (name, value) in &self.extra_headers {
+            b = b.header(name, value.clone());
+        }
         if let Some(ch) = &self.challenge {
             self.nc += 1;
             let cnonce = self.rng.hex();
@@ -964,6 +1128,12 @@ impl Call {
             Purpose::Cancel => {}
             Purpose::Bye => {}
             Purpose::Reinvite => self.reinvite_response(now, code, resp),
+            Purpose::Notify => {
+                if code == 481 {
+                    // The referrer ended the subscription (or the dialog): nothing more to say.
+                    self.refer_subscription = false;
+                }
+            }
             Purpose::Refer => {
                 if (200..300).contains(&code) {
                     self.events.push_back(CallEvent::Transfer {
@@ -1085,6 +1255,122 @@ impl Call {
             self.send_bye();
             self.end(EndReason::Transferred, status, "");
         }
+    }
+
+    /// The far end asks us to call someone in its place (RFC 3515): keep the request for the
+    /// owner's decision and report [`CallEvent::Referred`].
+    fn inbound_refer(&mut self, tx: TxId, req: &Message) {
+        let refuse = |c: &mut Call, code: u16, reason: &str| {
+            let data = response_to(req, code, reason, Some(&c.local_tag)).build();
+            c.out.push_back(Output::Respond { tx, data });
+        };
+        let Some(value) = req.header("Refer-To") else {
+            return refuse(self, 400, "Missing Refer-To");
+        };
+        if self.state != State::Established {
+            return refuse(self, 603, "Decline");
+        }
+        if self.inbound_refer.is_some() || self.refer_subscription || self.transferring {
+            // One transfer at a time.
+            return refuse(self, 491, "Request Pending");
+        }
+        let Some((target, replaces)) = parse_refer_to(value) else {
+            return refuse(self, 400, "Bad Refer-To");
+        };
+        let referred_by = req
+            .header("Referred-By")
+            .filter(|v| v.len() <= MAX_REFER_TO)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("<{}>", name_addr_uri(&self.remote_header)));
+        self.inbound_refer = Some(InboundRefer {
+            tx,
+            request: req.clone(),
+            referral: Referral {
+                target: target.clone(),
+                replaces,
+                referred_by,
+            },
+        });
+        self.events.push_back(CallEvent::Referred { target });
+    }
+
+    /// Accepts the far end's REFER (202, then a NOTIFY `100 Trying`) and returns whom to call;
+    /// report that call's progress with [`refer_progress`](Self::refer_progress). `None` if no
+    /// REFER is waiting.
+    pub fn accept_refer(&mut self) -> Option<Referral> {
+        let r = self.inbound_refer.take()?;
+        let data = response_to(&r.request, 202, "Accepted", Some(&self.local_tag))
+            .header("Contact", format!("<{}>", self.local.contact))
+            .build();
+        self.out.push_back(Output::Respond { tx: r.tx, data });
+        self.refer_subscription = true;
+        self.send_refer_notify(100, "Trying");
+        Some(r.referral)
+    }
+
+    /// Declines the far end's REFER (603); the call goes on.
+    pub fn decline_refer(&mut self) {
+        if let Some(r) = self.inbound_refer.take() {
+            let data = response_to(&r.request, 603, "Decline", Some(&self.local_tag)).build();
+            self.out.push_back(Output::Respond { tx: r.tx, data });
+        }
+    }
+
+    /// Tells the referrer how the call it asked for is going (a NOTIFY with a sipfrag). A final
+    /// status ends the subscription; after a 2xx this dialog is hung up unless the referrer
+    /// does so first (it should, RFC 5589 §6).
+    pub fn refer_progress(&mut self, now: Instant, status: u16, phrase: &str) {
+        if !self.refer_subscription {
+            return;
+        }
+        self.send_refer_notify(status, phrase);
+        if (200..300).contains(&status) {
+            self.bye_at = Some(now + self.timers.t1 * 8);
+        }
+    }
+
+    fn send_refer_notify(&mut self, status: u16, phrase: &str) {
+        if !self.refer_subscription || self.state != State::Established {
+            return;
+        }
+        let sub_state = if status >= 200 {
+            self.refer_subscription = false;
+            "terminated;reason=noresource"
+        } else {
+            "active;expires=60"
+        };
+        let phrase: String = phrase
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect();
+        let data = self
+            .in_dialog("NOTIFY")
+            .header("Event", "refer")
+            .header("Subscription-State", sub_state)
+            .header("Contact", format!("<{}>", self.local.contact))
+            .header("User-Agent", self.local.user_agent.clone())
+            .body(
+                "message/sipfrag;version=2.0",
+                format!("SIP/2.0 {status} {phrase}\r\n").into_bytes(),
+            )
+            .build();
+        let dest = self.next_hop();
+        self.start_request(Purpose::Notify, data, dest);
+    }
+
+    /// An SDP offer for a new dialog from this call's media (the same address and codecs,
+    /// sendrecv): what a followed transfer offers the target.
+    pub fn offer_for_new_dialog(&self) -> Option<String> {
+        let mut sdp = AudioSdp::parse(self.local_sdp.as_deref()?.as_bytes()).ok()?;
+        sdp.version += 1;
+        sdp.direction = super::sdp::Direction::SendRecv;
+        Some(sdp.to_sdp())
+    }
+
+    /// The far party as the dialog names it.
+    pub fn remote_party(&self) -> Party {
+        Party::from_header(&self.remote_header)
     }
 
     /// Queues DTMF `digits` (`0-9 * # A-D`) to be sent by SIP INFO (`application/dtmf-relay`),
@@ -1478,12 +1764,7 @@ impl Call {
                 let data = respond(self, 200, "OK");
                 self.out.push_back(Output::Respond { tx, data });
             }
-            "REFER" => {
-                // Being transferred by the far end needs a new call on the agent's side; until
-                // the API offers that, decline rather than pretend (RFC 3515 §2.4.2).
-                let data = respond(self, 603, "Decline");
-                self.out.push_back(Output::Respond { tx, data });
-            }
+            "REFER" => self.inbound_refer(tx, req),
             _ => {
                 let data = response_to(req, 501, "Not Implemented", Some(&self.local_tag))
                     .header("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO")
@@ -1578,6 +1859,15 @@ impl Call {
 
     /// Fires the 2xx retransmission timer.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.bye_at.is_some_and(|at| now >= at) {
+            self.bye_at = None;
+            if self.state == State::Established {
+                self.ok_retransmit = None;
+                self.send_bye();
+                self.end(EndReason::Transferred, None, "");
+            }
+            return;
+        }
         if let Some(session) = self.session {
             if now >= session.next && self.state == State::Established {
                 if session.we_refresh {
@@ -1626,7 +1916,11 @@ impl Call {
             .session
             .filter(|_| self.state == State::Established)
             .map(|s| s.next);
-        ok.into_iter().chain(glare).chain(session).min()
+        ok.into_iter()
+            .chain(glare)
+            .chain(session)
+            .chain(self.bye_at)
+            .min()
     }
 
     /// The next thing to do.

@@ -136,6 +136,8 @@ enum CallAction {
     Transfer(String),
     /// Attended transfer: replace call `.0` (the consultation) at this call's far end.
     CompleteTransfer(u64),
+    /// The far end's REFER: follow it (call the target in its place) or decline it.
+    FollowRefer(bool),
 }
 
 /// Most calls at once per endpoint.
@@ -427,6 +429,14 @@ impl CallCommander {
     pub fn hangup_media_timeout(&self) {
         self.act(CallAction::MediaTimeout);
     }
+
+    /// Answers the far end's REFER ([`CallEvent::Referred`]). Followed: callgate calls the
+    /// target with the same media, reports [`CallEvent::ReferProgress`], and when the target
+    /// answers the call carries on with it ([`CallEvent::Replaced`]: same call id, same
+    /// control). Declined: 603, and the call goes on.
+    pub fn follow_refer(&self, accept: bool) {
+        self.act(CallAction::FollowRefer(accept));
+    }
 }
 
 impl Drop for CallControl {
@@ -482,6 +492,7 @@ impl Endpoint {
             cmds: tx.clone(),
             shutdown: None,
             next_call: 1,
+            aliases: HashMap::new(),
         };
         tokio::spawn(task.run(rx));
         Ok(Endpoint {
@@ -675,6 +686,13 @@ struct CallEntry {
     events: Option<mpsc::UnboundedSender<CallEvent>>,
     /// The registration key, until the Incoming event is delivered.
     deliver_to: Option<String>,
+    /// A transfer the far end asked for is being followed by this new call.
+    referral: Option<u64>,
+    /// This call was placed for call `.0`'s far end's REFER and replaces it once answered.
+    replacing: Option<u64>,
+    /// The far end ended the call while its REFER is being followed: reported only if the
+    /// new call fails.
+    held_end: Option<CallEvent>,
 }
 
 #[derive(Clone)]
@@ -698,6 +716,8 @@ struct Task {
     cmds: mpsc::UnboundedSender<Command>,
     shutdown: Option<(oneshot::Sender<()>, Instant)>,
     next_call: u64,
+    /// Calls replaced by a followed transfer → the call that carries on for them.
+    aliases: HashMap<u64, u64>,
 }
 
 impl Task {
@@ -867,7 +887,20 @@ impl Task {
                 let _ = reply.send(result);
             }
             Command::Call { id, action } => {
+                let id = self.aliases.get(&id).copied().unwrap_or(id);
+                if let CallAction::FollowRefer(accept) = action {
+                    self.follow_refer(id, accept);
+                    return;
+                }
+                if matches!(action, CallAction::Hangup | CallAction::MediaTimeout) {
+                    // Hanging up while a transfer is followed ends the new call too.
+                    let new = self.calls.get(&id).and_then(|c| c.referral);
+                    if let Some(n) = new.and_then(|n| self.calls.get_mut(&n)) {
+                        n.call.hangup(now.into_std());
+                    }
+                }
                 if let CallAction::CompleteTransfer(consult) = action {
+                    let consult = self.aliases.get(&consult).copied().unwrap_or(consult);
                     let uri = self.calls.get(&consult).and_then(|b| b.call.replaces_uri());
                     if let Some(c) = self.calls.get_mut(&id) {
                         match uri {
@@ -888,7 +921,7 @@ impl Task {
                         ),
                         CallAction::Hold(true) => c.call.hold(now.into_std()),
                         CallAction::Hold(false) => c.call.unhold(now.into_std()),
-                        CallAction::CompleteTransfer(_) => {}
+                        CallAction::CompleteTransfer(_) | CallAction::FollowRefer(_) => {}
                         CallAction::Transfer(to) => {
                             let domain = c.call.domain().to_owned();
                             match dial_uri(&to, &domain) {
@@ -936,6 +969,113 @@ impl Task {
         }
     }
 
+    /// The owner's answer to call `id`'s far end's REFER.
+    fn follow_refer(&mut self, id: u64, accept: bool) {
+        let full = self.shutdown.is_some() || self.calls.len() >= MAX_CALLS;
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let reg_key = c.reg_key.clone();
+        let sdp = c.call.offer_for_new_dialog();
+        let local = self.local_for(&reg_key);
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let (Some(sdp), Some((local, account)), true, false) = (sdp, local, accept, full) else {
+            c.call.decline_refer();
+            return;
+        };
+        let Some(referral) = c.call.accept_refer() else {
+            return;
+        };
+        let public_id = c.public_id.clone();
+        tracing::info!(call = %public_id, target = %referral.target, "following the far end's transfer");
+        let call = Call::referred(
+            local,
+            account,
+            &referral,
+            sdp,
+            self.settings.timers,
+            random_u64(),
+        );
+        let (new_id, _, _) = self.new_call(call, &reg_key, None);
+        if let Some(n) = self.calls.get_mut(&new_id) {
+            n.events = None;
+            n.public_id = public_id;
+            n.replacing = Some(id);
+        }
+        if let Some(c) = self.calls.get_mut(&id) {
+            c.referral = Some(new_id);
+        }
+    }
+
+    /// An event of a call placed for a REFER (`new_id`), before it replaces the original:
+    /// progress is NOTIFYed to the referrer and reported; the answer moves the original's
+    /// owner over to the new call; a failure leaves the original as it was.
+    fn referral_event(&mut self, now: std::time::Instant, new_id: u64, ev: CallEvent) {
+        let Some(old_id) = self.calls.get(&new_id).and_then(|n| n.replacing) else {
+            return;
+        };
+        let (status, phrase) = match &ev {
+            CallEvent::Ringing => (180, "Ringing".to_owned()),
+            CallEvent::EarlyMedia { .. } => (183, "Session Progress".to_owned()),
+            CallEvent::Answered { .. } => (200, "OK".to_owned()),
+            CallEvent::Ended { status, phrase, .. } => (
+                status.filter(|s| *s >= 300).unwrap_or(487),
+                if phrase.is_empty() {
+                    "Request Terminated".to_owned()
+                } else {
+                    phrase.clone()
+                },
+            ),
+            _ => return,
+        };
+        let Some(old) = self.calls.get_mut(&old_id) else {
+            return;
+        };
+        old.call.refer_progress(now, status, &phrase);
+        match ev {
+            CallEvent::Answered { answer } => {
+                let events = old.events.take();
+                old.referral = None;
+                old.held_end = None;
+                let Some(new) = self.calls.get_mut(&new_id) else {
+                    return;
+                };
+                new.replacing = None;
+                new.events = events;
+                tracing::info!(call = %new.public_id, "transfer followed: the call goes on with the target");
+                if let Some(tx) = &new.events {
+                    let peer = new.call.remote_party();
+                    let _ = tx.send(CallEvent::Replaced { peer, answer });
+                }
+                for v in self.aliases.values_mut() {
+                    if *v == old_id {
+                        *v = new_id;
+                    }
+                }
+                self.aliases.insert(old_id, new_id);
+            }
+            CallEvent::Ended { .. } => {
+                old.referral = None;
+                if let Some(tx) = &old.events {
+                    let _ = tx.send(CallEvent::ReferProgress { status, phrase });
+                    if let Some(end) = old.held_end.take() {
+                        let _ = tx.send(end);
+                    }
+                }
+                if let Some(new) = self.calls.get_mut(&new_id) {
+                    new.replacing = None;
+                }
+            }
+            _ => {
+                if let Some(tx) = &old.events {
+                    let _ = tx.send(CallEvent::ReferProgress { status, phrase });
+                }
+            }
+        }
+    }
+
     fn local_for(&self, key: &str) -> Option<(Local, SipAccount)> {
         let e = self.regs.get(key)?;
         let account = e.reg.account().clone();
@@ -971,6 +1111,9 @@ impl Task {
                 consult: None,
                 events: Some(tx),
                 deliver_to,
+                referral: None,
+                replacing: None,
+                held_end: None,
             },
         );
         (id, public_id, rx)
@@ -1079,10 +1222,11 @@ impl Task {
         let finished: Vec<u64> = self
             .calls
             .iter()
-            .filter(|(_, c)| c.call.is_finished())
+            .filter(|(_, c)| c.call.is_finished() && c.referral.is_none())
             .map(|(id, _)| *id)
             .collect();
         for id in finished {
+            self.aliases.retain(|_, to| *to != id);
             if let Some(c) = self.calls.remove(&id) {
                 self.dialogs
                     .remove(&(c.call.call_id().to_owned(), c.call.local_tag().to_owned()));
@@ -1133,6 +1277,7 @@ impl Task {
                 }
             }
             let mut end_consult = None;
+            let mut referral_events = Vec::new();
             while let Some(ev) = c.call.poll_event() {
                 progressed = true;
                 if let CallEvent::Ended { reason, status, .. } = &ev {
@@ -1142,6 +1287,16 @@ impl Task {
                         // here too in case it does not (a 481 then is harmless).
                         end_consult = c.consult.take();
                     }
+                }
+                if c.replacing.is_some() {
+                    referral_events.push(ev);
+                    continue;
+                }
+                if c.referral.is_some() && matches!(ev, CallEvent::Ended { .. }) {
+                    // The referrer hung up after its REFER (allowed): the page keeps its call
+                    // while the target is being called.
+                    c.held_end = Some(ev);
+                    continue;
                 }
                 match (ev, c.deliver_to.take()) {
                     (
@@ -1201,6 +1356,9 @@ impl Task {
             if let Some(b) = end_consult.and_then(|b| self.calls.get_mut(&b)) {
                 b.call.hangup(now);
                 progressed = true;
+            }
+            for ev in referral_events {
+                self.referral_event(now, id, ev);
             }
         }
         progressed

@@ -973,15 +973,166 @@ fn early_media_then_answer() {
     );
 }
 
+fn refer_from_far_end(c: &Call, ok: &Message, cseq: u32, refer_to: &str) -> Message {
+    from_far_end(c, ok, "REFER", cseq)
+        .header("Refer-To", refer_to)
+        .header("Referred-By", "<sip:1002@example.com>")
+        .into_message()
+        .unwrap()
+}
+
 #[test]
-fn inbound_refer_is_declined() {
+fn inbound_refer_declined_keeps_the_call() {
     let t0 = Instant::now();
     let (mut c, ok) = established();
-    let refer = from_far_end(&c, &ok, "REFER", 30)
-        .header("Refer-To", "<sip:1003@example.com>")
-        .into_message()
-        .unwrap();
-    c.handle_request(t0, TxId_for_test(), &refer);
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &refer_from_far_end(&c, &ok, 30, "<sip:1003@example.com>"),
+    );
+    assert!(outputs(&mut c).is_empty(), "the owner decides");
+    assert_eq!(
+        events(&mut c),
+        vec![CallEvent::Referred {
+            target: "sip:1003@example.com".into()
+        }]
+    );
+    // A second REFER meanwhile: one transfer at a time.
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &refer_from_far_end(&c, &ok, 31, "<sip:1004@example.com>"),
+    );
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(491));
+    c.decline_refer();
     assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(603));
     assert!(!c.is_ended());
+    assert_eq!(c.accept_refer(), None, "nothing left to accept");
+}
+
+#[test]
+fn inbound_refer_bad_or_missing_target_is_400() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    for bad in ["<tel:+4930123>", "<sip:>", "<sips:1003@example.com>"] {
+        c.handle_request(t0, TxId_for_test(), &refer_from_far_end(&c, &ok, 40, bad));
+        assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(400), "{bad}");
+    }
+    let no_refer_to = from_far_end(&c, &ok, "REFER", 41).into_message().unwrap();
+    c.handle_request(t0, TxId_for_test(), &no_refer_to);
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(400));
+    assert!(events(&mut c).is_empty());
+}
+
+#[test]
+fn inbound_refer_followed_notifies_then_hangs_up_if_the_referrer_does_not() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &refer_from_far_end(
+            &c,
+            &ok,
+            30,
+            "<sip:1003@example.com?Replaces=abc%40host%3Bto-tag%3D7%3Bfrom-tag%3D9>",
+        ),
+    );
+    let _ = events(&mut c);
+    let r = c.accept_refer().unwrap();
+    assert_eq!(
+        r,
+        Referral {
+            target: "sip:1003@example.com".into(),
+            replaces: Some("abc@host;to-tag=7;from-tag=9".into()),
+            referred_by: "<sip:1002@example.com>".into(),
+        }
+    );
+    let out = outputs(&mut c);
+    assert_eq!(responded(&out[0]).status(), Some(202));
+    let (p, n, dest) = request_of(&out[1]);
+    assert_eq!(p, Purpose::Notify);
+    assert_eq!(dest.to_string(), "127.0.0.1:6060", "to the remote target");
+    assert_eq!(n.header("Event"), Some("refer"));
+    assert_eq!(n.header("Subscription-State"), Some("active;expires=60"));
+    assert_eq!(n.body(), b"SIP/2.0 100 Trying\r\n");
+    c.refer_progress(t0, 180, "Ringing");
+    let (_, n, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(n.body(), b"SIP/2.0 180 Ringing\r\n");
+    c.refer_progress(t0, 200, "OK");
+    let (_, n, _) = request_of(&outputs(&mut c)[0]);
+    assert_eq!(
+        n.header("Subscription-State"),
+        Some("terminated;reason=noresource")
+    );
+    assert_eq!(n.body(), b"SIP/2.0 200 OK\r\n");
+    c.refer_progress(t0, 200, "OK");
+    assert!(outputs(&mut c).is_empty(), "the subscription is over");
+    // The referrer should BYE us now; if it does not, we do.
+    let at = c.poll_timeout().unwrap();
+    assert!(at > t0 && at <= t0 + Duration::from_secs(5), "{at:?}");
+    c.handle_timeout(at);
+    assert_eq!(request_of(&outputs(&mut c)[0]).1.method(), "BYE");
+    assert!(c.is_ended());
+}
+
+#[test]
+fn the_referrers_bye_ends_a_followed_transfer_quietly() {
+    let t0 = Instant::now();
+    let (mut c, ok) = established();
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &refer_from_far_end(&c, &ok, 30, "sip:1003@example.com"),
+    );
+    assert!(c.accept_refer().is_some());
+    c.refer_progress(t0, 200, "OK");
+    let _ = (outputs(&mut c), events(&mut c));
+    let bye = from_far_end(&c, &ok, "BYE", 31).into_message().unwrap();
+    c.handle_request(t0, TxId_for_test(), &bye);
+    assert_eq!(responded(&outputs(&mut c)[0]).status(), Some(200));
+    assert_eq!(c.poll_timeout(), None, "no BYE of our own pending");
+    // A REFER still undecided when the dialog ends gets its final answer.
+    let (mut c, ok) = established();
+    c.handle_request(
+        t0,
+        TxId_for_test(),
+        &refer_from_far_end(&c, &ok, 30, "sip:1003@example.com"),
+    );
+    let bye = from_far_end(&c, &ok, "BYE", 31).into_message().unwrap();
+    c.handle_request(t0, TxId_for_test(), &bye);
+    let codes: Vec<_> = outputs(&mut c)
+        .iter()
+        .map(|o| responded(o).status())
+        .collect();
+    assert_eq!(codes, vec![Some(200), Some(481)]);
+}
+
+#[test]
+fn referred_call_carries_referred_by_and_replaces() {
+    let referral = Referral {
+        target: "sip:1003@example.com".into(),
+        replaces: Some("abc@host;to-tag=7;from-tag=9".into()),
+        referred_by: "<sip:1002@example.com>".into(),
+    };
+    let (mut old, _) = established();
+    let sdp = old.offer_for_new_dialog().unwrap();
+    assert!(sdp.contains("a=sendrecv"), "{sdp}");
+    let mut c = Call::referred(
+        local(),
+        account(),
+        &referral,
+        sdp,
+        crate::sip::transaction::Timers::default(),
+        5,
+    );
+    let (_, inv, _) = request_of(&outputs(&mut c)[0]);
+    assert!(
+        matches!(inv.start_line(), StartLine::Request { uri, .. } if uri == "sip:1003@example.com")
+    );
+    assert_eq!(inv.header("Referred-By"), Some("<sip:1002@example.com>"));
+    assert_eq!(inv.header("Replaces"), Some("abc@host;to-tag=7;from-tag=9"));
+    assert_eq!(inv.header("Require"), Some("replaces"));
+    assert_eq!(c.remote_party().uri, "sip:1003@example.com");
+    let _ = outputs(&mut old);
 }
