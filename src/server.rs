@@ -170,6 +170,8 @@ impl Bound {
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
             accept_refer: self.config.sip.accept_refer,
+            sessions: std::sync::Arc::new(api::ws::Sessions::default()),
+            resume: self.config.http.resume,
             metrics: metrics.clone(),
         };
         let sip = self.sip.clone();

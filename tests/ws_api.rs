@@ -50,11 +50,17 @@ async fn server_with_app_options(app_options: &str) -> Server {
 /// A server whose apps.toml app has `app_options`; `main_extra` goes into callgate.toml at the
 /// end of its `[media]` table (more keys, or further tables).
 async fn server_with(app_options: &str, main_extra: &str) -> Server {
-    server_with_sip(app_options, "", main_extra).await
+    server_with_tables(app_options, "", "", main_extra).await
 }
 
-/// [`server_with`], plus `sip_extra` keys in callgate.toml's `[sip]` table.
-async fn server_with_sip(app_options: &str, sip_extra: &str, main_extra: &str) -> Server {
+/// [`server_with`], plus `http_extra` and `sip_extra` keys in callgate.toml's `[http]` and
+/// `[sip]` tables.
+async fn server_with_tables(
+    app_options: &str,
+    http_extra: &str,
+    sip_extra: &str,
+    main_extra: &str,
+) -> Server {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -63,7 +69,7 @@ async fn server_with_sip(app_options: &str, sip_extra: &str, main_extra: &str) -
     let cfg = dir.write(
         "callgate.toml",
         &format!(
-            "[http]\nlisten = \"127.0.0.1:0\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n{sip_extra}\n\
+            "[http]\nlisten = \"127.0.0.1:0\"\n{http_extra}\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n{sip_extra}\n\
              [media]\nwebrtc_port = {}\n{main_extra}\n",
             free_udp_port()
         ),
@@ -548,7 +554,7 @@ async fn far_end_transfers_the_page_to_a_third_party() {
         "uas_referred.xml",
         &["-rtp_echo", "-trace_logs"],
     );
-    let mut srv = server_with_sip("", "accept_refer = true", "").await;
+    let mut srv = server_with_tables("", "", "accept_refer = true", "").await;
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
     let mut transferor = Sipp::uac_with(
@@ -667,6 +673,132 @@ async fn far_end_transfers_the_page_to_a_third_party() {
     );
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}
+
+/// A page that goes away (reload, network change) keeps its session for `http.resume_secs`: a
+/// new socket resumes it with the session id, gets its registration and the call back, sends a
+/// new WebRTC offer for the call and hears the far end again, while the SIP call stays up
+/// throughout. A session not resumed in time ends, and its call gets a BYE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_resumes_its_session_and_call() {
+    use callgate::media::rtp::RtpPacket;
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    /// Talks for `ms` with `pattern`; returns how many packets came back.
+    async fn talk(page: &mut RtcPeer, pattern: u8, ms: u64) -> usize {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let (mut sent, mut back) = (0u16, 0);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return back,
+                _ = tick.tick() => {
+                    let mut b = Vec::new();
+                    RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: u32::from(pattern), payload: &[pattern; 160] }.write(&mut b);
+                    page.send(&b).await;
+                    sent += 1;
+                }
+                Some((_, p)) = page.heard.recv() => {
+                    if p == [pattern; 160] {
+                        back += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas_with(
+        kam.port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo"],
+    );
+    let mut srv = server_with_tables("", "resume_secs = 3", "", "").await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let session_id = seen
+        .iter()
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .find(|v| v["type"] == "connected")
+        .and_then(|v| v["sessionId"].as_str().map(str::to_owned))
+        .expect("connected with a session id");
+    assert!(session_id.len() >= 34, "128 random bits: {session_id}");
+    let (mut page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_ne!(ev["state"], "ended", "{ev}");
+        if ev["state"] == "established" {
+            break;
+        }
+    }
+    assert!(
+        talk(&mut page, 0x11, 1000).await >= 20,
+        "audio before the reload"
+    );
+
+    // The page reloads: socket and peer connection gone without a goodbye.
+    drop(ws);
+    page.pc.close().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut ws = open(srv.addr).await;
+    ws.send(Message::text(
+        json!({"type": "resume", "id": 1, "sessionId": "s-00000000000000000000000000000000"})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let refused = next(&mut ws, &mut seen).await;
+    assert_eq!(refused["error"]["code"], "unknown_session", "{refused}");
+    ws.send(Message::text(
+        json!({"type": "resume", "id": 2, "sessionId": session_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 2, "ok": true})
+    );
+    let connected = next(&mut ws, &mut seen).await;
+    assert_eq!(
+        (connected["type"].as_str(), connected["sessionId"].as_str()),
+        (Some("connected"), Some(session_id.as_str())),
+        "{connected}"
+    );
+    let reg = next(&mut ws, &mut seen).await;
+    assert_eq!(reg["state"], "registered", "{reg}");
+    let call = next(&mut ws, &mut seen).await;
+    assert_eq!(
+        (call["callId"].as_str(), call["state"].as_str()),
+        (Some(call_id.as_str()), Some("established")),
+        "{call}"
+    );
+    let (mut page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "media", "id": 3, "callId": call_id, "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let back = talk(&mut page, 0x22, 1500).await;
+    assert!(back >= 25, "the resumed page heard {back} echoed packets");
+
+    // Gone again, for good this time: after resume_secs the call is hung up.
+    drop(ws);
+    page.pc.close().await.unwrap();
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "sipp got the BYE of the expired session: {log}");
+    for frame in &seen {
+        assert!(!frame.contains("pass1001"), "{frame}");
+    }
     srv.shut_down().await;
 }
 

@@ -36,6 +36,10 @@ pub struct AppState {
     pub media_timeout: Option<std::time::Duration>,
     /// Follow the far end's REFER (checked against the app's dial plan).
     pub accept_refer: bool,
+    /// Sessions waiting for their page to resume them.
+    pub sessions: std::sync::Arc<super::ws::Sessions>,
+    /// How long they wait (`None`: sessions end with their socket).
+    pub resume: Option<std::time::Duration>,
     /// Counters for /metrics, and the draining flag.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }

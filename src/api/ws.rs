@@ -42,6 +42,18 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 enum Request {
     /// Log in with a loginByToken token.
     Connect { id: u64, token: String },
+    /// Take over a session whose page went away (reload, network change), within
+    /// `http.resume_secs`: its registration and calls.
+    Resume { id: u64, session_id: String },
+    /// End the session now (hangs up its calls) instead of keeping it for a resume.
+    Logout { id: u64 },
+    /// A new browser offer for a call (after a resume): callgate answers it and the call's
+    /// audio moves to the new connection while the SIP side stays as it is.
+    Media {
+        id: u64,
+        call_id: String,
+        sdp: String,
+    },
     /// Liveness check.
     Ping { id: u64 },
     /// Call `to` with the browser's SDP offer; the reply carries callgate's answer.
@@ -88,21 +100,21 @@ enum Request {
 pub const MAX_CALLS_PER_SESSION: usize = 4;
 
 /// The SIP status that ended or refused a call.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 struct SipStatus {
     status: u16,
     reason: String,
 }
 
 /// An error as the page sees it: a stable `code` and a human `message` (never a secret).
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 struct ApiError {
     code: String,
     message: String,
 }
 
 /// Everything callgate sends to the page.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 enum Outgoing {
     /// The answer to a request.
@@ -319,6 +331,8 @@ async fn next_registration_event(
 struct SessionCall {
     control: CallControl,
     dtmf: mpsc::UnboundedSender<String>,
+    /// A new browser leg for the call (after a resume), with its negotiated SDP.
+    media: mpsc::UnboundedSender<(Leg, AudioSdp)>,
 }
 
 impl std::ops::Deref for SessionCall {
@@ -335,6 +349,86 @@ struct Ringing {
     /// Hands the media legs to the call's follower once the page answered.
     handoff: tokio::sync::oneshot::Sender<(Leg, RtpLeg, AudioSdp)>,
     offer: Option<AudioSdp>,
+    media: mpsc::UnboundedSender<(Leg, AudioSdp)>,
+    /// The `incoming` event, repeated to a page that resumes the session.
+    announce: Outgoing,
+}
+
+/// A logged-in session whose page went away, kept for the page to resume.
+struct Parked {
+    reg: RegistrationHandle,
+    plan: DialPlan,
+    agent: String,
+    app: String,
+    calls: HashMap<String, SessionCall>,
+    ringing: HashMap<String, Ringing>,
+    events_tx: mpsc::Sender<Outgoing>,
+    events_rx: mpsc::Receiver<Outgoing>,
+    last: HashMap<String, Outgoing>,
+    /// Tells this parking from a later one of the same session.
+    parking: u64,
+}
+
+/// Sessions whose page went away, each kept for `http.resume_secs` so that the page, reloaded
+/// or reconnected, can `resume` it (registration and calls) with its session id. One that is
+/// not resumed in time ends: its calls are hung up and its registration released.
+#[derive(Default)]
+pub struct Sessions {
+    parked: std::sync::Mutex<HashMap<String, Parked>>,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parked>> {
+        self.parked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn park(
+        self: &std::sync::Arc<Self>,
+        id: String,
+        parked: Parked,
+        grace: std::time::Duration,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) {
+        let parking = parked.parking;
+        self.lock().insert(id.clone(), parked);
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let expired = {
+                let mut m = me.lock();
+                match m.get(&id) {
+                    Some(p) if p.parking == parking => m.remove(&id),
+                    _ => None,
+                }
+            };
+            if let Some(p) = expired {
+                tracing::info!(agent = %p.agent, "session not resumed in time: ending it");
+                metrics.agent(-1);
+                drop(p);
+            }
+        });
+    }
+
+    fn app_of(&self, id: &str) -> Option<String> {
+        self.lock().get(id).map(|p| p.app.clone())
+    }
+
+    fn take(&self, id: &str) -> Option<Parked> {
+        self.lock().remove(id)
+    }
+
+    /// How many sessions wait for their page.
+    pub fn parked(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
@@ -344,13 +438,23 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     let mut plan = DialPlan::default();
     let mut calls: HashMap<String, SessionCall> = HashMap::new();
     let mut ringing: HashMap<String, Ringing> = HashMap::new();
-    let (events_tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
+    let (mut events_tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
+    // Once logged in: (session id, agent, app).
+    let mut ident: Option<(String, String, String)> = None;
+    // Each call's latest `call` event, replayed to a page that resumes.
+    let mut last: HashMap<String, Outgoing> = HashMap::new();
+    let mut logged_out = false;
     loop {
         tokio::select! {
             Some(ev) = events_rx.recv() => {
-                if let Outgoing::Call { call_id, state: "ended", .. } = &ev {
-                    calls.remove(call_id);
-                    ringing.remove(call_id);
+                if let Outgoing::Call { call_id, state, .. } = &ev {
+                    if *state == "ended" {
+                        calls.remove(call_id);
+                        ringing.remove(call_id);
+                        last.remove(call_id);
+                    } else {
+                        last.insert(call_id.clone(), ev.clone());
+                    }
                 }
                 if !send(&mut socket, &ev).await {
                     break;
@@ -371,7 +475,47 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 let reply = match serde_json::from_str::<Request>(text.as_str()) {
                     Err(_) => vec![error(None, "bad_request", "not a known request (see docs/API.md)")],
                     Ok(Request::Ping { id }) => vec![ok(id)],
-                    Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, &mut plan, id, &token).await,
+                    Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, &mut plan, &mut ident, id, &token).await,
+                    Ok(Request::Logout { id }) => {
+                        logged_out = true;
+                        let _ = send(&mut socket, &ok(id)).await;
+                        break;
+                    }
+                    Ok(Request::Resume { id, session_id }) => match resume(&state, &peer, reg.is_some(), id, &session_id) {
+                        Err(refusal) => vec![*refusal],
+                        Ok(p) => {
+                            tracing::info!(agent = %p.agent, "session resumed");
+                            let mut out = vec![
+                                ok(id),
+                                Outgoing::Connected { agent: p.agent.clone(), session_id: session_id.clone() },
+                                registration_event(&p.reg.status()),
+                            ];
+                            out.extend(p.calls.keys().filter_map(|c| p.last.get(c).cloned()));
+                            out.extend(p.ringing.values().map(|r| r.announce.clone()));
+                            reg = Some(p.reg);
+                            plan = p.plan;
+                            calls = p.calls;
+                            ringing = p.ringing;
+                            events_tx = p.events_tx;
+                            events_rx = p.events_rx;
+                            last = p.last;
+                            ident = Some((session_id, p.agent, p.app));
+                            out
+                        }
+                    },
+                    Ok(Request::Media { id, call_id, sdp }) => match calls.get(&call_id) {
+                        None => vec![error(Some(id), "unknown_call", "no such call in this session")],
+                        Some(c) => match browser_leg(&state, &sdp).await {
+                            Err((code, message)) => vec![error(Some(id), code, message)],
+                            Ok((leg, answer, browser, _)) => {
+                                if c.media.send((leg, browser)).is_ok() {
+                                    vec![Outgoing::Reply { id: Some(id), ok: true, error: None, call_id: Some(call_id), sdp: Some(answer) }]
+                                } else {
+                                    vec![error(Some(id), "unknown_call", "the call ended meanwhile")]
+                                }
+                            }
+                        },
+                    },
                     Ok(Request::Call { id, to, sdp }) => match reg.as_ref() {
                         None => vec![error(Some(id), "not_connected", "send connect with a token first")],
                         Some(_) if state.metrics.is_draining() => {
@@ -485,6 +629,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     let ev = Outgoing::Incoming { call_id: call_id.clone(), from: peer.clone(), display_name };
                     let (handoff, media) = tokio::sync::oneshot::channel();
                     let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
+                    let (media_tx, media_in) = mpsc::unbounded_channel();
                     // Follows the call from now on: a caller's CANCEL before the answer reaches
                     // the page as `ended` (`missed`).
                     tokio::spawn(follow_call(Follow {
@@ -496,12 +641,13 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         events: events_tx.clone(),
                         commander: control.commander(),
                         dtmf: dtmf_rx,
+                        media_in,
                         dtmf_mode: state.dtmf,
                         media_timeout: state.media_timeout,
                         refer: state.accept_refer.then(|| plan.clone()),
                         metrics: state.metrics.clone(),
                     }));
-                    ringing.insert(call_id.clone(), Ringing { control, dtmf, handoff, offer: inc.offer });
+                    ringing.insert(call_id.clone(), Ringing { control, dtmf, handoff, offer: inc.offer, media: media_tx, announce: ev.clone() });
                     if !send(&mut socket, &ev).await {
                         break;
                     }
@@ -511,10 +657,80 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
         }
     }
     state.metrics.websocket(-1);
-    if reg.is_some() {
-        state.metrics.agent(-1);
+    match (reg, ident, state.resume) {
+        (Some(reg), Some((session_id, agent, app)), Some(grace))
+            if !logged_out && !state.metrics.is_draining() =>
+        {
+            tracing::info!(%agent, calls = calls.len(), secs = grace.as_secs(), "page gone: keeping its session for a resume");
+            let parked = Parked {
+                reg,
+                plan,
+                agent,
+                app,
+                calls,
+                ringing,
+                events_tx,
+                events_rx,
+                last,
+                parking: random_u64(),
+            };
+            state
+                .sessions
+                .park(session_id, parked, grace, state.metrics.clone());
+        }
+        // Dropping `reg` releases this session's share of the registration; dropping the
+        // calls' controls hangs them up.
+        (Some(_), _, _) => state.metrics.agent(-1),
+        _ => {}
     }
-    // Dropping `reg` releases this session's share of the registration.
+}
+
+/// The parked session `session_id`, for a page that is not logged in and whose origin the
+/// session's app allows. Unknown ids count as bad tokens (they are bearer credentials).
+fn resume(
+    state: &AppState,
+    peer: &Peer,
+    logged_in: bool,
+    id: u64,
+    session_id: &str,
+) -> Result<Parked, Box<Outgoing>> {
+    if logged_in {
+        return Err(Box::new(error(
+            Some(id),
+            "already_connected",
+            "this session is already logged in",
+        )));
+    }
+    if state.bad_tokens.blocked(peer.ip) {
+        return Err(Box::new(error(
+            Some(id),
+            "rate_limited",
+            "too many refused tokens from this address; wait a minute",
+        )));
+    }
+    let Some(app) = state.sessions.app_of(session_id) else {
+        state.bad_tokens.record(peer.ip);
+        return Err(Box::new(error(
+            Some(id),
+            "unknown_session",
+            "no such session, or it ended (http.resume_secs passed): connect with a token",
+        )));
+    };
+    let allowed = state.origins.get(&app).map_or(&[][..], Vec::as_slice);
+    if !allowed.is_empty() && !peer.origin.as_ref().is_some_and(|o| allowed.contains(o)) {
+        return Err(Box::new(error(
+            Some(id),
+            "origin_not_allowed",
+            "this page's origin may not use this app's sessions (allowed_origins in apps.toml)",
+        )));
+    }
+    state.sessions.take(session_id).ok_or_else(|| {
+        Box::new(error(
+            Some(id),
+            "unknown_session",
+            "no such session, or it ended (http.resume_secs passed): connect with a token",
+        ))
+    })
 }
 
 async fn connect(
@@ -522,6 +738,7 @@ async fn connect(
     peer: &Peer,
     reg: &mut Option<RegistrationHandle>,
     plan: &mut DialPlan,
+    ident: &mut Option<(String, String, String)>,
     id: u64,
     token: &str,
 ) -> Vec<Outgoing> {
@@ -591,11 +808,9 @@ async fn connect(
     let current = registration_event(&handle.status());
     *reg = Some(handle);
     state.metrics.agent(1);
-    let session_id = format!("s-{:016x}", {
-        let mut b = [0u8; 8];
-        let _ = getrandom::fill(&mut b);
-        u64::from_le_bytes(b)
-    });
+    // A bearer credential for `resume`: 128 random bits.
+    let session_id = format!("s-{:016x}{:016x}", random_u64(), random_u64());
+    *ident = Some((session_id.clone(), agent.clone(), app));
     vec![ok(id), Outgoing::Connected { agent, session_id }, current]
 }
 
@@ -628,6 +843,26 @@ async fn browser_media(
     state: &AppState,
     offer: &str,
 ) -> Result<BrowserMedia, (&'static str, String)> {
+    let (leg, answer, browser, voice) = browser_leg(state, offer).await?;
+    let rtp = RtpLeg::open(&state.rtp_ports, state.rtp_bind_ip)
+        .await
+        .map_err(|e| ("no_media_ports", e.to_string()))?;
+    Ok(BrowserMedia {
+        leg,
+        answer,
+        browser,
+        voice,
+        rtp,
+        session_id: random_u64() >> 1,
+    })
+}
+
+/// Answers the page's offer with the WebRTC engine: the leg, callgate's SDP answer, the
+/// negotiated browser side and its G.711 law.
+async fn browser_leg(
+    state: &AppState,
+    offer: &str,
+) -> Result<(Leg, String, AudioSdp, String), (&'static str, String)> {
     let (leg, answer) = state.webrtc.answer(offer).await.map_err(|e| match e {
         WebRtcError::BadOffer(_) => ("bad_sdp", e.to_string()),
         _ => ("media_error", e.to_string()),
@@ -643,19 +878,7 @@ async fn browser_media(
         .voice_codec()
         .map(|c| c.name.clone())
         .unwrap_or_default();
-    let rtp = RtpLeg::open(&state.rtp_ports, state.rtp_bind_ip)
-        .await
-        .map_err(|e| ("no_media_ports", e.to_string()))?;
-    let mut idb = [0u8; 8];
-    let _ = getrandom::fill(&mut idb);
-    Ok(BrowserMedia {
-        leg,
-        answer,
-        browser,
-        voice,
-        rtp,
-        session_id: u64::from_le_bytes(idb) >> 1,
-    })
+    Ok((leg, answer, browser, voice))
 }
 
 /// Sets up an outbound call: the browser's offer answered by the WebRTC engine, an RTP port pair,
@@ -694,6 +917,7 @@ async fn start_call(
         })?;
     let (control, call_events) = handle.split();
     let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
+    let (media, media_in) = mpsc::unbounded_channel();
     tokio::spawn(follow_call(Follow {
         call_id: control.call_id().to_owned(),
         peer: to.to_owned(),
@@ -703,12 +927,20 @@ async fn start_call(
         events,
         commander: control.commander(),
         dtmf: dtmf_rx,
+        media_in,
         dtmf_mode: state.dtmf,
         media_timeout: state.media_timeout,
         refer: state.accept_refer.then(|| plan.clone()),
         metrics: state.metrics.clone(),
     }));
-    Ok((SessionCall { control, dtmf }, answer))
+    Ok((
+        SessionCall {
+            control,
+            dtmf,
+            media,
+        },
+        answer,
+    ))
 }
 
 /// The media of a call: ready (outbound, set up before dialling) or handed over when the page
@@ -762,6 +994,7 @@ async fn answer_call(
         SessionCall {
             control: ringing.control,
             dtmf: ringing.dtmf,
+            media: ringing.media,
         },
         answer,
     ))
@@ -778,6 +1011,8 @@ struct Follow {
     commander: CallCommander,
     /// Digits the page asked to send.
     dtmf: mpsc::UnboundedReceiver<String>,
+    /// New browser legs (a resumed page negotiated again).
+    media_in: mpsc::UnboundedReceiver<(Leg, AudioSdp)>,
     dtmf_mode: DtmfMode,
     media_timeout: Option<std::time::Duration>,
     /// Follow the far end's REFER to targets this dial plan allows; `None`: decline.
@@ -799,6 +1034,7 @@ async fn follow_call(f: Follow) {
         events,
         commander,
         dtmf: mut dtmf_in,
+        mut media_in,
         dtmf_mode,
         media_timeout,
         refer,
@@ -834,6 +1070,7 @@ async fn follow_call(f: Follow) {
     // and where the SIP side's media goes.
     let mut browser_sdp: Option<AudioSdp> = None;
     let mut sip_media: Option<std::net::SocketAddr> = None;
+    let mut sip_sdp: Option<AudioSdp> = None;
     let (mut steer, ctl) = bridge::controls();
     let mut ctl = Some(ctl);
     let mut bridge = None;
@@ -885,6 +1122,30 @@ async fn follow_call(f: Follow) {
                 }
                 continue;
             }
+            Some((leg, b)) = media_in.recv() => {
+                // The page came back with a new connection: the audio moves to it.
+                match (&bridge, media.as_mut(), sip_sdp.as_ref()) {
+                    (Some(_), _, Some(far)) => match Mapping::negotiate(&b, far) {
+                        Ok(mapping) => {
+                            tracing::debug!(call = %call_id, "browser leg replaced");
+                            browser_sdp = Some(b);
+                            let _ = steer.rebrowse.send((leg, mapping));
+                        }
+                        Err(e) => {
+                            tracing::warn!(call = %call_id, "cannot bridge the new browser leg: {e}");
+                            leg.close().await;
+                        }
+                    },
+                    (None, Some(m), _) => {
+                        // Not bridged yet (no far SDP): the new leg waits in place of the old.
+                        let old = std::mem::replace(&mut m.0, leg);
+                        m.2 = b;
+                        old.close().await;
+                    }
+                    _ => leg.close().await,
+                }
+                continue;
+            }
             Some(digit) = steer.heard.recv() => {
                 let out = Outgoing::Dtmf { call_id: call_id.clone(), digit: digit.to_string() };
                 if events.send(out).await.is_err() {
@@ -923,6 +1184,7 @@ async fn follow_call(f: Follow) {
                     let remote = std::net::SocketAddr::new(sdp.addr, sdp.port);
                     rtp.set_remote(remote);
                     sip_media = Some(remote);
+                    sip_sdp = Some(sdp.clone());
                     browser_sdp = Some(browser.clone());
                     tracing::debug!(call = %call_id, remote = %sdp.addr, port = sdp.port, ?mapping, "bridge starts");
                     rfc4733 = mapping.sip_telephone_event.is_some();
@@ -959,6 +1221,7 @@ async fn follow_call(f: Follow) {
                         tracing::debug!(call = %call_id, %remote, "the far end's media moved");
                         rfc4733 = mapping.sip_telephone_event.is_some();
                         sip_media = Some(remote);
+                        sip_sdp = Some(sdp.clone());
                         let _ = steer.retarget.send((remote, mapping));
                     }
                     Err(e) => {

@@ -57,6 +57,9 @@ pub enum LogFormat {
 pub struct Http {
     /// Listen address of the HTTP/WebSocket server.
     pub listen: SocketAddr,
+    /// How long a logged-in session outlives its page's WebSocket, so a reloaded page can
+    /// resume it with its calls (`None`: ends with the socket).
+    pub resume: Option<Duration>,
 }
 
 /// SIP settings.
@@ -465,6 +468,13 @@ impl Config {
             86_400,
             "seconds (0 = never)",
         );
+        let resume = range(
+            "http.resume_secs",
+            raw.http.resume_secs,
+            0,
+            3_600,
+            "seconds (0 = sessions end with their page)",
+        );
         let drain = range(
             "service.drain_secs",
             raw.service.drain_secs,
@@ -651,6 +661,7 @@ impl Config {
             apps_file,
             http: Http {
                 listen: http_listen,
+                resume: (resume > 0).then(|| Duration::from_secs(resume)),
             },
             sip: Sip {
                 listen: sip_listen,

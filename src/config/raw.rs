@@ -31,12 +31,14 @@ impl Default for RawService {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawHttp {
     pub(crate) listen: String,
+    pub(crate) resume_secs: i64,
 }
 
 impl Default for RawHttp {
     fn default() -> Self {
         RawHttp {
             listen: "127.0.0.1:8080".into(),
+            resume_secs: 30,
         }
     }
 }

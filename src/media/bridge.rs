@@ -167,6 +167,9 @@ pub struct Controls {
     /// A new SIP-side peer (a re-INVITE moved its media, or a followed transfer replaced it):
     /// its address and the payload types negotiated with it.
     pub retarget: mpsc::UnboundedReceiver<(SocketAddr, Mapping)>,
+    /// A new browser leg (the page reloaded and negotiated again), with the payload types
+    /// mapped for it; the old leg is closed.
+    pub rebrowse: mpsc::UnboundedReceiver<(Leg, Mapping)>,
 }
 
 /// The owner's ends of a bridge's [`Controls`].
@@ -182,6 +185,8 @@ pub struct Steering {
     pub activity: Arc<Activity>,
     /// Points the SIP side at a new peer.
     pub retarget: mpsc::UnboundedSender<(SocketAddr, Mapping)>,
+    /// Hands the bridge a new browser leg.
+    pub rebrowse: mpsc::UnboundedSender<(Leg, Mapping)>,
 }
 
 /// A connected pair of [`Steering`] (for the call's owner) and [`Controls`] (for [`run`]).
@@ -191,6 +196,7 @@ pub fn controls() -> (Steering, Controls) {
     let (heard, heard_rx) = mpsc::unbounded_channel();
     let activity = Activity::new();
     let (retarget_tx, retarget) = mpsc::unbounded_channel();
+    let (rebrowse_tx, rebrowse) = mpsc::unbounded_channel();
     (
         Steering {
             flow: flow_tx,
@@ -198,6 +204,7 @@ pub fn controls() -> (Steering, Controls) {
             heard: heard_rx,
             activity: activity.clone(),
             retarget: retarget_tx,
+            rebrowse: rebrowse_tx,
         },
         Controls {
             flow,
@@ -205,6 +212,7 @@ pub fn controls() -> (Steering, Controls) {
             heard,
             activity,
             retarget,
+            rebrowse,
         },
     )
 }
@@ -228,7 +236,9 @@ impl Sending {
     }
 }
 
-/// Runs until `flow` says [`Flow::Stop`] or the browser leg closes; returns the statistics.
+/// Runs until `flow` says [`Flow::Stop`]; returns the statistics. When the browser leg closes
+/// (the page went away) the SIP side's audio is dropped until a new leg arrives by `rebrowse`
+/// (the page came back) or the call ends.
 pub async fn run(
     mut browser: Leg,
     mut sip: RtpLeg,
@@ -248,6 +258,7 @@ pub async fn run(
     let mut next_digit_at = start;
     let mut heard = dtmf::Receiver::default();
     let mut dtmf_open = true;
+    let mut browser_open = true;
     ctl.activity.touch(start);
     loop {
         // The next telephone-event packet to send, or the next digit to start.
@@ -273,6 +284,17 @@ pub async fn run(
                         }
                     }
                 }
+            }
+            Some((leg, m)) = ctl.rebrowse.recv() => {
+                tracing::debug!(mapping = ?m, "browser leg replaced");
+                let old = std::mem::replace(&mut browser, leg);
+                old.close().await;
+                browser_open = true;
+                to_sip.set_map(m.to_sip);
+                to_browser.set_map(m.to_browser);
+                to_sip.rebase();
+                to_browser.rebase();
+                sip_te = m.sip_telephone_event;
             }
             Some((addr, m)) = ctl.retarget.recv() => {
                 // Same streams for both sides, continued from where they are (the Rewriters
@@ -320,8 +342,12 @@ pub async fn run(
                     next_digit_at = now + DIGIT_GAP;
                 }
             }
-            pkt = browser.recv_rtp() => {
-                let Some(pkt) = pkt else { break };
+            pkt = browser.recv_rtp(), if browser_open => {
+                let Some(pkt) = pkt else {
+                    tracing::debug!("browser leg gone; waiting for the page to come back");
+                    browser_open = false;
+                    continue;
+                };
                 let Ok(p) = RtpPacket::parse(&pkt) else { continue };
                 // While we send a telephone-event, the browser's audio waits (RFC 4733 §2.5.1.1).
                 if held || sending.is_some() {
@@ -340,7 +366,7 @@ pub async fn run(
                 ctl.activity.touch(now);
                 let arrival = now.saturating_duration_since(start).as_millis() as u64 * 8;
                 stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
-                if held {
+                if held || !browser_open {
                     continue;
                 }
                 if Some(p.payload_type) == sip_te {

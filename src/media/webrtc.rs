@@ -193,6 +193,12 @@ pub struct Leg {
     inbound: mpsc::Receiver<Vec<u8>>,
 }
 
+impl std::fmt::Debug for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leg").finish_non_exhaustive()
+    }
+}
+
 impl Leg {
     /// Sends one RTP packet to the browser (the engine sets SSRC and the negotiated PT).
     pub async fn send_rtp(&self, packet: &[u8]) -> Result<(), WebRtcError> {
