@@ -308,3 +308,48 @@ async fn chromium_holds_resumes_and_sends_dtmf() {
         "sipp did not see hold, resume and DTMF 1 # in order:\n{log}"
     );
 }
+
+/// A page reload in the middle of a call: the page resumes its session, the same call (same id,
+/// SIP dialog untouched: sipp's scenario allows no second INVITE) goes on, and audio flows on the
+/// reloaded page's new peer connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_keeps_the_call_across_a_reload() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut far = Sipp::uas_with(
+        gw.kam.port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo"],
+    );
+    let report = gw
+        .drive(vec![
+            "reload".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1002".into(),
+        ])
+        .await;
+    assert!(
+        report.get("error").is_none(),
+        "{report:#}\n{}",
+        gw.kam.log()
+    );
+    assert!(
+        report["before"]["packetsReceived"].as_u64().unwrap_or(0) > 20,
+        "{report:#}"
+    );
+    assert_eq!(report["same_call"], true, "{report:#}");
+    assert_eq!(report["state_after"], "established", "{report:#}");
+    let after = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    assert!(
+        after > 40,
+        "the reloaded page received {after} packets: {report:#}"
+    );
+    assert_eq!(report["ended"], true);
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "one call, one BYE: {log}");
+}

@@ -46,6 +46,8 @@ export class Call extends Emitter {
     this.remoteStream = new MediaStream();
   }
   async _media() {
+    if (this.pc) { this.pc.close(); this.pc = null; }
+    this.remoteStream.getTracks().forEach(t => this.remoteStream.removeTrack(t));
     const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
     pc.ontrack = e => e.streams[0] ? e.streams[0].getTracks().forEach(t => this.remoteStream.addTrack(t)) : this.remoteStream.addTrack(e.track);
     const mic = await this.phone._microphone();
@@ -84,7 +86,13 @@ export class Call extends Emitter {
   }
 }
 
-/** A logged-in agent. Events: `registration`, `incoming` (a Call), `close`. */
+const sessionKey = url => 'callgate.session:' + url;
+
+/**
+ * A logged-in agent. Events: `registration`, `incoming` (a Call), `reconnecting` (the connection
+ * dropped; calls stay up at callgate while the SDK resumes the session), `reconnected`, `close`
+ * (the session is over).
+ */
 export class Callgate extends Emitter {
   /**
    * Opens the WebSocket and logs in.
@@ -95,10 +103,62 @@ export class Callgate extends Emitter {
   static async connect(url, token) {
     const phone = new Callgate(url);
     await phone._open();
-    const connected = new Promise(resolve => { phone._onConnected = resolve; });
+    const connected = phone._awaitConnected();
     await phone._request({ type: 'connect', token });
     await connected; // `connected` (with the agent) follows the reply
+    sessionStorage.setItem(sessionKey(url), phone.sessionId);
     return phone;
+  }
+  /**
+   * Takes this tab's session back after a page reload, within callgate's `http.resume_secs`:
+   * the registration and the calls (in `phone.calls`), their audio negotiated afresh. Rejects
+   * with code `unknown_session` when there is nothing to resume: call `connect` then.
+   * @param {string} url
+   * @returns {Promise<Callgate>}
+   */
+  static async resume(url) {
+    const id = sessionStorage.getItem(sessionKey(url));
+    if (!id) throw new CallgateError('unknown_session', 'no session to resume in this tab');
+    const phone = new Callgate(url);
+    await phone._open();
+    try { await phone._resume(id); } catch (e) { phone._closing = true; phone.ws.close(); throw e; }
+    return phone;
+  }
+  _awaitConnected() { return new Promise(resolve => { this._onConnected = resolve; }); }
+  async _resume(id) {
+    const connected = this._awaitConnected();
+    try {
+      await this._request({ type: 'resume', sessionId: id });
+    } catch (e) {
+      if (e.code === 'unknown_session') sessionStorage.removeItem(sessionKey(this.url));
+      throw e;
+    }
+    await connected;
+    await this._request({ type: 'ping' }); // the session's calls are reported before this reply
+    for (const call of [...this.calls.values()]) {
+      if (call.direction === 'inbound' && call.state === 'ringing') continue;
+      const sdp = await call._media();
+      const r = await this._request({ type: 'media', callId: call.id, sdp });
+      await call.pc.setRemoteDescription({ type: 'answer', sdp: r.sdp });
+    }
+  }
+  async _reconnect() {
+    this._reconnecting = true;
+    this._emit('reconnecting');
+    for (let i = 0; i < 8 && !this._closing; i++) {
+      await new Promise(r => setTimeout(r, Math.min(500 * 2 ** i, 4000)));
+      try {
+        await this._open();
+        await this._resume(this.sessionId);
+        this._reconnecting = false;
+        this._emit('reconnected');
+        return;
+      } catch (e) {
+        if (e.code === 'unknown_session') break;
+      }
+    }
+    this._reconnecting = false;
+    this._emit('close');
   }
   constructor(url) {
     super();
@@ -112,9 +172,12 @@ export class Callgate extends Emitter {
       ws.onopen = () => resolve();
       ws.onerror = () => reject(new CallgateError('connection_failed', 'cannot reach callgate'));
       ws.onclose = () => {
+        if (ws !== this.ws) return;
         for (const [, p] of this._pending) p.reject(new CallgateError('connection_closed', 'connection to callgate closed'));
         this._pending.clear();
-        this._emit('close');
+        if (this._reconnecting) return; // the retry loop goes on
+        // A dropped connection: callgate keeps the session for a while; take it back.
+        if (!this._closing && this.sessionId) this._reconnect(); else this._emit('close');
       };
       ws.onmessage = m => this._message(JSON.parse(m.data));
     });
@@ -138,10 +201,16 @@ export class Callgate extends Emitter {
     } else if (m.type === 'registration') {
       this.registration = m; this._emit('registration', m);
     } else if (m.type === 'incoming') {
+      if (this.calls.has(m.callId)) return; // repeated on resume
       const call = new Call(this, m.callId, 'inbound', m.from);
       call.displayName = m.displayName;
       this.calls.set(m.callId, call);
       this._emit('incoming', call);
+    } else if (m.type === 'call' && !this.calls.has(m.callId) && m.state !== 'ended') {
+      // A call of a resumed session.
+      const call = new Call(this, m.callId, m.direction, m.peer);
+      call.state = m.state;
+      this.calls.set(m.callId, call);
     } else if (m.callId && this.calls.has(m.callId)) {
       const call = this.calls.get(m.callId);
       call._event(m);
@@ -165,8 +234,14 @@ export class Callgate extends Emitter {
     await call.pc.setRemoteDescription({ type: 'answer', sdp: r.sdp });
     return call;
   }
-  /** Closes the connection (calls of this page end). */
-  close() { this.ws.close(); if (this._mic) this._mic.getTracks().forEach(t => t.stop()); }
+  /** Logs out: the session and its calls end now (a mere page close leaves them to resume). */
+  async close() {
+    this._closing = true;
+    sessionStorage.removeItem(sessionKey(this.url));
+    try { await this._request({ type: 'logout' }); } catch (e) { /* already gone */ }
+    this.ws.close();
+    if (this._mic) this._mic.getTracks().forEach(t => t.stop());
+  }
 }
 
 // For pages without modules (and for tests driving the page).

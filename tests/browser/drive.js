@@ -5,6 +5,7 @@
 //   node drive.js outbound URL TOKEN NUMBER SECONDS   log in, call NUMBER, talk, hang up
 //   node drive.js inbound  URL TOKEN SECONDS          log in, answer the first incoming call
 //   node drive.js refused  URL TOKEN                  log in must fail: report the shown error
+//   node drive.js reload   URL TOKEN NUMBER           call NUMBER, reload the page mid-call, talk on
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
 
@@ -56,6 +57,24 @@ const stats = page => page.evaluate(async () => {
       await state('established');
       await page.waitForTimeout(Number(seconds) * 1000);
       await shot(`${mode}-2-in-call`);
+      report.stats = await stats(page);
+      await page.click('.call button.bad');
+    } else if (mode === 'reload') {
+      // A reload mid-call: the page resumes its session; the same call goes on with new media.
+      const [number] = rest;
+      await page.fill('#number', number);
+      await page.click('#dial');
+      await state('established');
+      await page.waitForTimeout(1500);
+      report.before = await stats(page);
+      const first = () => page.evaluate(() => [...window.callgatePhone.calls.keys()][0]);
+      const callId = await first();
+      await page.reload();
+      await page.waitForFunction(() => window.callgatePhone && [...window.callgatePhone.calls.values()].some(c => c.pc), null, { timeout: 15000 });
+      report.same_call = (await first()) === callId;
+      report.state_after = await page.evaluate(() => [...window.callgatePhone.calls.values()][0].state);
+      await page.waitForTimeout(2000);
+      await shot(`${mode}-2-resumed`);
       report.stats = await stats(page);
       await page.click('.call button.bad');
     } else if (mode === 'features') {
