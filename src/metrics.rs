@@ -32,6 +32,7 @@ pub struct Metrics {
     /// Set once shutdown began: `/readyz` answers 503 and new logins and calls are refused.
     pub draining: AtomicBool,
     websockets: AtomicI64,
+    parked: AtomicI64,
     agents: AtomicI64,
     logins: AtomicU64,
     token_failures: Mutex<BTreeMap<String, u64>>,
@@ -63,6 +64,11 @@ impl Metrics {
     /// A WebSocket opened (`+1`) or closed (`-1`).
     pub fn websocket(&self, delta: i64) {
         self.websockets.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A logged-in session lost its page and waits to be resumed (`+1`), or stopped waiting.
+    pub fn parked(&self, delta: i64) {
+        self.parked.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// An agent logged in (`+1`) or its session ended (`-1`).
@@ -135,6 +141,12 @@ impl Metrics {
             "gauge",
             "Open browser WebSocket connections.",
             &one(self.websockets.load(Ordering::Relaxed).to_string()),
+        );
+        metric(
+            "callgate_sessions_awaiting_resume",
+            "gauge",
+            "Logged-in sessions whose page went away, kept for http.resume_secs.",
+            &one(self.parked.load(Ordering::Relaxed).to_string()),
         );
         metric(
             "callgate_agent_sessions",

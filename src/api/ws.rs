@@ -393,6 +393,7 @@ impl Sessions {
     ) {
         let parking = parked.parking;
         self.lock().insert(id.clone(), parked);
+        metrics.parked(1);
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
@@ -405,6 +406,7 @@ impl Sessions {
             };
             if let Some(p) = expired {
                 tracing::info!(agent = %p.agent, "session not resumed in time: ending it");
+                metrics.parked(-1);
                 metrics.agent(-1);
                 drop(p);
             }
@@ -724,7 +726,11 @@ fn resume(
             "this page's origin may not use this app's sessions (allowed_origins in apps.toml)",
         )));
     }
-    state.sessions.take(session_id).ok_or_else(|| {
+    let parked = state.sessions.take(session_id);
+    if parked.is_some() {
+        state.metrics.parked(-1);
+    }
+    parked.ok_or_else(|| {
         Box::new(error(
             Some(id),
             "unknown_session",
