@@ -1,6 +1,7 @@
 //! The capstone: headless Chromium runs the softphone page served by callgate against a real
-//! Kamailio and sipp: log in with a token minted by callgate, call out and answer a call with
-//! audio both ways, refuse bad tokens visibly; nothing the browser received contains the
+//! Kamailio, sipp and baresip: log in with a token minted by callgate, call out and answer a call
+//! with audio both ways (tones checked at both ends), hold, DTMF, blind transfer, survive a page
+//! reload mid-call, refuse bad tokens visibly; nothing the browser received contains the
 //! password. Needs Debian's `chromium` and `playwright-core` in tests/browser (tests/run installs
 //! both). Screenshots land in tests/artifacts/screenshots/.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -113,6 +114,15 @@ impl Gateway {
 
     /// Runs the driver in `mode`; returns its report after checking no frame held the password.
     async fn drive(&self, args: Vec<String>) -> serde_json::Value {
+        self.drive_with_mic(args, None).await
+    }
+
+    /// [`Gateway::drive`] with Chromium's fake microphone playing `mic` (a WAV file).
+    async fn drive_with_mic(
+        &self,
+        args: Vec<String>,
+        mic: Option<std::path::PathBuf>,
+    ) -> serde_json::Value {
         let shots =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/screenshots");
         let _ = std::fs::create_dir_all(&shots);
@@ -124,7 +134,8 @@ impl Gateway {
                             .join("tests/browser/drive.js"),
                     )
                     .args(&args)
-                    .env("SHOTS", &shots),
+                    .env("SHOTS", &shots)
+                    .env("FAKE_AUDIO", mic.unwrap_or_default()),
                 Duration::from_secs(90),
             )
         })
@@ -352,4 +363,98 @@ async fn chromium_keeps_the_call_across_a_reload() {
         .await
         .unwrap();
     assert!(ok, "one call, one BYE: {log}");
+}
+
+/// Audio both ways, checked by ear: the page calls baresip (auto-answer, playing a 440 Hz tone,
+/// recording what it hears) while Chromium's microphone plays a 1 kHz tone. The page's
+/// `getStats()` shows baresip's audio arriving with energy, and baresip's recording is
+/// dominated by 1 kHz: the browser's voice crossed WebRTC, callgate's bridge and RTP intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_and_baresip_hear_each_others_tones() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let far = common::peers::Baresip::recording(gw.kam.port, "1002", "pass1002");
+    let mic_dir = TempDir::new("mic");
+    let mic = common::peers::write_tone_wav(&mic_dir.path().join("mic.wav"), 1000.0, 30);
+    let report = gw
+        .drive_with_mic(
+            vec![
+                "outbound".into(),
+                gw.url.clone(),
+                gw.token(600),
+                "1002".into(),
+                "4".into(),
+            ],
+            Some(mic),
+        )
+        .await;
+    assert!(report.get("error").is_none(), "{report:#}\n{}", far.log());
+    let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    let energy = report["stats"]["totalAudioEnergy"].as_f64().unwrap_or(0.0);
+    assert!(
+        received >= 150 && energy > 0.01,
+        "the page got {received} packets of baresip's tone, energy {energy}: {:#}",
+        report["stats"]
+    );
+    assert_eq!(report["ended"], true);
+    // baresip writes its recording as the call ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let samples = loop {
+        let s = far.received_audio();
+        if s.len() >= 8000 || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        samples.len() >= 8000,
+        "baresip recorded {} samples:\n{}",
+        samples.len(),
+        far.log()
+    );
+    let (freq, share) = common::peers::dominant_frequency(&samples);
+    assert!(
+        (freq - 1000.0).abs() <= 20.0 && share > 0.3,
+        "baresip heard mostly {freq} Hz ({:.0} % of the power), not the page's 1 kHz",
+        share * 100.0
+    );
+}
+
+/// Blind transfer from the page's Transfer button: the page calls baresip (1002) and transfers it
+/// to 1003 (sipp, which must really get the call); the page's call ends `transferred`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_transfers_a_call_blind() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut third = Sipp::uas(gw.kam.port, "1003", "pass1003", "uas_hangup.xml");
+    let transferee = common::peers::Baresip::start(gw.kam.port, "1002", "pass1002");
+    let report = gw
+        .drive(vec![
+            "transfer".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1002".into(),
+            format!("sip:1003@127.0.0.1:{}", gw.kam.port),
+        ])
+        .await;
+    assert!(
+        report.get("error").is_none(),
+        "{report:#}\n{}",
+        transferee.log()
+    );
+    assert_eq!(report["end_reason"], "transferred", "{report:#}");
+    let states: Vec<&str> = report["transfer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert!(
+        states.contains(&"accepted") && states.last() == Some(&"succeeded"),
+        "{states:?}"
+    );
+    let (ok, log) = tokio::task::spawn_blocking(move || third.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert!(ok, "1003 did not get the transferred call:\n{log}");
 }

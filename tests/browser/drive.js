@@ -6,6 +6,7 @@
 //   node drive.js inbound  URL TOKEN SECONDS          log in, answer the first incoming call
 //   node drive.js refused  URL TOKEN                  log in must fail: report the shown error
 //   node drive.js reload   URL TOKEN NUMBER           call NUMBER, reload the page mid-call, talk on
+//   node drive.js transfer URL TOKEN NUMBER TARGET    call NUMBER, transfer it to TARGET (blind)
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
 
@@ -13,7 +14,7 @@ const stats = page => page.evaluate(async () => {
   const call = [...window.callgatePhone.calls.values()][0];
   const out = {};
   (await call.pc.getStats()).forEach(s => {
-    if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.packetsReceived = s.packetsReceived; }
+    if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.packetsReceived = s.packetsReceived; out.totalAudioEnergy = s.totalAudioEnergy; }
     if (s.type === 'outbound-rtp' && s.kind === 'audio') { out.packetsSent = s.packetsSent; }
   });
   return out;
@@ -28,7 +29,9 @@ const stats = page => page.evaluate(async () => {
     args: ['--headless=new', '--no-sandbox', '--disable-gpu', '--use-fake-device-for-media-stream',
       '--use-fake-ui-for-media-stream', '--disable-background-networking', '--disable-component-update',
       '--disable-sync', '--no-first-run', '--no-default-browser-check', '--allow-loopback-in-peer-connection',
-      '--disable-features=WebRtcHideLocalIpsWithMdns', '--autoplay-policy=no-user-gesture-required'],
+      '--disable-features=WebRtcHideLocalIpsWithMdns', '--autoplay-policy=no-user-gesture-required',
+      // A known microphone signal (a WAV file) instead of Chromium's beeps, when the test gives one.
+      ...(process.env.FAKE_AUDIO ? [`--use-file-for-fake-audio-capture=${process.env.FAKE_AUDIO}`] : [])],
   });
   const report = { frames: [], console: [] };
   try {
@@ -59,6 +62,24 @@ const stats = page => page.evaluate(async () => {
       await shot(`${mode}-2-in-call`);
       report.stats = await stats(page);
       await page.click('.call button.bad');
+    } else if (mode === 'transfer') {
+      // Blind transfer with the page's Transfer button (it prompts for the target).
+      const [number, target] = rest;
+      await page.fill('#number', number);
+      await page.click('#dial');
+      await state('established');
+      await page.evaluate(() => {
+        window.seen = { transfer: [], end_reason: null };
+        const call = [...window.callgatePhone.calls.values()][0];
+        call.on('transfer', ev => window.seen.transfer.push(ev.state));
+        call.on('state', ev => { if (ev.state === 'ended') window.seen.end_reason = ev.endReason; });
+      });
+      await page.waitForTimeout(300);
+      page.once('dialog', d => d.accept(target));
+      await page.click('.call button:has-text("Transfer")');
+      await page.waitForFunction(() => window.seen.end_reason !== null, null, { timeout: 15000 });
+      Object.assign(report, await page.evaluate(() => window.seen));
+      await shot(`${mode}-2-transferred`);
     } else if (mode === 'reload') {
       // A reload mid-call: the page resumes its session; the same call goes on with new media.
       const [number] = rest;

@@ -379,7 +379,8 @@ pub fn write_tone_wav(path: &Path, freq: f64, secs: u32) -> PathBuf {
 }
 
 /// baresip as a SIP phone registered as `user`: auto-answers, plays a 440 Hz tone, and follows
-/// transfers (REFER) with its `menu` module. Killed on drop.
+/// transfers (REFER) with its `menu` module; [`Baresip::recording`] also records what it hears
+/// (its `sndfile` module). Killed on drop.
 pub struct Baresip {
     proc_: Proc,
     dir: TempDir,
@@ -387,6 +388,16 @@ pub struct Baresip {
 
 impl Baresip {
     pub fn start(proxy_port: u16, user: &str, password: &str) -> Baresip {
+        Baresip::start_with(proxy_port, user, password, false)
+    }
+
+    /// [`Baresip::start`], recording each call's received audio to a WAV file (see
+    /// [`Baresip::received_audio`]).
+    pub fn recording(proxy_port: u16, user: &str, password: &str) -> Baresip {
+        Baresip::start_with(proxy_port, user, password, true)
+    }
+
+    fn start_with(proxy_port: u16, user: &str, password: &str, record: bool) -> Baresip {
         require_tool(
             "baresip",
             "apt-get install --no-install-recommends baresip-core",
@@ -405,6 +416,14 @@ impl Baresip {
             rtp_end = rtp + 20,
             wav = write_tone_wav(&dir.path().join("tone.wav"), 440.0, 20).display(),
         );
+        let config = if record {
+            format!(
+                "{config}module\t\t\tsndfile.so\nsnd_path\t\t{}\n",
+                dir.path().display()
+            )
+        } else {
+            config
+        };
         std::fs::write(dir.path().join("config"), config).expect("baresip config");
         std::fs::write(
             dir.path().join("accounts"),
@@ -443,6 +462,65 @@ impl Baresip {
     pub fn pid(&self) -> u32 {
         self.proc_.pid()
     }
+
+    /// The samples baresip received in its recorded call(s) (`sndfile`'s `*dec.wav`, 16-bit
+    /// mono), concatenated.
+    pub fn received_audio(&self) -> Vec<i16> {
+        let mut samples = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.ends_with("dec.wav")) {
+                continue;
+            }
+            let bytes = std::fs::read(entry.path()).unwrap_or_default();
+            // The `data` chunk of a RIFF/WAVE file.
+            let mut i = 12;
+            while i + 8 <= bytes.len() {
+                let len = u32::from_le_bytes(bytes[i + 4..i + 8].try_into().unwrap()) as usize;
+                if &bytes[i..i + 4] == b"data" {
+                    let end = (i + 8 + len).min(bytes.len());
+                    samples.extend(
+                        bytes[i + 8..end]
+                            .chunks_exact(2)
+                            .map(|c| i16::from_le_bytes([c[0], c[1]])),
+                    );
+                    break;
+                }
+                i += 8 + len + (len & 1);
+            }
+        }
+        samples
+    }
+}
+
+/// The strongest frequency in `samples` (8 kHz) between 200 and 2000 Hz, to 10 Hz (Goertzel),
+/// and its share of the total power over that scan.
+pub fn dominant_frequency(samples: &[i16]) -> (f64, f64) {
+    let power = |freq: f64| {
+        let w = 2.0 * std::f64::consts::PI * freq / 8000.0;
+        let coeff = 2.0 * w.cos();
+        let (mut s1, mut s2) = (0.0f64, 0.0f64);
+        for &x in samples {
+            let s0 = f64::from(x) + coeff * s1 - s2;
+            s2 = s1;
+            s1 = s0;
+        }
+        s1 * s1 + s2 * s2 - coeff * s1 * s2
+    };
+    let scan: Vec<(f64, f64)> = (20..=200)
+        .map(|f| f64::from(f) * 10.0)
+        .map(|f| (f, power(f)))
+        .collect();
+    let total: f64 = scan.iter().map(|(_, p)| p).sum();
+    let (f, p) = scan
+        .iter()
+        .copied()
+        .fold((0.0, 0.0), |best, x| if x.1 > best.1 { x } else { best });
+    (f, if total > 0.0 { p / total } else { 0.0 })
 }
 
 impl Drop for Baresip {
