@@ -172,6 +172,7 @@ impl Bound {
             accept_refer: self.config.sip.accept_refer,
             sessions: std::sync::Arc::new(api::ws::Sessions::default()),
             resume: self.config.http.resume,
+            heartbeat: self.config.http.heartbeat,
             metrics: metrics.clone(),
         };
         let sip = self.sip.clone();

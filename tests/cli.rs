@@ -239,7 +239,19 @@ fn run_with_no_config_starts_and_stops() {
     assert!(
         resp.starts_with("HTTP/1.1 200")
             && resp.contains("text/plain; version=0.0.4")
-            && resp.contains("\ncallgate_calls_active 0\n"),
+            && resp.contains("\ncallgate_calls_active 0\n")
+            && resp.contains("\ncallgate_sessions_awaiting_resume 0\n"),
+        "{resp}"
+    );
+    // The SDK and its TypeScript declarations.
+    let resp = http_get("127.0.0.1:8080", "/callgate.js");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("export class Callgate"),
+        "{resp}"
+    );
+    let resp = http_get("127.0.0.1:8080", "/callgate.d.ts");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("static resume(url: string)"),
         "{resp}"
     );
     let status = d.terminate(Duration::from_secs(10));

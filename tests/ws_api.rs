@@ -802,6 +802,191 @@ async fn page_resumes_its_session_and_call() {
     srv.shut_down().await;
 }
 
+/// Heartbeats and close codes: a page that answers callgate's pings stays connected; one that
+/// answers nothing for three intervals is closed with 4008; `logout` closes with 4000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_pages_are_closed_and_logout_says_so() {
+    async fn close_code(ws: &mut Ws) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Close(frame)))) => return frame.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    let mut srv = server_with_tables("", "heartbeat_secs = 1", "", "").await;
+    // Reading (tungstenite answers each ping with a pong as it reads): still open after 4 s.
+    let mut alive = open(srv.addr).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut pings = 0;
+    while let Ok(frame) = tokio::time::timeout_at(until, alive.next()).await {
+        match frame {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("a live page was sent {other:?}"),
+        }
+    }
+    assert!(pings >= 3, "{pings} pings in 4 s");
+    alive
+        .send(Message::text(json!({"type": "ping", "id": 1}).to_string()))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    assert_eq!(next(&mut alive, &mut seen).await["ok"], true);
+
+    alive
+        .send(Message::text(
+            json!({"type": "logout", "id": 2}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut alive, &mut seen).await,
+        json!({"type": "reply", "id": 2, "ok": true})
+    );
+    assert_eq!(close_code(&mut alive).await, Some(4000));
+    // A page that answers nothing (a raw socket that completes the handshake, then only
+    // listens): closed with 4008 after three intervals.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        tcp.write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                srv.addr
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut bytes = Vec::new();
+        tokio::time::timeout(Duration::from_secs(8), tcp.read_to_end(&mut bytes))
+            .await
+            .expect("closed within 8 s")
+            .unwrap();
+        let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(bytes.starts_with(b"HTTP/1.1 101"));
+        // Server frames are unmasked: opcode byte, 7-bit length (small frames), payload.
+        let mut frames = &bytes[head_end..];
+        let mut close = None;
+        while frames.len() >= 2 {
+            let (op, len) = (frames[0] & 0x0f, usize::from(frames[1] & 0x7f));
+            let payload = &frames[2..2 + len];
+            if op == 0x8 {
+                close = Some((
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    String::from_utf8_lossy(&payload[2..]).into_owned(),
+                ));
+            }
+            frames = &frames[2 + len..];
+        }
+        assert_eq!(close, Some((4008, "heartbeat timeout".to_owned())));
+    }
+
+    srv.shut_down().await;
+}
+
+/// Consult and attended transfer over the API: the page calls 1002, `consult`s 1003 (1002 is
+/// held), then `completeTransfer`: 1002 gets a REFER whose Replaces names exactly the page's
+/// dialog with 1003 (both sipps log it), and both of the page's calls end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_consults_then_completes_an_attended_transfer() {
+    use common::peers::Sipp;
+    use common::rtc_peer::RtcPeer;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut transferee = Sipp::uas_with(
+        kam.port,
+        "1002",
+        "pass1002",
+        "uas_transferee.xml",
+        &["-trace_logs"],
+    );
+    let mut target = Sipp::uas_with(
+        kam.port,
+        "1003",
+        "pass1003",
+        "uas_consulted.xml",
+        &["-trace_logs"],
+    );
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let (first_page, first) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    let (mut consult_page, offer) = RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "consult", "id": 3, "callId": first, "to": "1003", "sdp": offer})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let consult = reply["callId"].as_str().unwrap().to_owned();
+    assert_ne!(consult, first);
+    consult_page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (mut first_held, mut consult_up) = (false, false);
+    while !(first_held && consult_up) {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_ne!(ev["state"], "ended", "{ev}");
+        first_held |= ev["callId"] == first.as_str() && ev["state"] == "held";
+        consult_up |= ev["callId"] == consult.as_str() && ev["state"] == "established";
+    }
+    ws.send(Message::text(
+        json!({"type": "completeTransfer", "id": 4, "callId": first, "consultId": consult})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut ended = std::collections::HashMap::new();
+    let mut transfer = Vec::new();
+    while ended.len() < 2 {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "transfer" {
+            transfer.push(ev["state"].as_str().unwrap().to_owned());
+        }
+        if ev["state"] == "ended" {
+            ended.insert(
+                ev["callId"].as_str().unwrap().to_owned(),
+                ev["endReason"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    assert_eq!(
+        transfer.last().map(String::as_str),
+        Some("succeeded"),
+        "{transfer:?}"
+    );
+    assert_eq!(ended[&first], "transferred");
+    assert_eq!(ended[&consult], "local_hangup");
+    let ((c_ok, c_log), (b_ok, b_log)) = tokio::task::spawn_blocking(move || {
+        (
+            transferee.wait(Duration::from_secs(10)),
+            target.wait(Duration::from_secs(10)),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(c_ok, "transferee: {c_log}");
+    assert!(b_ok, "target: {b_log}");
+    let words = |log: &str, tag: &str| -> Vec<String> {
+        log.lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag} line in {log}"))
+            .split_whitespace()
+            .map(|w| w.replace("%40", "@").replace("%3A", ":"))
+            .collect()
+    };
+    assert_eq!(words(&c_log, "REPLACES "), words(&b_log, "DIALOG "));
+    let _ = ws.close(None).await;
+    first_page.pc.close().await.unwrap();
+    consult_page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}
+
 /// Refused tokens are counted per address: after 10 in a minute even a good token is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_rate_limited() {

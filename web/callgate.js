@@ -1,5 +1,5 @@
 // callgate browser SDK: log an agent in with a loginByToken token and make / take calls.
-// ES module, no build step. Protocol: docs/API.md.
+// ES module, no build step. Protocol: docs/API.md. Types for TypeScript: /callgate.d.ts.
 //
 //   import { Callgate } from '/callgate.js';
 //   const phone = await Callgate.connect('wss://callgate.example/ws', token);
@@ -72,6 +72,12 @@ export class Call extends Emitter {
   dtmf(digits) { return this.phone._request({ type: 'dtmf', callId: this.id, digits }); }
   /** Blind transfer to `to`. */
   transfer(to) { return this.phone._request({ type: 'transfer', callId: this.id, to }); }
+  /**
+   * Consultation: holds this call and calls `to`. Then `completeTransfer(consult)` (attended
+   * transfer), or hang the consultation up and `unhold()` this call.
+   * @returns {Promise<Call>}
+   */
+  consult(to) { return this.phone._place({ type: 'consult', callId: this.id, to }); }
   /** Attended transfer: this call's far end takes over `consult`. */
   completeTransfer(consult) { return this.phone._request({ type: 'completeTransfer', callId: this.id, consultId: consult.id }); }
   _event(ev) {
@@ -169,10 +175,12 @@ export class Callgate extends Emitter {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(this.url);
       this.ws = ws;
-      ws.onopen = () => resolve();
+      ws.onopen = () => { this._keepalive(); resolve(); };
       ws.onerror = () => reject(new CallgateError('connection_failed', 'cannot reach callgate'));
-      ws.onclose = () => {
+      ws.onclose = ev => {
         if (ws !== this.ws) return;
+        clearInterval(this._alive);
+        if (ev.code === 4000) this._closing = true; // logged out
         for (const [, p] of this._pending) p.reject(new CallgateError('connection_closed', 'connection to callgate closed'));
         this._pending.clear();
         if (this._reconnecting) return; // the retry loop goes on
@@ -181,6 +189,16 @@ export class Callgate extends Emitter {
       };
       ws.onmessage = m => this._message(JSON.parse(m.data));
     });
+  }
+  // An application ping every 15 s; no reply within 10 s means the connection is dead (e.g. the
+  // network changed) even if the browser has not noticed: close it, which starts a resume.
+  _keepalive() {
+    clearInterval(this._alive);
+    this._alive = setInterval(() => {
+      if (this.ws.readyState !== WebSocket.OPEN) return;
+      const dead = setTimeout(() => this.ws.close(), 10000);
+      this._request({ type: 'ping' }).then(() => clearTimeout(dead), () => clearTimeout(dead));
+    }, 15000);
   }
   _request(msg) {
     const id = ++this._id;
@@ -225,10 +243,11 @@ export class Callgate extends Emitter {
    * Calls `to` (extension, number or SIP URI).
    * @returns {Promise<Call>}
    */
-  async call(to) {
-    const call = new Call(this, null, 'outbound', to);
+  call(to) { return this._place({ type: 'call', to }); }
+  async _place(req) {
+    const call = new Call(this, null, 'outbound', req.to);
     const sdp = await call._media();
-    const r = await this._request({ type: 'call', to, sdp });
+    const r = await this._request({ ...req, sdp });
     call.id = r.callId;
     this.calls.set(r.callId, call);
     await call.pc.setRemoteDescription({ type: 'answer', sdp: r.sdp });
@@ -237,6 +256,7 @@ export class Callgate extends Emitter {
   /** Logs out: the session and its calls end now (a mere page close leaves them to resume). */
   async close() {
     this._closing = true;
+    clearInterval(this._alive);
     sessionStorage.removeItem(sessionKey(this.url));
     try { await this._request({ type: 'logout' }); } catch (e) { /* already gone */ }
     this.ws.close();

@@ -40,6 +40,8 @@ pub struct AppState {
     pub sessions: std::sync::Arc<super::ws::Sessions>,
     /// How long they wait (`None`: sessions end with their socket).
     pub resume: Option<std::time::Duration>,
+    /// WebSocket ping interval; three without an answer close the socket.
+    pub heartbeat: std::time::Duration,
     /// Counters for /metrics, and the draining flag.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -49,6 +51,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(phone_page))
         .route("/callgate.js", get(sdk))
+        .route("/callgate.d.ts", get(sdk_types))
         .route(
             "/favicon.ico",
             get(|| async { axum::http::StatusCode::NO_CONTENT }),
@@ -92,6 +95,20 @@ async fn metrics(
 /// The softphone page (web/phone.html, compiled in).
 async fn phone_page() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("../../web/phone.html"))
+}
+
+/// TypeScript declarations of the SDK (web/callgate.d.ts, compiled in).
+async fn sdk_types() -> (
+    [(axum::http::header::HeaderName, &'static str); 1],
+    &'static str,
+) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/typescript; charset=utf-8",
+        )],
+        include_str!("../../web/callgate.d.ts"),
+    )
 }
 
 /// The JavaScript SDK (web/callgate.js, compiled in).

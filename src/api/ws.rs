@@ -88,6 +88,14 @@ enum Request {
         call_id: String,
         to: String,
     },
+    /// Consultation: hold `callId` and call `to` (the reply is as for `call`); then
+    /// `completeTransfer` or hang up the consultation and `unhold`.
+    Consult {
+        id: u64,
+        call_id: String,
+        to: String,
+        sdp: String,
+    },
     /// Attended transfer: the far end of `callId` takes over `consultId` (a call to the target).
     CompleteTransfer {
         id: u64,
@@ -95,6 +103,11 @@ enum Request {
         consult_id: String,
     },
 }
+
+/// Close code: the page logged out.
+pub const CLOSE_LOGGED_OUT: u16 = 4000;
+/// Close code: the page answered no ping for three heartbeat intervals.
+pub const CLOSE_HEARTBEAT: u16 = 4008;
 
 /// Most simultaneous calls of one page (a call, a consultation, a waiting call).
 pub const MAX_CALLS_PER_SESSION: usize = 4;
@@ -317,6 +330,27 @@ async fn send(socket: &mut WebSocket, msg: &Outgoing) -> bool {
     }
 }
 
+/// Closes the socket with `code` and `reason` (the page's `CloseEvent` carries both), waiting a
+/// moment for the page's closing frame (RFC 6455 §7.1.1: the client's data in flight is not
+/// cut off by a reset).
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = axum::extract::ws::CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn next_registration_event(
     reg: &mut Option<RegistrationHandle>,
 ) -> Option<RegistrationEvent> {
@@ -446,8 +480,21 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     // Each call's latest `call` event, replayed to a page that resumes.
     let mut last: HashMap<String, Outgoing> = HashMap::new();
     let mut logged_out = false;
+    let mut heartbeat = tokio::time::interval(state.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() >= state.heartbeat * 3 {
+                    tracing::info!("page silent for three heartbeats: closing its socket");
+                    close(&mut socket, CLOSE_HEARTBEAT, "heartbeat timeout").await;
+                    break;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
             Some(ev) = events_rx.recv() => {
                 if let Outgoing::Call { call_id, state, .. } = &ev {
                     if *state == "ended" {
@@ -463,6 +510,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 }
             }
             msg = socket.recv() => {
+                last_heard = tokio::time::Instant::now();
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(_))) => {
@@ -481,6 +529,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     Ok(Request::Logout { id }) => {
                         logged_out = true;
                         let _ = send(&mut socket, &ok(id)).await;
+                        close(&mut socket, CLOSE_LOGGED_OUT, "logged out").await;
                         break;
                     }
                     Ok(Request::Resume { id, session_id }) => match resume(&state, &peer, reg.is_some(), id, &session_id) {
@@ -518,26 +567,30 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                             }
                         },
                     },
-                    Ok(Request::Call { id, to, sdp }) => match reg.as_ref() {
-                        None => vec![error(Some(id), "not_connected", "send connect with a token first")],
-                        Some(_) if state.metrics.is_draining() => {
-                            vec![error(Some(id), "unavailable", "callgate is shutting down")]
-                        }
-                        Some(_) if calls.len() >= MAX_CALLS_PER_SESSION => {
-                            vec![error(Some(id), "too_many_calls", "this page has too many calls")]
-                        }
-                        Some(r) => match plan.apply(&to) {
-                            Err(e) => vec![refused(id, &e)],
-                            Ok(to) => match start_call(&state, r, &to, &sdp, events_tx.clone(), &plan).await {
-                            Ok((call, answer)) => {
-                                let call_id = call.call_id().to_owned();
-                                calls.insert(call_id.clone(), call);
-                                vec![Outgoing::Reply { id: Some(id), ok: true, error: None, call_id: Some(call_id), sdp: Some(answer) }]
+                    Ok(Request::Call { id, to, sdp }) => {
+                        match place(&state, reg.as_ref(), &plan, calls.len(), (id, &to, &sdp), events_tx.clone()).await {
+                            Ok((call, reply)) => {
+                                calls.insert(call.call_id().to_owned(), call);
+                                vec![reply]
                             }
-                            Err((code, message)) => vec![error(Some(id), code, message)],
-                        },
-                        },
-                    },
+                            Err(refusal) => vec![*refusal],
+                        }
+                    }
+                    Ok(Request::Consult { id, call_id, .. }) if !calls.contains_key(&call_id) => {
+                        vec![error(Some(id), "unknown_call", "no such call in this session")]
+                    }
+                    Ok(Request::Consult { id, call_id, to, sdp }) => {
+                        match place(&state, reg.as_ref(), &plan, calls.len(), (id, &to, &sdp), events_tx.clone()).await {
+                            Ok((call, reply)) => {
+                                if let Some(first) = calls.get(&call_id) {
+                                    first.hold();
+                                }
+                                calls.insert(call.call_id().to_owned(), call);
+                                vec![reply]
+                            }
+                            Err(refusal) => vec![*refusal],
+                        }
+                    }
                     Ok(Request::Hangup { id, call_id }) => match calls.get(&call_id) {
                         Some(c) => {
                             c.hangup();
@@ -818,6 +871,42 @@ async fn connect(
     let session_id = format!("s-{:016x}{:016x}", random_u64(), random_u64());
     *ident = Some((session_id.clone(), agent.clone(), app));
     vec![ok(id), Outgoing::Connected { agent, session_id }, current]
+}
+
+/// Places a call for the page (`call`, `consult`) once the session may: logged in, not
+/// draining, below its call limit, and `to` allowed by the app's dial plan. `req` is the
+/// request's (id, to, sdp); the reply carries the call id and callgate's SDP answer.
+async fn place(
+    state: &AppState,
+    reg: Option<&RegistrationHandle>,
+    plan: &DialPlan,
+    calls: usize,
+    req: (u64, &str, &str),
+    events: mpsc::Sender<Outgoing>,
+) -> Result<(SessionCall, Outgoing), Box<Outgoing>> {
+    let (id, to, sdp) = req;
+    let refuse = |code: &str, message: &str| Box::new(error(Some(id), code, message));
+    let Some(reg) = reg else {
+        return Err(refuse("not_connected", "send connect with a token first"));
+    };
+    if state.metrics.is_draining() {
+        return Err(refuse("unavailable", "callgate is shutting down"));
+    }
+    if calls >= MAX_CALLS_PER_SESSION {
+        return Err(refuse("too_many_calls", "this page has too many calls"));
+    }
+    let to = plan.apply(to).map_err(|e| Box::new(refused(id, &e)))?;
+    let (call, answer) = start_call(state, reg, &to, sdp, events, plan)
+        .await
+        .map_err(|(code, message)| refuse(code, &message))?;
+    let reply = Outgoing::Reply {
+        id: Some(id),
+        ok: true,
+        error: None,
+        call_id: Some(call.call_id().to_owned()),
+        sdp: Some(answer),
+    };
+    Ok((call, reply))
 }
 
 /// The reply for a dial string the app's dial plan refused.

@@ -60,6 +60,9 @@ pub struct Http {
     /// How long a logged-in session outlives its page's WebSocket, so a reloaded page can
     /// resume it with its calls (`None`: ends with the socket).
     pub resume: Option<Duration>,
+    /// callgate pings each page's WebSocket this often; a page silent for three of these is
+    /// disconnected (close code 4008).
+    pub heartbeat: Duration,
 }
 
 /// SIP settings.
@@ -475,6 +478,13 @@ impl Config {
             3_600,
             "seconds (0 = sessions end with their page)",
         );
+        let heartbeat = range(
+            "http.heartbeat_secs",
+            raw.http.heartbeat_secs,
+            1,
+            600,
+            "seconds",
+        );
         let drain = range(
             "service.drain_secs",
             raw.service.drain_secs,
@@ -662,6 +672,7 @@ impl Config {
             http: Http {
                 listen: http_listen,
                 resume: (resume > 0).then(|| Duration::from_secs(resume)),
+                heartbeat: Duration::from_secs(heartbeat),
             },
             sip: Sip {
                 listen: sip_listen,

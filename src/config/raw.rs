@@ -32,6 +32,7 @@ impl Default for RawService {
 pub(crate) struct RawHttp {
     pub(crate) listen: String,
     pub(crate) resume_secs: i64,
+    pub(crate) heartbeat_secs: i64,
 }
 
 impl Default for RawHttp {
@@ -39,6 +40,7 @@ impl Default for RawHttp {
         RawHttp {
             listen: "127.0.0.1:8080".into(),
             resume_secs: 30,
+            heartbeat_secs: 20,
         }
     }
 }

@@ -1,0 +1,125 @@
+// TypeScript declarations for callgate's browser SDK (web/callgate.js, served at /callgate.js).
+// Protocol and error codes: docs/API.md.
+
+/** A refusal from callgate: `code` is stable (docs/API.md, "Error codes"), `message` for people. */
+export class CallgateError extends Error {
+  readonly code: string;
+}
+
+export type RegistrationState = 'idle' | 'registering' | 'registered' | 'failed' | 'unregistered';
+
+export interface RegistrationEvent {
+  type: 'registration';
+  state: RegistrationState;
+  /** Seconds granted, when registered. */
+  expires?: number;
+  /** SIP status and reason, when failed. */
+  status?: number;
+  reason?: string;
+}
+
+export type CallState =
+  | 'trying' | 'ringing' | 'early' | 'established' | 'held' | 'held_by_remote' | 'ended';
+
+export type EndReason =
+  | 'local_hangup' | 'remote_hangup' | 'cancelled' | 'missed' | 'rejected' | 'failed'
+  | 'timeout' | 'transferred' | 'media_timeout';
+
+export interface SipStatus { status: number; reason: string; }
+
+export interface CallStateEvent {
+  type: 'call';
+  callId: string;
+  state: CallState;
+  direction: 'inbound' | 'outbound';
+  peer: string;
+  sip?: SipStatus;
+  endReason?: EndReason;
+}
+
+/** Progress of a transfer this page asked for (`transfer`, `completeTransfer`). */
+export interface TransferEvent {
+  type: 'transfer';
+  callId: string;
+  state: 'accepted' | 'progress' | 'succeeded' | 'failed';
+  status?: number;
+}
+
+/** The far end transfers this call elsewhere (SIP REFER). */
+export interface ReferredEvent {
+  type: 'referred';
+  callId: string;
+  state: 'accepted' | 'declined' | 'progress' | 'succeeded' | 'failed';
+  to?: string;
+  sip?: SipStatus;
+}
+
+interface Emitter<Events> {
+  on<K extends keyof Events>(event: K, handler: (arg: Events[K]) => void): this;
+}
+
+export interface CallEvents {
+  state: CallStateEvent;
+  transfer: TransferEvent;
+  referred: ReferredEvent;
+  /** A digit the far end sent. */
+  dtmf: string;
+}
+
+export class Call implements Emitter<CallEvents> {
+  /** callgate's id for the call (also in call history and recordings). */
+  readonly id: string;
+  readonly direction: 'inbound' | 'outbound';
+  /** The far party (changes when the far end transfers the call). */
+  peer: string;
+  /** Caller's display name (incoming calls). */
+  displayName?: string;
+  state: CallState;
+  /** The far end's audio, for an <audio> element. */
+  readonly remoteStream: MediaStream;
+  /** The call's WebRTC connection (null until media is set up). */
+  pc: RTCPeerConnection | null;
+  on<K extends keyof CallEvents>(event: K, handler: (arg: CallEvents[K]) => void): this;
+  answer(): Promise<void>;
+  /** 486 Busy Here unless another 4xx-6xx code is given. */
+  reject(code?: number): Promise<unknown>;
+  hangup(): Promise<unknown>;
+  hold(): Promise<unknown>;
+  unhold(): Promise<unknown>;
+  /** Digits 0-9 * # A-D (at most 64). */
+  dtmf(digits: string): Promise<unknown>;
+  /** Blind transfer: an extension, number or SIP URI. */
+  transfer(to: string): Promise<unknown>;
+  /** Holds this call and calls `to` (a consultation); returns the new call. */
+  consult(to: string): Promise<Call>;
+  /** Attended transfer: this call's far end takes over `consult`'s. */
+  completeTransfer(consult: Call): Promise<unknown>;
+}
+
+export interface PhoneEvents {
+  registration: RegistrationEvent;
+  incoming: Call;
+  /** The connection dropped; the SDK is resuming the session (calls stay up at callgate). */
+  reconnecting: undefined;
+  reconnected: undefined;
+  /** The session is over (logged out, or could not be resumed). */
+  close: undefined;
+}
+
+export class Callgate implements Emitter<PhoneEvents> {
+  /** Logs in with a loginByToken token (`APP:HEX`) minted by the CRM backend. */
+  static connect(url: string, token: string): Promise<Callgate>;
+  /** Takes this tab's session back after a reload (rejects with `unknown_session` if none). */
+  static resume(url: string): Promise<Callgate>;
+  /** `1001@sip.example.com` */
+  readonly agent: string;
+  readonly sessionId: string;
+  readonly registration: RegistrationEvent | { state: 'idle' };
+  /** The session's calls by id. */
+  readonly calls: Map<string, Call>;
+  on<K extends keyof PhoneEvents>(event: K, handler: (arg: PhoneEvents[K]) => void): this;
+  /** Calls an extension, number or SIP URI. */
+  call(to: string): Promise<Call>;
+  /** Logs out: the session and its calls end. */
+  close(): Promise<void>;
+}
