@@ -96,6 +96,16 @@ enum Request {
         to: String,
         sdp: String,
     },
+    /// A trickled ICE candidate of the page's connection for `callId` (empty: end of
+    /// candidates).
+    Ice {
+        id: u64,
+        call_id: String,
+        candidate: String,
+        sdp_mid: Option<String>,
+        #[serde(rename = "sdpMLineIndex")]
+        sdp_mline_index: Option<u16>,
+    },
     /// Attended transfer: the far end of `callId` takes over `consultId` (a call to the target).
     CompleteTransfer {
         id: u64,
@@ -480,7 +490,10 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     // Each call's latest `call` event, replayed to a page that resumes.
     let mut last: HashMap<String, Outgoing> = HashMap::new();
     let mut logged_out = false;
-    let mut heartbeat = tokio::time::interval(state.heartbeat);
+    let mut heartbeat = tokio::time::interval_at(
+        tokio::time::Instant::now() + state.heartbeat,
+        state.heartbeat,
+    );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = tokio::time::Instant::now();
     loop {
@@ -651,6 +664,19 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         },
                         None => vec![error(Some(id), "unknown_call", "no such call in this session")],
                     },
+                    Ok(Request::Ice { id, call_id, candidate, sdp_mid, sdp_mline_index }) => {
+                        let mid_ok = sdp_mid.as_ref().is_none_or(|m| m.len() <= 32) && sdp_mline_index.is_none_or(|i| i < 16);
+                        if !calls.contains_key(&call_id) && !ringing.contains_key(&call_id) {
+                            vec![error(Some(id), "unknown_call", "no such call in this session")]
+                        } else if mid_ok && (candidate.is_empty() || is_ice_candidate(&candidate)) {
+                            tracing::trace!(call = %call_id, mid = ?sdp_mid, index = ?sdp_mline_index, "trickled candidate");
+                            // callgate is ICE-lite: it never sends checks and learns the page's
+                            // address from the page's own checks, so it needs no candidates.
+                            vec![ok(id)]
+                        } else {
+                            vec![error(Some(id), "bad_candidate", "not an ICE candidate line (RFC 8839 §5.1)")]
+                        }
+                    }
                     Ok(Request::CompleteTransfer { id, call_id, consult_id }) => match (calls.get(&call_id), calls.get(&consult_id)) {
                         (Some(a), Some(b)) if call_id != consult_id => {
                             a.complete_transfer(&b.control);
@@ -907,6 +933,21 @@ async fn place(
         sdp: Some(answer),
     };
     Ok((call, reply))
+}
+
+/// Whether `c` is an ICE candidate attribute value (RFC 8839 §5.1, with or without the
+/// `candidate:` prefix): foundation, component, transport, priority, address, port, `typ`, type.
+fn is_ice_candidate(c: &str) -> bool {
+    let c = c.strip_prefix("candidate:").unwrap_or(c);
+    let f: Vec<&str> = c.split_ascii_whitespace().collect();
+    c.len() <= 1024
+        && f.len() >= 8
+        && f[1].parse::<u16>().is_ok()
+        && (f[2].eq_ignore_ascii_case("udp") || f[2].eq_ignore_ascii_case("tcp"))
+        && f[3].parse::<u32>().is_ok()
+        && f[5].parse::<u16>().is_ok()
+        && f[6] == "typ"
+        && ["host", "srflx", "prflx", "relay"].contains(&f[7])
 }
 
 /// The reply for a dial string the app's dial plan refused.
@@ -1438,6 +1479,39 @@ async fn follow_call(f: Follow) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ice_candidates_are_checked() {
+        for good in [
+            "candidate:842163049 1 udp 1677729535 203.0.113.7 46154 typ srflx raddr 10.0.0.2 rport 46154 generation 0",
+            "1 1 UDP 2130706431 127.0.0.1 50000 typ host",
+            "candidate:2 1 tcp 1518280447 192.168.1.2 9 typ host tcptype active",
+        ] {
+            assert!(is_ice_candidate(good), "{good}");
+        }
+        for bad in [
+            "",
+            "candidate:1 1 udp 2130706431 127.0.0.1 50000",
+            "candidate:1 x udp 1 127.0.0.1 50000 typ host",
+            "candidate:1 1 sctp 1 127.0.0.1 50000 typ host",
+            "candidate:1 1 udp 1 127.0.0.1 99999 typ host",
+            "candidate:1 1 udp 1 127.0.0.1 5000 typ bogus",
+        ] {
+            assert!(!is_ice_candidate(bad), "{bad}");
+        }
+        let r: Request = serde_json::from_str(
+            r#"{"type":"ice","id":3,"callId":"c-1","candidate":"","sdpMid":"0","sdpMLineIndex":0}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r,
+            Request::Ice {
+                id: 3,
+                sdp_mline_index: Some(0),
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn wire_format() {
