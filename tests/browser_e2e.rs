@@ -310,6 +310,11 @@ async fn chromium_holds_resumes_and_sends_dtmf() {
         (report["held"].as_bool(), report["resumed"].as_bool()),
         (Some(true), Some(true))
     );
+    assert_eq!(
+        (report["muted"].as_bool(), report["unmuted"].as_bool()),
+        (Some(true), Some(true)),
+        "{report:#}"
+    );
     assert_eq!(report["ended"], true);
     let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
         .await

@@ -505,6 +505,35 @@ async fn page_answers_and_rejects_incoming_calls() {
     .unwrap();
     let (ok, log) = probe.await.unwrap();
     assert!(ok, "caller did not get 486:\n{log}");
+
+    // A third caller gives up while the page rings: `missed`, then the call ends `missed`.
+    let mut quitter = Sipp::uac(kam.port, "1001", "uac_cancel.xml");
+    let id3 = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev["callId"].as_str().unwrap().to_owned();
+        }
+    };
+    let missed = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "missed" {
+            break ev;
+        }
+    };
+    assert_eq!(
+        missed,
+        json!({"type": "missed", "callId": id3, "from": "1002"})
+    );
+    let ended = next(&mut ws, &mut seen).await;
+    assert_eq!(
+        (ended["callId"].as_str(), ended["endReason"].as_str()),
+        (Some(id3.as_str()), Some("missed")),
+        "{ended}"
+    );
+    let (ok, log) = tokio::task::spawn_blocking(move || quitter.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
     let _ = ws.close(None).await;
     page.pc.close().await.unwrap();
     srv.shut_down().await;

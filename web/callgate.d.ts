@@ -85,6 +85,9 @@ export class Call implements Emitter<CallEvents> {
   reject(code?: number): Promise<unknown>;
   hangup(): Promise<unknown>;
   hold(): Promise<unknown>;
+  /** Mutes (true) or unmutes this page's microphone for the call (local only). */
+  mute(on?: boolean): void;
+  readonly muted?: boolean;
   unhold(): Promise<unknown>;
   /** Digits 0-9 * # A-D (at most 64). */
   dtmf(digits: string): Promise<unknown>;
@@ -99,6 +102,8 @@ export class Call implements Emitter<CallEvents> {
 export interface PhoneEvents {
   registration: RegistrationEvent;
   incoming: Call;
+  /** The caller gave up before the answer. */
+  missed: { type: 'missed'; callId: string; from: string };
   /** The connection dropped; the SDK is resuming the session (calls stay up at callgate). */
   reconnecting: undefined;
   reconnected: undefined;

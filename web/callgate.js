@@ -45,16 +45,24 @@ export class Call extends Emitter {
     /** The far end's audio, ready for an <audio> element. */
     this.remoteStream = new MediaStream();
   }
+  _closeMedia() {
+    if (!this.pc) return;
+    this.pc.getSenders().forEach(s => { if (s.track) s.track.stop(); });
+    this.pc.close();
+    this.pc = null;
+  }
   async _media() {
-    if (this.pc) { this.pc.close(); this.pc = null; }
+    this._closeMedia();
     this.remoteStream.getTracks().forEach(t => this.remoteStream.removeTrack(t));
     const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
     pc.ontrack = e => e.streams[0] ? e.streams[0].getTracks().forEach(t => this.remoteStream.addTrack(t)) : this.remoteStream.addTrack(e.track);
     const mic = await this.phone._microphone();
-    mic.getAudioTracks().forEach(t => pc.addTrack(t, mic));
+    // A track of its own per call, so muting one call leaves the others alone.
+    mic.getAudioTracks().forEach(t => pc.addTrack(t.clone(), mic));
     await pc.setLocalDescription(await pc.createOffer());
     await gathered(pc);
     this.pc = pc;
+    if (this.muted) this.mute(true);
     return pc.localDescription.sdp;
   }
   /** Answers an incoming call. */
@@ -67,6 +75,15 @@ export class Call extends Emitter {
   reject(code) { return this.phone._request({ type: 'reject', callId: this.id, ...(code ? { code } : {}) }); }
   hangup() { return this.phone._request({ type: 'hangup', callId: this.id }); }
   hold() { return this.phone._request({ type: 'hold', callId: this.id }); }
+  /**
+   * Mutes (or unmutes) this page's microphone for the call: the far end hears silence, the call
+   * and its media stay up. Local only: callgate and the far end are not told.
+   * @param {boolean} on
+   */
+  mute(on = true) {
+    this.muted = on;
+    if (this.pc) this.pc.getSenders().forEach(s => { if (s.track) s.track.enabled = !on; });
+  }
   unhold() { return this.phone._request({ type: 'unhold', callId: this.id }); }
   /** @param {string} digits 0-9 * # A-D */
   dtmf(digits) { return this.phone._request({ type: 'dtmf', callId: this.id, digits }); }
@@ -84,7 +101,7 @@ export class Call extends Emitter {
     if (ev.type === 'call') {
       this.state = ev.state;
       if (ev.peer) this.peer = ev.peer;
-      if (ev.state === 'ended' && this.pc) { this.pc.close(); }
+      if (ev.state === 'ended') this._closeMedia();
       this._emit('state', ev);
     } else if (ev.type === 'transfer') { this._emit('transfer', ev); }
     else if (ev.type === 'referred') { this._emit('referred', ev); }
@@ -95,7 +112,8 @@ export class Call extends Emitter {
 const sessionKey = url => 'callgate.session:' + url;
 
 /**
- * A logged-in agent. Events: `registration`, `incoming` (a Call), `reconnecting` (the connection
+ * A logged-in agent. Events: `registration`, `incoming` (a Call), `missed` ({callId, from}: the
+ * caller gave up before the answer), `reconnecting` (the connection
  * dropped; calls stay up at callgate while the SDK resumes the session), `reconnected`, `close`
  * (the session is over).
  */
@@ -218,6 +236,8 @@ export class Callgate extends Emitter {
       if (this._onConnected) this._onConnected();
     } else if (m.type === 'registration') {
       this.registration = m; this._emit('registration', m);
+    } else if (m.type === 'missed') {
+      this._emit('missed', m);
     } else if (m.type === 'incoming') {
       if (this.calls.has(m.callId)) return; // repeated on resume
       const call = new Call(this, m.callId, 'inbound', m.from);

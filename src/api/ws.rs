@@ -188,6 +188,13 @@ enum Outgoing {
         call_id: String,
         digit: String,
     },
+    /// The caller gave up before the agent answered (for a missed-calls list); the call's
+    /// `ended` event follows.
+    Missed {
+        #[serde(rename = "callId")]
+        call_id: String,
+        from: String,
+    },
     /// A call for the agent: answer with `answer {callId, sdp}` or `reject`.
     Incoming {
         #[serde(rename = "callId")]
@@ -1455,6 +1462,13 @@ async fn follow_call(f: Follow) {
                     reason: phrase,
                 });
                 metrics.call_ended(reason.code());
+                if reason == crate::sip::call::EndReason::Missed {
+                    let missed = Outgoing::Missed {
+                        call_id: call_id.clone(),
+                        from: peer.clone(),
+                    };
+                    let _ = events.send(missed).await;
+                }
                 let _ = events
                     .send(report(&peer, "ended", sip, Some(reason.code())))
                     .await;

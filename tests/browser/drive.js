@@ -112,6 +112,12 @@ const stats = page => page.evaluate(async () => {
       await page.click('.call button:has-text("Resume")');
       await state('established');
       report.resumed = true;
+      // Mute: the call's own microphone track goes silent; Unmute brings it back.
+      await page.click('.call button:has-text("Mute")');
+      const micOn = () => page.evaluate(() => [...window.callgatePhone.calls.values()][0].pc.getSenders().some(s => s.track && s.track.enabled));
+      report.muted = (await page.isVisible('.call button:has-text("Unmute")')) && !(await micOn());
+      await page.click('.call button:has-text("Unmute")');
+      report.unmuted = await micOn();
       await page.waitForTimeout(300);
       await page.click('#pad button:has-text("1")');
       await page.click('#pad button:has-text("#")');
