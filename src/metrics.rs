@@ -120,7 +120,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, sip: &SipSnapshot) -> String {
+    pub fn render(&self, sip: &SipSnapshot, sse_subscribers: usize) -> String {
         let mut o = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
@@ -141,6 +141,12 @@ impl Metrics {
             "gauge",
             "Open browser WebSocket connections.",
             &one(self.websockets.load(Ordering::Relaxed).to_string()),
+        );
+        metric(
+            "callgate_sse_subscribers",
+            "gauge",
+            "CRM subscribers of per-agent event channels.",
+            &one(sse_subscribers.to_string()),
         );
         metric(
             "callgate_sessions_awaiting_resume",
@@ -308,7 +314,7 @@ mod tests {
             ..Default::default()
         };
         sip.registrations.insert("registered", 1);
-        let text = m.render(&sip);
+        let text = m.render(&sip, 3);
         for line in [
             "# TYPE callgate_token_failures_total counter",
             "callgate_token_failures_total{code=\"bad_mac\"} 2",

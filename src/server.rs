@@ -173,6 +173,14 @@ impl Bound {
             sessions: std::sync::Arc::new(api::ws::Sessions::default()),
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,
+            hub: std::sync::Arc::new(api::events::Hub::new(self.config.events)),
+            credentials: std::sync::Arc::new(api::auth::Credentials::new(
+                self.config
+                    .apps
+                    .iter()
+                    .flat_map(|(name, app)| app.api_keys.iter().map(move |k| (*k, name.clone()))),
+                self.config.admin_keys.iter().copied(),
+            )),
             metrics: metrics.clone(),
         };
         let sip = self.sip.clone();

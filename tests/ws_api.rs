@@ -17,6 +17,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 const KEY: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+/// The HTTP API credentials of the test apps and of the admin.
+const CRM_API_KEY: &str = "crm-api-key-0123456789abcdef";
+const ERP_API_KEY: &str = "erp-api-key-0123456789abcdef";
+const ADMIN_KEY: &str = "admin-key-for-tests-0123456789";
 
 struct Server {
     addr: std::net::SocketAddr,
@@ -76,7 +80,10 @@ async fn server_with_tables(
     );
     dir.write(
         "apps.toml",
-        &format!("[apps.crm]\nkeys = [\"{KEY}\"]\n{app_options}"),
+        &format!(
+            "admin_keys = [\"{ADMIN_KEY}\"]\n[apps.erp]\nkeys = [\"{KEY}\"]\napi_keys = [\"{ERP_API_KEY}\"]\n\
+             [apps.crm]\nkeys = [\"{KEY}\"]\napi_keys = [\"{CRM_API_KEY}\"]\n{app_options}"
+        ),
     );
     let config = Config::load(&cfg).expect("config");
     let bound = Bound::bind(config.clone()).await.expect("bind");
@@ -1043,6 +1050,114 @@ async fn page_consults_then_completes_an_attended_transfer() {
     let _ = ws.close(None).await;
     first_page.pc.close().await.unwrap();
     consult_page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}
+
+/// The CRM's view: per-agent events over SSE. Two subscribers (the app's key, the agent's own
+/// credential) share the agent's channel and see a real call's events with the same ids; one
+/// that drops out and comes back with `Last-Event-ID` gets exactly what it missed. The owner
+/// rule: 401 without a credential, 403 for another agent's or another app's agent, 200 for the
+/// admin; the subscriber limit answers 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_subscribers_share_the_agents_events_and_replay_what_they_missed() {
+    use common::peers::Sipp;
+    use common::sse::Sse;
+
+    /// The `call` states (with their ids) up to `until`; every event's data must be free of
+    /// session credentials.
+    async fn call_states(s: &mut Sse, until: &str) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        loop {
+            let ev = s.next(Duration::from_secs(10)).await.expect("an event");
+            let text = ev.data.to_string();
+            assert!(
+                !text.contains("apiToken") && !text.contains("sessionId") && !text.contains("at-"),
+                "{text}"
+            );
+            if ev.data["type"] == "call" {
+                let state = ev.data["state"].as_str().unwrap().to_owned();
+                out.push((ev.id.expect("an id"), state.clone()));
+                if state == until {
+                    return out;
+                }
+            }
+        }
+    }
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas(kam.port, "1002", "pass1002", "uas_answer.xml");
+    let mut srv = server_with_tables("", "", "", "[events]\nmax_subscribers = 3").await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let api_token = seen
+        .iter()
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .find(|v| v["type"] == "connected")
+        .and_then(|v| v["apiToken"].as_str().map(str::to_owned))
+        .expect("connected with an API token");
+    let path = "/api/v1/agents/1001@127.0.0.1/events";
+    let mut crm = Sse::open(srv.addr, path, Some(CRM_API_KEY), None).await;
+    let mut own = Sse::open(srv.addr, path, Some(&api_token), None).await;
+    assert_eq!((crm.status, own.status), (200, 200));
+
+    let (page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    let crm_seen = call_states(&mut crm, "established").await;
+    let own_seen = call_states(&mut own, "established").await;
+    assert_eq!(crm_seen, own_seen, "one channel, the same events and ids");
+    assert_eq!(crm_seen.first().map(|e| e.1.as_str()), Some("trying"));
+    let last_seen = crm_seen.last().unwrap().0;
+    drop(crm);
+
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ended = call_states(&mut own, "ended").await;
+    let mut back = Sse::open(srv.addr, path, Some(CRM_API_KEY), Some(last_seen)).await;
+    assert_eq!(back.status, 200);
+    assert_eq!(
+        call_states(&mut back, "ended").await,
+        ended,
+        "replayed after Last-Event-ID {last_seen}"
+    );
+
+    // The owner rule.
+    let refused = Sse::open(srv.addr, path, None, None).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.body().await["error"]["code"], "unauthorized");
+    let r = Sse::open(srv.addr, path, Some("not-a-known-credential-000000"), None).await;
+    assert_eq!(r.status, 401);
+    let other_agent = "/api/v1/agents/1002@127.0.0.1/events";
+    let r = Sse::open(srv.addr, other_agent, Some(&api_token), None).await;
+    assert_eq!(r.status, 403, "an agent sees only its own events");
+    let r = Sse::open(srv.addr, path, Some(ERP_API_KEY), None).await;
+    assert_eq!(r.status, 403, "another app's key");
+    let admin = Sse::open(srv.addr, path, Some(ADMIN_KEY), None).await;
+    assert_eq!(admin.status, 200);
+    // own, back, admin: the channel is full.
+    let r = Sse::open(srv.addr, path, Some(CRM_API_KEY), None).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body().await["error"]["code"], "too_many_subscribers");
+    let metrics = {
+        let addr = srv.addr.to_string();
+        tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+            .await
+            .unwrap()
+    };
+    assert!(
+        metrics.contains("\ncallgate_sse_subscribers 3\n"),
+        "{metrics}"
+    );
+
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    drop((own, back, admin));
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
     srv.shut_down().await;
 }
 

@@ -119,6 +119,8 @@ export class Callgate implements Emitter<PhoneEvents> {
   /** `1001@sip.example.com` */
   readonly agent: string;
   readonly sessionId: string;
+  /** Credential for callgate's HTTP API (this agent's own events), while the session lives. */
+  readonly apiToken: string;
   readonly registration: RegistrationEvent | { state: 'idle' };
   /** The session's calls by id. */
   readonly calls: Map<string, Call>;

@@ -232,7 +232,7 @@ export class Callgate extends Emitter {
       this._pending.delete(m.id);
       m.ok ? p.resolve(m) : p.reject(new CallgateError(m.error.code, m.error.message));
     } else if (m.type === 'connected') {
-      this.agent = m.agent; this.sessionId = m.sessionId;
+      this.agent = m.agent; this.sessionId = m.sessionId; this.apiToken = m.apiToken;
       if (this._onConnected) this._onConnected();
     } else if (m.type === 'registration') {
       this.registration = m; this._emit('registration', m);

@@ -42,6 +42,10 @@ pub struct AppState {
     pub resume: Option<std::time::Duration>,
     /// WebSocket ping interval; three without an answer close the socket.
     pub heartbeat: std::time::Duration,
+    /// Per-agent event channels (SSE).
+    pub hub: std::sync::Arc<super::events::Hub>,
+    /// Who may call the HTTP API.
+    pub credentials: std::sync::Arc<super::auth::Credentials>,
     /// Counters for /metrics, and the draining flag.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -60,6 +64,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/ws", get(super::ws::handler))
+        .route(
+            "/api/v1/agents/{agent}/events",
+            get(super::crm::agent_events),
+        )
         .with_state(state)
 }
 
@@ -88,7 +96,7 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&sip),
+        state.metrics.render(&sip, state.hub.subscribers()),
     )
 }
 

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
+use super::crm::EventSink;
+use super::events::Channel;
 use super::http::AppState;
 use crate::config::DtmfMode;
 use crate::dialplan::{DialError, DialPlan};
@@ -124,14 +126,14 @@ pub const MAX_CALLS_PER_SESSION: usize = 4;
 
 /// The SIP status that ended or refused a call.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-struct SipStatus {
+pub(crate) struct SipStatus {
     status: u16,
     reason: String,
 }
 
 /// An error as the page sees it: a stable `code` and a human `message` (never a secret).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-struct ApiError {
+pub(crate) struct ApiError {
     code: String,
     message: String,
 }
@@ -139,7 +141,7 @@ struct ApiError {
 /// Everything callgate sends to the page.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
-enum Outgoing {
+pub(crate) enum Outgoing {
     /// The answer to a request.
     Reply {
         id: Option<u64>,
@@ -208,6 +210,9 @@ enum Outgoing {
         agent: String,
         #[serde(rename = "sessionId")]
         session_id: String,
+        /// The page's credential for the HTTP API (its own events, calls, recordings).
+        #[serde(rename = "apiToken")]
+        api_token: String,
     },
     /// Registration with the SIP provider changed.
     Registration {
@@ -219,6 +224,14 @@ enum Outgoing {
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
+}
+
+impl Outgoing {
+    /// Whether CRM subscribers of the agent's channel get this event (not replies, and not
+    /// `connected`, which carries the session's credentials).
+    pub(crate) fn for_crm(&self) -> bool {
+        !matches!(self, Outgoing::Reply { .. } | Outgoing::Connected { .. })
+    }
 }
 
 fn registration_event(s: &Status) -> Outgoing {
@@ -409,15 +422,31 @@ struct Ringing {
 struct Parked {
     reg: RegistrationHandle,
     plan: DialPlan,
-    agent: String,
-    app: String,
+    ident: Ident,
     calls: HashMap<String, SessionCall>,
     ringing: HashMap<String, Ringing>,
-    events_tx: mpsc::Sender<Outgoing>,
+    events_tx: EventSink,
     events_rx: mpsc::Receiver<Outgoing>,
     last: HashMap<String, Outgoing>,
     /// Tells this parking from a later one of the same session.
     parking: u64,
+}
+
+/// A logged-in session's identity.
+struct Ident {
+    session_id: String,
+    agent: String,
+    app: String,
+    /// The agent's event channel.
+    channel: std::sync::Arc<Channel>,
+    /// The page's credential for the HTTP API.
+    api_token: String,
+}
+
+/// A session is over: its HTTP credential goes, and its agent's channel loses a session.
+fn end_session(state: &AppState, ident: &Ident) {
+    state.credentials.revoke(&ident.api_token);
+    state.hub.logout(&ident.channel);
 }
 
 /// Sessions whose page went away, each kept for `http.resume_secs` so that the page, reloaded
@@ -437,14 +466,14 @@ impl Sessions {
 
     fn park(
         self: &std::sync::Arc<Self>,
-        id: String,
         parked: Parked,
         grace: std::time::Duration,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        state: AppState,
     ) {
         let parking = parked.parking;
+        let id = parked.ident.session_id.clone();
         self.lock().insert(id.clone(), parked);
-        metrics.parked(1);
+        state.metrics.parked(1);
         let me = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
@@ -456,16 +485,17 @@ impl Sessions {
                 }
             };
             if let Some(p) = expired {
-                tracing::info!(agent = %p.agent, "session not resumed in time: ending it");
-                metrics.parked(-1);
-                metrics.agent(-1);
+                tracing::info!(agent = %p.ident.agent, "session not resumed in time: ending it");
+                state.metrics.parked(-1);
+                state.metrics.agent(-1);
+                end_session(&state, &p.ident);
                 drop(p);
             }
         });
     }
 
     fn app_of(&self, id: &str) -> Option<String> {
-        self.lock().get(id).map(|p| p.app.clone())
+        self.lock().get(id).map(|p| p.ident.app.clone())
     }
 
     fn take(&self, id: &str) -> Option<Parked> {
@@ -491,9 +521,9 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     let mut plan = DialPlan::default();
     let mut calls: HashMap<String, SessionCall> = HashMap::new();
     let mut ringing: HashMap<String, Ringing> = HashMap::new();
-    let (mut events_tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
-    // Once logged in: (session id, agent, app).
-    let mut ident: Option<(String, String, String)> = None;
+    let (tx, mut events_rx) = mpsc::channel::<Outgoing>(256);
+    let mut events_tx = EventSink::new(tx);
+    let mut ident: Option<Ident> = None;
     // Each call's latest `call` event, replayed to a page that resumes.
     let mut last: HashMap<String, Outgoing> = HashMap::new();
     let mut logged_out = false;
@@ -545,7 +575,16 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 let reply = match serde_json::from_str::<Request>(text.as_str()) {
                     Err(_) => vec![error(None, "bad_request", "not a known request (see docs/API.md)")],
                     Ok(Request::Ping { id }) => vec![ok(id)],
-                    Ok(Request::Connect { id, token }) => connect(&state, &peer, &mut reg, &mut plan, &mut ident, id, &token).await,
+                    Ok(Request::Connect { id, token }) => {
+                        let out = connect(&state, &peer, &mut reg, &mut plan, &mut ident, id, &token).await;
+                        if let Some(me) = &ident {
+                            events_tx = events_tx.clone().with_channel(state.hub.clone(), me.channel.clone());
+                            for ev in &out {
+                                events_tx.publish(ev);
+                            }
+                        }
+                        out
+                    }
                     Ok(Request::Logout { id }) => {
                         logged_out = true;
                         let _ = send(&mut socket, &ok(id)).await;
@@ -555,10 +594,10 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     Ok(Request::Resume { id, session_id }) => match resume(&state, &peer, reg.is_some(), id, &session_id) {
                         Err(refusal) => vec![*refusal],
                         Ok(p) => {
-                            tracing::info!(agent = %p.agent, "session resumed");
+                            tracing::info!(agent = %p.ident.agent, "session resumed");
                             let mut out = vec![
                                 ok(id),
-                                Outgoing::Connected { agent: p.agent.clone(), session_id: session_id.clone() },
+                                Outgoing::Connected { agent: p.ident.agent.clone(), session_id, api_token: p.ident.api_token.clone() },
                                 registration_event(&p.reg.status()),
                             ];
                             out.extend(p.calls.keys().filter_map(|c| p.last.get(c).cloned()));
@@ -570,7 +609,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                             events_tx = p.events_tx;
                             events_rx = p.events_rx;
                             last = p.last;
-                            ident = Some((session_id, p.agent, p.app));
+                            ident = Some(p.ident);
                             out
                         }
                     },
@@ -700,7 +739,9 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
             }
             ev = next_registration_event(&mut reg) => match ev {
                 Some(RegistrationEvent::Status(s)) => {
-                    if !send(&mut socket, &registration_event(&s)).await {
+                    let ev = registration_event(&s);
+                    events_tx.publish(&ev);
+                    if !send(&mut socket, &ev).await {
                         break;
                     }
                 }
@@ -736,6 +777,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         metrics: state.metrics.clone(),
                     }));
                     ringing.insert(call_id.clone(), Ringing { control, dtmf, handoff, offer: inc.offer, media: media_tx, announce: ev.clone() });
+                    events_tx.publish(&ev);
                     if !send(&mut socket, &ev).await {
                         break;
                     }
@@ -746,15 +788,12 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
     }
     state.metrics.websocket(-1);
     match (reg, ident, state.resume) {
-        (Some(reg), Some((session_id, agent, app)), Some(grace))
-            if !logged_out && !state.metrics.is_draining() =>
-        {
-            tracing::info!(%agent, calls = calls.len(), secs = grace.as_secs(), "page gone: keeping its session for a resume");
+        (Some(reg), Some(ident), Some(grace)) if !logged_out && !state.metrics.is_draining() => {
+            tracing::info!(agent = %ident.agent, calls = calls.len(), secs = grace.as_secs(), "page gone: keeping its session for a resume");
             let parked = Parked {
                 reg,
                 plan,
-                agent,
-                app,
+                ident,
                 calls,
                 ringing,
                 events_tx,
@@ -762,13 +801,16 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 last,
                 parking: random_u64(),
             };
-            state
-                .sessions
-                .park(session_id, parked, grace, state.metrics.clone());
+            state.sessions.park(parked, grace, state.clone());
         }
         // Dropping `reg` releases this session's share of the registration; dropping the
         // calls' controls hangs them up.
-        (Some(_), _, _) => state.metrics.agent(-1),
+        (Some(_), ident, _) => {
+            state.metrics.agent(-1);
+            if let Some(ident) = ident {
+                end_session(&state, &ident);
+            }
+        }
         _ => {}
     }
 }
@@ -830,7 +872,7 @@ async fn connect(
     peer: &Peer,
     reg: &mut Option<RegistrationHandle>,
     plan: &mut DialPlan,
-    ident: &mut Option<(String, String, String)>,
+    ident: &mut Option<Ident>,
     id: u64,
     token: &str,
 ) -> Vec<Outgoing> {
@@ -902,8 +944,24 @@ async fn connect(
     state.metrics.agent(1);
     // A bearer credential for `resume`: 128 random bits.
     let session_id = format!("s-{:016x}{:016x}", random_u64(), random_u64());
-    *ident = Some((session_id.clone(), agent.clone(), app));
-    vec![ok(id), Outgoing::Connected { agent, session_id }, current]
+    let channel = state.hub.login(&agent, &app);
+    let api_token = state.credentials.issue(&agent);
+    *ident = Some(Ident {
+        session_id: session_id.clone(),
+        agent: agent.clone(),
+        app,
+        channel,
+        api_token: api_token.clone(),
+    });
+    vec![
+        ok(id),
+        Outgoing::Connected {
+            agent,
+            session_id,
+            api_token,
+        },
+        current,
+    ]
 }
 
 /// Places a call for the page (`call`, `consult`) once the session may: logged in, not
@@ -915,7 +973,7 @@ async fn place(
     plan: &DialPlan,
     calls: usize,
     req: (u64, &str, &str),
-    events: mpsc::Sender<Outgoing>,
+    events: EventSink,
 ) -> Result<(SessionCall, Outgoing), Box<Outgoing>> {
     let (id, to, sdp) = req;
     let refuse = |code: &str, message: &str| Box::new(error(Some(id), code, message));
@@ -1031,7 +1089,7 @@ async fn start_call(
     reg: &RegistrationHandle,
     to: &str,
     offer: &str,
-    events: mpsc::Sender<Outgoing>,
+    events: EventSink,
     plan: &DialPlan,
 ) -> Result<(SessionCall, String), (&'static str, String)> {
     let BrowserMedia {
@@ -1150,7 +1208,7 @@ struct Follow {
     direction: &'static str,
     call_events: mpsc::UnboundedReceiver<CallEvent>,
     media: CallMedia,
-    events: mpsc::Sender<Outgoing>,
+    events: EventSink,
     commander: CallCommander,
     /// Digits the page asked to send.
     dtmf: mpsc::UnboundedReceiver<String>,

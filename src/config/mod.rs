@@ -182,6 +182,8 @@ pub struct AppInfo {
     pub allowed_origins: Vec<String>,
     /// How the app's agents' dial strings are normalised.
     pub dial_plan: crate::dialplan::DialPlan,
+    /// SHA-256 digests of the app's API keys (its CRM backend's credentials for the HTTP API).
+    pub api_keys: Vec<[u8; 32]>,
 }
 
 /// The validated configuration.
@@ -207,6 +209,10 @@ pub struct Config {
     pub drain: Duration,
     /// Apps by name.
     pub apps: BTreeMap<String, AppInfo>,
+    /// SHA-256 digests of the admin keys (apps.toml `admin_keys`).
+    pub admin_keys: Vec<[u8; 32]>,
+    /// Limits of the per-agent event channels.
+    pub events: crate::api::events::Limits,
     keyring: Keyring,
 }
 
@@ -485,6 +491,23 @@ impl Config {
             600,
             "seconds",
         );
+        let events = crate::api::events::Limits {
+            max_channels: range(
+                "events.max_channels",
+                raw.events.max_channels,
+                1,
+                1_000_000,
+                "agents",
+            ) as usize,
+            max_subscribers: range(
+                "events.max_subscribers",
+                raw.events.max_subscribers,
+                1,
+                1_000,
+                "subscribers",
+            ) as usize,
+            buffer: range("events.buffer", raw.events.buffer, 1, 100_000, "events") as usize,
+        };
         let drain = range(
             "service.drain_secs",
             raw.service.drain_secs,
@@ -636,6 +659,7 @@ impl Config {
         }
 
         let http_loopback_only = http_listen.is_some_and(|a| a.ip().is_loopback());
+        let admin_keys = check_api_keys(&mut c, &apps_name, "admin_keys", &raw_apps.admin_keys);
         let (apps, keyring_apps) = check_apps(&mut c, &apps_name, raw_apps, http_loopback_only);
 
         let (
@@ -713,6 +737,8 @@ impl Config {
             },
             drain: Duration::from_secs(drain),
             apps,
+            admin_keys,
+            events,
             keyring: Keyring::new(keyring_apps, tokens),
         })
     }
@@ -862,6 +888,7 @@ fn check_apps(
             }
         }
         let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
+        let api_keys = check_api_keys(c, file, &at("api_keys"), &app.api_keys);
         match AppKeys::new(mode, keys, iv, app.require_expires) {
             Ok(k) => {
                 keyrings.insert(name.clone(), k);
@@ -880,10 +907,30 @@ fn check_apps(
                 demo_key,
                 allowed_origins,
                 dial_plan,
+                api_keys,
             },
         );
     }
     (infos, keyrings)
+}
+
+/// Validates API or admin keys (`at` is their dotted key): 24 to 256 visible ASCII characters
+/// each (e.g. `callgate keygen` output). Returns their SHA-256 digests.
+fn check_api_keys(c: &mut Checker, file: &str, at: &str, keys: &[String]) -> Vec<[u8; 32]> {
+    use sha2::Digest;
+    let mut out = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        if (24..=256).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()) {
+            out.push(sha2::Sha256::digest(k.as_bytes()).into());
+        } else {
+            c.add(
+                file,
+                format!("{at}[{i}]"),
+                "must be 24 to 256 visible ASCII characters (no spaces); `callgate keygen` makes one",
+            );
+        }
+    }
+    out
 }
 
 /// Validates `[apps.NAME.dial_plan]` (`at` is its dotted key); absent: the default plan.

@@ -13,6 +13,25 @@ pub(crate) struct RawConfig {
     pub(crate) storage: RawStorage,
     pub(crate) log: RawLog,
     pub(crate) service: RawService,
+    pub(crate) events: RawEvents,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawEvents {
+    pub(crate) max_channels: i64,
+    pub(crate) max_subscribers: i64,
+    pub(crate) buffer: i64,
+}
+
+impl Default for RawEvents {
+    fn default() -> Self {
+        RawEvents {
+            max_channels: 10_000,
+            max_subscribers: 8,
+            buffer: 256,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +183,7 @@ impl Default for RawLog {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawApps {
+    pub(crate) admin_keys: Vec<String>,
     pub(crate) apps: std::collections::BTreeMap<String, RawApp>,
 }
 
@@ -180,6 +200,8 @@ pub(crate) struct RawApp {
     pub(crate) require_expires: bool,
     #[serde(default)]
     pub(crate) allowed_origins: Vec<String>,
+    #[serde(default)]
+    pub(crate) api_keys: Vec<String>,
     #[serde(default)]
     pub(crate) dial_plan: Option<RawDialPlan>,
 }

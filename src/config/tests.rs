@@ -280,3 +280,32 @@ fn dial_plans_and_media_options_are_checked() {
     let plan = &c.apps["crm"].dial_plan;
     assert_eq!(plan.apply("030 1234"), Ok("+49301234".into()));
 }
+
+#[test]
+fn api_keys_events_and_session_options_are_checked() {
+    let got = problems(
+        "[http]\nresume_secs = -1\nheartbeat_secs = 0\n[events]\nmax_subscribers = 0\nbuffer = 0\n",
+        "admin_keys = [\"short\"]\n[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n\
+         api_keys = [\"has spaces in it, which is not ok\", \"crm-api-key-0123456789abcdef\"]\n",
+    );
+    for key in [
+        "http.resume_secs",
+        "http.heartbeat_secs",
+        "events.max_subscribers",
+        "events.buffer",
+        "admin_keys[0]",
+        "apps.crm.api_keys[0]",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(key)),
+            "{key} not reported: {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), 6, "{got:#?}");
+    // Nothing of a key reaches the messages.
+    assert!(
+        !got.iter()
+            .any(|p| p.contains("short") || p.contains("has spaces")),
+        "{got:#?}"
+    );
+}

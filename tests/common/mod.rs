@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod peers;
 pub mod rtc_peer;
+pub mod sse;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

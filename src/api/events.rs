@@ -1,0 +1,404 @@
+//! Per-agent event channels for CRM backends: `GET /api/v1/agents/{agent}/events` streams every
+//! call and registration event of one agent as Server-Sent Events.
+//!
+//! One [`Channel`] per agent, shared by every subscriber (CRM tabs, backend workers): a
+//! subscriber joins the channel's ring buffer, nothing upstream is opened for it. Events carry
+//! ids from one counter for the whole process, so a reconnecting subscriber's `Last-Event-ID`
+//! either resumes exactly after what it saw or, when that is no longer buffered (or the channel
+//! was recreated meanwhile), gets a `gap` event first.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// Limits of the event hub (`[events]` in callgate.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Agents with an event channel at once.
+    pub max_channels: usize,
+    /// Subscribers of one channel at once.
+    pub max_subscribers: usize,
+    /// Events each channel keeps for `Last-Event-ID` replay.
+    pub buffer: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_channels: 10_000,
+            max_subscribers: 8,
+            buffer: 256,
+        }
+    }
+}
+
+/// How long a channel with no session and no subscriber is kept (for replay) before it goes.
+const LINGER: Duration = Duration::from_secs(300);
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// `max_channels` reached.
+    #[error("too many agents have event subscribers (events.max_channels)")]
+    TooManyChannels,
+    /// `max_subscribers` reached for this agent.
+    #[error("this agent's event channel has its maximum of subscribers (events.max_subscribers)")]
+    TooManySubscribers,
+}
+
+struct Buffer {
+    events: VecDeque<(u64, Arc<str>)>,
+    /// Highest id dropped from the front (0: none yet).
+    evicted: u64,
+}
+
+/// One agent's events.
+pub struct Channel {
+    /// The app whose agent this is (`None`: opened by an admin before any login).
+    app: Mutex<Option<String>>,
+    /// Ids at or below this were issued before the channel existed.
+    born_after: u64,
+    buffer: Mutex<Buffer>,
+    latest: watch::Sender<u64>,
+    capacity: usize,
+    sessions: AtomicUsize,
+    subscribers: AtomicUsize,
+    idle_since: Mutex<Option<Instant>>,
+    /// Replaced (the agent logged in for another app): subscriptions end.
+    closed: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Channel {
+    /// The app the channel belongs to.
+    pub fn app(&self) -> Option<String> {
+        lock(&self.app).clone()
+    }
+
+    fn touch_idle(&self) {
+        let idle = self.sessions.load(Ordering::Relaxed) == 0
+            && self.subscribers.load(Ordering::Relaxed) == 0;
+        *lock(&self.idle_since) = idle.then(Instant::now);
+    }
+}
+
+/// What a subscriber gets next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// An event: its id and JSON.
+    Event(u64, Arc<str>),
+    /// Events after `after` are no longer available; the stream goes on from `resumes_at`.
+    Gap {
+        /// The subscriber's `Last-Event-ID`.
+        after: u64,
+        /// The first id it will get.
+        resumes_at: u64,
+    },
+}
+
+/// A subscriber's place in a channel; counted until dropped.
+pub struct Subscription {
+    channel: Arc<Channel>,
+    latest: watch::Receiver<u64>,
+    last: u64,
+    gap_checked: bool,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.channel.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.channel.touch_idle();
+    }
+}
+
+impl Subscription {
+    /// The next item; waits for new events. `None` when the channel was closed (the agent
+    /// logged in again for another app).
+    pub async fn next(&mut self) -> Option<Item> {
+        loop {
+            if self.channel.closed.load(Ordering::Relaxed) {
+                return None;
+            }
+            {
+                let buf = lock(&self.channel.buffer);
+                if !self.gap_checked {
+                    self.gap_checked = true;
+                    let first = buf.events.front().map_or(buf.evicted + 1, |(id, _)| *id);
+                    let lost = self.last != 0
+                        && (self.last < self.channel.born_after || self.last < buf.evicted);
+                    if lost {
+                        let after = self.last;
+                        self.last = first.saturating_sub(1);
+                        return Some(Item::Gap {
+                            after,
+                            resumes_at: first,
+                        });
+                    }
+                }
+                if let Some((id, json)) = buf.events.iter().find(|(id, _)| *id > self.last) {
+                    self.last = *id;
+                    return Some(Item::Event(*id, json.clone()));
+                }
+            }
+            if self.latest.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// All agents' channels.
+pub struct Hub {
+    channels: Mutex<HashMap<String, Arc<Channel>>>,
+    next_id: AtomicU64,
+    limits: Limits,
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(limits: Limits) -> Hub {
+        Hub {
+            channels: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            limits,
+        }
+    }
+
+    fn create(&self, app: Option<String>) -> Arc<Channel> {
+        Arc::new(Channel {
+            app: Mutex::new(app),
+            born_after: self.next_id.load(Ordering::Relaxed),
+            buffer: Mutex::new(Buffer {
+                events: VecDeque::new(),
+                evicted: 0,
+            }),
+            latest: watch::channel(0).0,
+            capacity: self.limits.buffer.max(1),
+            sessions: AtomicUsize::new(0),
+            subscribers: AtomicUsize::new(0),
+            idle_since: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Drops channels idle (no session, no subscriber) for longer than [`LINGER`].
+    fn sweep(map: &mut HashMap<String, Arc<Channel>>) {
+        map.retain(|_, c| !lock(&c.idle_since).is_some_and(|t| t.elapsed() > LINGER));
+    }
+
+    /// An agent of `app` logged in: its channel (created if needed). A channel that belonged
+    /// to another app is replaced, ending its subscriptions: they were for someone else.
+    pub fn login(&self, agent: &str, app: &str) -> Arc<Channel> {
+        let mut map = lock(&self.channels);
+        Hub::sweep(&mut map);
+        let reuse = map.get(agent).filter(|c| {
+            let mut owner = lock(&c.app);
+            match owner.as_deref() {
+                Some(a) => a == app,
+                None => {
+                    *owner = Some(app.to_owned());
+                    true
+                }
+            }
+        });
+        let ch = match reuse {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.create(Some(app.to_owned()));
+                if let Some(old) = map.insert(agent.to_owned(), c.clone()) {
+                    old.closed.store(true, Ordering::Relaxed);
+                    old.latest.send_modify(|_| {});
+                }
+                c
+            }
+        };
+        ch.sessions.fetch_add(1, Ordering::Relaxed);
+        ch.touch_idle();
+        ch
+    }
+
+    /// A session of the agent ended (logged out, or not resumed in time).
+    pub fn logout(&self, channel: &Channel) {
+        let n = channel.sessions.load(Ordering::Relaxed);
+        if n > 0 {
+            channel.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+        channel.touch_idle();
+    }
+
+    /// The channel of `agent`, if it exists.
+    pub fn get(&self, agent: &str) -> Option<Arc<Channel>> {
+        lock(&self.channels).get(agent).cloned()
+    }
+
+    /// Subscribes to `agent`'s channel after `last_id` (`Last-Event-ID`, 0 for none). With
+    /// `create_for`, a channel that does not exist yet is opened for that app (`Some(None)`:
+    /// by an admin), so a CRM can listen before the agent logs in.
+    pub fn subscribe(
+        &self,
+        agent: &str,
+        last_id: u64,
+        create_for: Option<Option<String>>,
+    ) -> Result<Option<Subscription>, SubscribeError> {
+        let mut map = lock(&self.channels);
+        Hub::sweep(&mut map);
+        let channel = match (map.get(agent), create_for) {
+            (Some(c), _) => c.clone(),
+            (None, None) => return Ok(None),
+            (None, Some(app)) => {
+                if map.len() >= self.limits.max_channels {
+                    return Err(SubscribeError::TooManyChannels);
+                }
+                let c = self.create(app);
+                map.insert(agent.to_owned(), c.clone());
+                c
+            }
+        };
+        if channel.subscribers.load(Ordering::Relaxed) >= self.limits.max_subscribers {
+            return Err(SubscribeError::TooManySubscribers);
+        }
+        channel.subscribers.fetch_add(1, Ordering::Relaxed);
+        channel.touch_idle();
+        let latest = channel.latest.subscribe();
+        // Without a Last-Event-ID: from now on.
+        let last_id = if last_id == 0 {
+            *latest.borrow()
+        } else {
+            last_id
+        };
+        Ok(Some(Subscription {
+            channel,
+            latest,
+            last: last_id,
+            gap_checked: false,
+        }))
+    }
+
+    /// Appends an event (its JSON) to `channel` and wakes its subscribers.
+    pub fn publish(&self, channel: &Channel, json: Arc<str>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut buf = lock(&channel.buffer);
+            buf.events.push_back((id, json));
+            while buf.events.len() > channel.capacity {
+                if let Some((old, _)) = buf.events.pop_front() {
+                    buf.evicted = old;
+                }
+            }
+        }
+        channel.latest.send_replace(id);
+    }
+
+    /// Subscribers over all channels (for /metrics).
+    pub fn subscribers(&self) -> usize {
+        lock(&self.channels)
+            .values()
+            .map(|c| c.subscribers.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(buffer: usize) -> Limits {
+        Limits {
+            max_channels: 2,
+            max_subscribers: 2,
+            buffer,
+        }
+    }
+
+    async fn next(s: &mut Subscription) -> Item {
+        tokio::time::timeout(Duration::from_secs(1), s.next())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn subscribers_share_one_channel_and_replay_after_their_last_id() {
+        let hub = Hub::new(limits(3));
+        let ch = hub.login("1001@pbx", "crm");
+        let mut a = hub.subscribe("1001@pbx", 0, None).unwrap().unwrap();
+        let mut b = hub.subscribe("1001@pbx", 0, None).unwrap().unwrap();
+        assert!(matches!(
+            hub.subscribe("1001@pbx", 0, None),
+            Err(SubscribeError::TooManySubscribers)
+        ));
+        hub.publish(&ch, "one".into());
+        hub.publish(&ch, "two".into());
+        assert_eq!(next(&mut a).await, Item::Event(1, "one".into()));
+        assert_eq!(next(&mut b).await, Item::Event(1, "one".into()));
+        assert_eq!(next(&mut a).await, Item::Event(2, "two".into()));
+        drop(a);
+        // Reconnecting after id 1: gets 2, then live events.
+        let mut again = hub.subscribe("1001@pbx", 1, None).unwrap().unwrap();
+        assert_eq!(next(&mut again).await, Item::Event(2, "two".into()));
+        hub.publish(&ch, "three".into());
+        assert_eq!(next(&mut again).await, Item::Event(3, "three".into()));
+        assert_eq!(hub.subscribers(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_last_id_older_than_the_buffer_is_a_gap() {
+        let hub = Hub::new(limits(2));
+        let ch = hub.login("1001@pbx", "crm");
+        for e in ["a", "b", "c", "d"] {
+            hub.publish(&ch, e.into());
+        }
+        let mut s = hub.subscribe("1001@pbx", 1, None).unwrap().unwrap();
+        assert_eq!(
+            next(&mut s).await,
+            Item::Gap {
+                after: 1,
+                resumes_at: 3
+            }
+        );
+        assert_eq!(next(&mut s).await, Item::Event(3, "c".into()));
+        assert_eq!(next(&mut s).await, Item::Event(4, "d".into()));
+        // Up to date: no gap.
+        let mut s = hub.subscribe("1001@pbx", 4, None).unwrap().unwrap();
+        hub.publish(&ch, "e".into());
+        assert_eq!(next(&mut s).await, Item::Event(5, "e".into()));
+    }
+
+    #[tokio::test]
+    async fn channels_are_per_app_and_limited() {
+        let hub = Hub::new(limits(4));
+        assert!(hub.subscribe("nobody@pbx", 0, None).unwrap().is_none());
+        // A CRM listens before its agent logs in.
+        let mut early = hub
+            .subscribe("1002@pbx", 0, Some(Some("crm".into())))
+            .unwrap()
+            .unwrap();
+        let ch = hub.login("1002@pbx", "crm");
+        hub.publish(&ch, "x".into());
+        assert!(matches!(next(&mut early).await, Item::Event(_, _)));
+        // The same agent logging in for another app gets a fresh channel; the old
+        // subscription ends rather than seeing the other app's events.
+        let other = hub.login("1002@pbx", "erp");
+        assert_eq!(other.app().as_deref(), Some("erp"));
+        hub.publish(&other, "y".into());
+        drop(ch);
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(1), early.next())
+                .await
+                .unwrap(),
+            None
+        );
+        let _c = hub.subscribe("1003@pbx", 0, Some(None)).unwrap();
+        assert!(matches!(
+            hub.subscribe("1004@pbx", 0, Some(None)),
+            Err(SubscribeError::TooManyChannels)
+        ));
+    }
+}
