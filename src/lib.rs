@@ -6,6 +6,7 @@
 
 pub mod account;
 pub mod api;
+pub mod cdr;
 pub mod cli;
 pub mod config;
 pub mod dialplan;

@@ -33,6 +33,9 @@ pub enum RunError {
     /// The media engine could not start.
     #[error("media engine failed to start: {0}")]
     Media(String),
+    /// The storage directory or the call history cannot be used.
+    #[error("{0}")]
+    Storage(String),
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -53,6 +56,7 @@ pub struct Bound {
     sip: Endpoint,
     webrtc: std::sync::Arc<Engine>,
     rtp_ports: PortPool,
+    cdr: crate::cdr::CdrStore,
 }
 
 impl Bound {
@@ -94,7 +98,17 @@ impl Bound {
             other => RunError::Media(other.to_string()),
         })?;
         let rtp_ports = PortPool::new(config.media.rtp_port_min, config.media.rtp_port_max);
+        let data = &config.storage.data_dir;
+        std::fs::create_dir_all(data).map_err(|e| {
+            RunError::Storage(format!(
+                "cannot create storage.data_dir {}: {e}",
+                data.display()
+            ))
+        })?;
+        let cdr = crate::cdr::CdrStore::open(&data.join("calls.sqlite"))
+            .map_err(|e| RunError::Storage(e.to_string()))?;
         Ok(Bound {
+            cdr,
             config,
             http,
             sip,
@@ -174,6 +188,7 @@ impl Bound {
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,
             hub: std::sync::Arc::new(api::events::Hub::new(self.config.events)),
+            cdr: self.cdr.clone(),
             credentials: std::sync::Arc::new(api::auth::Credentials::new(
                 self.config
                     .apps
@@ -220,6 +235,8 @@ impl Bound {
         .await;
         // Remove every registration before leaving (bounded by Timer F).
         self.sip.shutdown().await;
+        // Every call ended above: let their history rows reach the disk.
+        self.cdr.flush(std::time::Duration::from_secs(5)).await;
         served.map_err(RunError::Http)?;
         tracing::info!("callgate stopped");
         Ok(())

@@ -1123,6 +1123,127 @@ async fn crm_subscribers_share_the_agents_events_and_replay_what_they_missed() {
         "replayed after Last-Event-ID {last_seen}"
     );
 
+    // The call is in the history, once the page's follower wrote it.
+    async fn api(addr: std::net::SocketAddr, path: &str, bearer: Option<&str>) -> (u16, Value) {
+        let r = Sse::open(addr, path, bearer, None).await;
+        (r.status, r.body().await)
+    }
+    let row = format!("/api/v1/calls/{call_id}");
+    let mut tries = 0;
+    let call = loop {
+        let (status, body) = api(srv.addr, &row, Some(CRM_API_KEY)).await;
+        if status == 200 || tries == 20 {
+            assert_eq!(status, 200, "{body}");
+            break body;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(call["agent"], "1001@127.0.0.1", "{call}");
+    assert_eq!(
+        (
+            call["direction"].as_str(),
+            call["from"].as_str(),
+            call["to"].as_str()
+        ),
+        (Some("outbound"), Some("1001@127.0.0.1"), Some("1002")),
+        "{call}"
+    );
+    assert_eq!(call["endReason"], "local_hangup", "{call}");
+    assert_eq!(call["app"], "crm");
+    assert!(
+        call["sipCallId"].as_str().unwrap().ends_with("@callgate"),
+        "{call}"
+    );
+    let (started, answered, ended_at) = (
+        call["startedAt"].as_i64().unwrap(),
+        call["answeredAt"].as_i64().unwrap(),
+        call["endedAt"].as_i64().unwrap(),
+    );
+    assert!(started <= answered && answered <= ended_at, "{call}");
+    assert_eq!(call["durationMs"].as_i64().unwrap(), ended_at - answered);
+    let (status, listed) = api(
+        srv.addr,
+        "/api/v1/calls?agent=1001%40127.0.0.1&limit=10",
+        Some(&api_token),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["calls"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["calls"][0]["callId"], call_id.as_str());
+    let (status, stats) = api(
+        srv.addr,
+        "/api/v1/agents/1001@127.0.0.1/stats?from=0",
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(
+        (
+            stats["callsOut"].as_u64(),
+            stats["callsIn"].as_u64(),
+            stats["answered"].as_u64()
+        ),
+        (Some(1), Some(0), Some(1)),
+        "{stats}"
+    );
+    // The owner rule on the history, every endpoint.
+    for (path, bearer, want) in [
+        (row.as_str(), None, 401),
+        (row.as_str(), Some(ERP_API_KEY), 403),
+        (row.as_str(), Some(api_token.as_str()), 200),
+        (row.as_str(), Some(ADMIN_KEY), 200),
+        ("/api/v1/calls/c-0000000000000000", Some(ADMIN_KEY), 404),
+        ("/api/v1/calls", None, 401),
+        (
+            "/api/v1/calls?agent=1002%40127.0.0.1",
+            Some(api_token.as_str()),
+            403,
+        ),
+        (
+            "/api/v1/calls?agent=1001%40127.0.0.1",
+            Some(ERP_API_KEY),
+            403,
+        ),
+        (
+            "/api/v1/calls?agent=nobody%40127.0.0.1",
+            Some(CRM_API_KEY),
+            404,
+        ),
+        ("/api/v1/calls?limit=0", Some(CRM_API_KEY), 400),
+        ("/api/v1/calls?bogus=1", Some(CRM_API_KEY), 400),
+        ("/api/v1/agents/1001@127.0.0.1/stats", None, 401),
+        (
+            "/api/v1/agents/1002@127.0.0.1/stats",
+            Some(api_token.as_str()),
+            403,
+        ),
+        (
+            "/api/v1/agents/1001@127.0.0.1/stats",
+            Some(ERP_API_KEY),
+            403,
+        ),
+        (
+            "/api/v1/agents/nobody@127.0.0.1/stats",
+            Some(ADMIN_KEY),
+            404,
+        ),
+        (
+            "/api/v1/agents/1001@127.0.0.1/stats?from=yesterday",
+            Some(ADMIN_KEY),
+            400,
+        ),
+    ] {
+        let (status, body) = api(srv.addr, path, bearer).await;
+        assert_eq!(status, want, "{path} with {bearer:?}: {body}");
+    }
+    let (_, erp_page) = api(srv.addr, "/api/v1/calls", Some(ERP_API_KEY)).await;
+    assert_eq!(
+        erp_page["calls"],
+        json!([]),
+        "another app's key lists none of crm's calls"
+    );
+
     // The owner rule.
     let refused = Sse::open(srv.addr, path, None, None).await;
     assert_eq!(refused.status, 401);
@@ -1330,7 +1451,7 @@ async fn shutdown_drains_calls_then_hangs_up() {
     let addr = srv.addr.to_string();
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let (page, _call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    let (page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     while next(&mut ws, &mut seen).await["state"] != "established" {}
 
     let get = |path: &'static str| {
@@ -1382,6 +1503,20 @@ async fn shutdown_drains_calls_then_hangs_up() {
         .await
         .expect("shutdown")
         .unwrap();
+    // The call hung up at shutdown is in the history on disk (written before serve returned,
+    // that is before the process would exit).
+    let db = srv._dir.path().join("data/calls.sqlite");
+    let history = callgate::cdr::CdrStore::open(&db).expect("the history exists");
+    let row = history
+        .get(&call_id)
+        .await
+        .unwrap()
+        .expect("a row for the drained call");
+    assert_eq!(row.end_reason, "local_hangup", "{row:?}");
+    assert!(
+        row.answered_at.is_some() && row.duration_ms >= 1900,
+        "{row:?}"
+    );
     let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
         .await
         .unwrap();

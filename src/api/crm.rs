@@ -1,5 +1,6 @@
 //! The HTTP API for CRM backends (`/api/v1/...`), behind [`auth`](super::auth): per-agent
-//! events as Server-Sent Events. Errors are JSON, `{"error": {"code", "message"}}`.
+//! events as Server-Sent Events, the call history, and per-agent statistics. Errors are JSON,
+//! `{"error": {"code", "message"}}`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
@@ -141,5 +142,227 @@ impl EventSink {
     pub(crate) async fn send(&self, ev: super::ws::Outgoing) -> Result<(), ()> {
         self.publish(&ev);
         self.tx.send(ev).await.map_err(|_| ())
+    }
+}
+
+/// A query string's parameters (percent-decoded, `+` as space); only `allowed` names, each at
+/// most once, 1 KiB in all.
+fn query(
+    uri: &Uri,
+    allowed: &[&str],
+) -> Result<std::collections::HashMap<String, String>, Box<Response>> {
+    let bad = |m: &str| Box::new(refuse(StatusCode::BAD_REQUEST, "bad_request", m));
+    let raw = uri.query().unwrap_or_default();
+    if raw.len() > 1024 {
+        return Err(bad("query string over 1 KiB"));
+    }
+    let mut out = std::collections::HashMap::new();
+    for pair in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = decode(v).ok_or_else(|| bad("bad percent-encoding in the query string"))?;
+        if !allowed.contains(&k) {
+            return Err(bad(&format!(
+                "unknown parameter {k:?}; known: {}",
+                allowed.join(", ")
+            )));
+        }
+        if out.insert(k.to_owned(), v).is_some() {
+            return Err(bad(&format!("parameter {k:?} given twice")));
+        }
+    }
+    Ok(out)
+}
+
+fn decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A `from` / `to` bound: RFC 3339 (`2026-11-23T09:00:00Z`) or Unix seconds; Unix ms out.
+fn instant(
+    q: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> Result<Option<i64>, Box<Response>> {
+    let Some(v) = q.get(name) else {
+        return Ok(None);
+    };
+    if let Ok(secs) = v.parse::<i64>() {
+        return Ok(Some(secs.saturating_mul(1000)));
+    }
+    time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+        .map(|t| Some(i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)))
+        .map_err(|_| {
+            Box::new(refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("{name} must be RFC 3339 (2026-11-23T09:00:00Z) or Unix seconds"),
+            ))
+        })
+}
+
+fn storage_failed(e: &crate::cdr::CdrError) -> Response {
+    tracing::error!("call history: {e}");
+    refuse(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "storage_error",
+        "the call history is unavailable; see callgate's log",
+    )
+}
+
+/// The app `agent` belongs to: from its event channel, else from its recorded calls.
+async fn agent_app(state: &AppState, agent: &str) -> Result<Option<String>, Box<Response>> {
+    if let Some(app) = state.hub.get(agent).and_then(|c| c.app()) {
+        return Ok(Some(app));
+    }
+    state
+        .cdr
+        .app_of(agent)
+        .await
+        .map_err(|e| Box::new(storage_failed(&e)))
+}
+
+/// `GET /api/v1/calls?agent=&from=&to=&limit=&cursor=`: call history, newest first. Agents get
+/// their own calls, app keys their app's, admins all.
+pub async fn list_calls(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    let who = match caller(&state, &headers) {
+        Ok(c) => c,
+        Err(d) => return denied(d),
+    };
+    let q = match query(&uri, &["agent", "from", "to", "limit", "cursor"]) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let (from, to) = match (instant(&q, "from"), instant(&q, "to")) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
+        None => 50,
+        Some(Ok(l)) if (1..=crate::cdr::MAX_PAGE).contains(&l) => l,
+        Some(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("limit must be 1 to {}", crate::cdr::MAX_PAGE),
+            );
+        }
+    };
+    let mut filter = crate::cdr::Filter {
+        app: None,
+        agent: q.get("agent").cloned(),
+        from,
+        to,
+    };
+    match &who {
+        Caller::Agent(me) => {
+            if filter.agent.as_ref().is_some_and(|a| a != me) {
+                return denied(Denied::Forbidden);
+            }
+            filter.agent = Some(me.clone());
+        }
+        Caller::App(app) => filter.app = Some(app.clone()),
+        Caller::Admin => {}
+    }
+    if let (Some(agent), false) = (&filter.agent, matches!(who, Caller::Agent(_))) {
+        let app = match agent_app(&state, agent).await {
+            Ok(a) => a,
+            Err(r) => return *r,
+        };
+        if let Err(d) = who.may_see(agent, app.as_deref()) {
+            return denied(d);
+        }
+    }
+    match state
+        .cdr
+        .list(filter, limit, q.get("cursor").map(String::as_str))
+        .await
+    {
+        Ok(Some(page)) => Json(page).into_response(),
+        Ok(None) => refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "cursor is not one this API gave",
+        ),
+        Err(e) => storage_failed(&e),
+    }
+}
+
+/// `GET /api/v1/calls/{callId}`: one call of the history.
+pub async fn get_call(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match caller(&state, &headers) {
+        Ok(c) => c,
+        Err(d) => return denied(d),
+    };
+    match state.cdr.get(&call_id).await {
+        Ok(None) => denied(Denied::NotFound),
+        Ok(Some(call)) => match who.may_see(&call.agent, Some(&call.app)) {
+            Ok(()) => Json(call).into_response(),
+            Err(d) => denied(d),
+        },
+        Err(e) => storage_failed(&e),
+    }
+}
+
+/// `GET /api/v1/agents/{agent}/stats?from=&to=`: calls in and out, answered, missed and talk
+/// time of the calls the agent started in the period.
+pub async fn agent_stats(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let who = match caller(&state, &headers) {
+        Ok(c) => c,
+        Err(d) => return denied(d),
+    };
+    let q = match query(&uri, &["from", "to"]) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let (from, to) = match (instant(&q, "from"), instant(&q, "to")) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    let app = match agent_app(&state, &agent).await {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    if let Err(d) = who.may_see(&agent, app.as_deref()) {
+        return denied(d);
+    }
+    match state.cdr.stats(&agent, from, to).await {
+        Ok(stats) => {
+            let mut body = serde_json::to_value(&stats).unwrap_or_default();
+            if let Some(o) = body.as_object_mut() {
+                o.insert("agent".into(), agent.into());
+                o.insert("from".into(), from.into());
+                o.insert("to".into(), to.into());
+            }
+            Json(body).into_response()
+        }
+        Err(e) => storage_failed(&e),
     }
 }

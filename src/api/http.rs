@@ -42,6 +42,8 @@ pub struct AppState {
     pub resume: Option<std::time::Duration>,
     /// WebSocket ping interval; three without an answer close the socket.
     pub heartbeat: std::time::Duration,
+    /// Call history.
+    pub cdr: crate::cdr::CdrStore,
     /// Per-agent event channels (SSE).
     pub hub: std::sync::Arc<super::events::Hub>,
     /// Who may call the HTTP API.
@@ -68,6 +70,9 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/agents/{agent}/events",
             get(super::crm::agent_events),
         )
+        .route("/api/v1/agents/{agent}/stats", get(super::crm::agent_stats))
+        .route("/api/v1/calls", get(super::crm::list_calls))
+        .route("/api/v1/calls/{call_id}", get(super::crm::get_call))
         .with_state(state)
 }
 

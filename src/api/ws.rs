@@ -627,7 +627,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         },
                     },
                     Ok(Request::Call { id, to, sdp }) => {
-                        match place(&state, reg.as_ref(), &plan, calls.len(), (id, &to, &sdp), events_tx.clone()).await {
+                        match place(&state, reg.as_ref().zip(ident.as_ref()), &plan, calls.len(), (id, &to, &sdp), events_tx.clone()).await {
                             Ok((call, reply)) => {
                                 calls.insert(call.call_id().to_owned(), call);
                                 vec![reply]
@@ -639,7 +639,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         vec![error(Some(id), "unknown_call", "no such call in this session")]
                     }
                     Ok(Request::Consult { id, call_id, to, sdp }) => {
-                        match place(&state, reg.as_ref(), &plan, calls.len(), (id, &to, &sdp), events_tx.clone()).await {
+                        match place(&state, reg.as_ref().zip(ident.as_ref()), &plan, calls.len(), (id, &to, &sdp), events_tx.clone()).await {
                             Ok((call, reply)) => {
                                 if let Some(first) = calls.get(&call_id) {
                                     first.hold();
@@ -747,6 +747,12 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 }
                 Some(RegistrationEvent::Incoming(inc)) => {
                     let inc = *inc;
+                    let history = ident.as_ref().map(|me| History {
+                        store: state.cdr.clone(),
+                        app: me.app.clone(),
+                        agent: me.agent.clone(),
+                        sip_call_id: inc.call.sip_call_id().to_owned(),
+                    });
                     let (control, events) = inc.call.split();
                     let call_id = control.call_id().to_owned();
                     let peer = inc.asserted.as_ref().unwrap_or(&inc.from).user().to_owned();
@@ -761,7 +767,9 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     let (media_tx, media_in) = mpsc::unbounded_channel();
                     // Follows the call from now on: a caller's CANCEL before the answer reaches
                     // the page as `ended` (`missed`).
+                    let Some(history) = history else { continue };
                     tokio::spawn(follow_call(Follow {
+                        history,
                         call_id: call_id.clone(),
                         peer,
                         direction: "inbound",
@@ -969,7 +977,7 @@ async fn connect(
 /// request's (id, to, sdp); the reply carries the call id and callgate's SDP answer.
 async fn place(
     state: &AppState,
-    reg: Option<&RegistrationHandle>,
+    logged_in: Option<(&RegistrationHandle, &Ident)>,
     plan: &DialPlan,
     calls: usize,
     req: (u64, &str, &str),
@@ -977,7 +985,7 @@ async fn place(
 ) -> Result<(SessionCall, Outgoing), Box<Outgoing>> {
     let (id, to, sdp) = req;
     let refuse = |code: &str, message: &str| Box::new(error(Some(id), code, message));
-    let Some(reg) = reg else {
+    let Some(who) = logged_in else {
         return Err(refuse("not_connected", "send connect with a token first"));
     };
     if state.metrics.is_draining() {
@@ -987,7 +995,7 @@ async fn place(
         return Err(refuse("too_many_calls", "this page has too many calls"));
     }
     let to = plan.apply(to).map_err(|e| Box::new(refused(id, &e)))?;
-    let (call, answer) = start_call(state, reg, &to, sdp, events, plan)
+    let (call, answer) = start_call(state, who, &to, sdp, events, plan)
         .await
         .map_err(|(code, message)| refuse(code, &message))?;
     let reply = Outgoing::Reply {
@@ -1086,7 +1094,7 @@ async fn browser_leg(
 /// the SIP INVITE offering the codec the browser got, and a task that follows the call.
 async fn start_call(
     state: &AppState,
-    reg: &RegistrationHandle,
+    (reg, me): (&RegistrationHandle, &Ident),
     to: &str,
     offer: &str,
     events: EventSink,
@@ -1116,10 +1124,17 @@ async fn start_call(
             EndpointError::NotRegistered => ("not_registered", e.to_string()),
             _ => ("unavailable", e.to_string()),
         })?;
+    let history = History {
+        store: state.cdr.clone(),
+        app: me.app.clone(),
+        agent: me.agent.clone(),
+        sip_call_id: handle.sip_call_id().to_owned(),
+    };
     let (control, call_events) = handle.split();
     let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
     let (media, media_in) = mpsc::unbounded_channel();
     tokio::spawn(follow_call(Follow {
+        history,
         call_id: control.call_id().to_owned(),
         peer: to.to_owned(),
         direction: "outbound",
@@ -1201,8 +1216,23 @@ async fn answer_call(
     ))
 }
 
+/// What a call's history row needs beyond what [`follow_call`] sees.
+struct History {
+    store: crate::cdr::CdrStore,
+    app: String,
+    agent: String,
+    sip_call_id: String,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// What [`follow_call`] needs.
 struct Follow {
+    history: History,
     call_id: String,
     peer: String,
     direction: &'static str,
@@ -1227,6 +1257,7 @@ struct Follow {
 /// hangs up an established call whose far end stopped sending media.
 async fn follow_call(f: Follow) {
     let Follow {
+        history,
         call_id,
         mut peer,
         direction,
@@ -1242,6 +1273,13 @@ async fn follow_call(f: Follow) {
         metrics,
     } = f;
     let placed = std::time::Instant::now();
+    // For the call's history row, written when it ends (shutdown waits for it).
+    let _pending = history.store.track();
+    let started_at = unix_ms();
+    let dialled = peer.clone();
+    let mut answered_at = None;
+    let mut transfer = None;
+    let mut ended = ("failed", None, None);
     metrics.call_started(if direction == "outbound" {
         crate::metrics::Direction::Outbound
     } else {
@@ -1435,6 +1473,7 @@ async fn follow_call(f: Follow) {
             CallEvent::Ringing => report(&peer, "ringing", None, None),
             CallEvent::EarlyMedia { .. } => report(&peer, "early", None, None),
             CallEvent::Answered { .. } => {
+                answered_at.get_or_insert_with(unix_ms);
                 established = true;
                 watch_from = std::time::Instant::now();
                 if direction == "outbound" {
@@ -1486,6 +1525,7 @@ async fn follow_call(f: Follow) {
                 }),
             ),
             CallEvent::Replaced { peer: p, .. } => {
+                transfer = Some(format!("referred:{}", p.uri));
                 peer = if p.user().is_empty() {
                     p.uri.clone()
                 } else {
@@ -1515,6 +1555,14 @@ async fn follow_call(f: Follow) {
                 status,
                 phrase,
             } => {
+                ended = (
+                    reason.code(),
+                    status,
+                    (!phrase.is_empty()).then(|| phrase.clone()),
+                );
+                if reason == crate::sip::call::EndReason::Transferred {
+                    transfer = Some("transferred".to_owned());
+                }
                 let sip = status.map(|status| SipStatus {
                     status,
                     reason: phrase,
@@ -1539,12 +1587,45 @@ async fn follow_call(f: Follow) {
         }
     }
     let _ = steer.flow.send(Flow::Stop);
+    let mut media_stats = crate::media::bridge::BridgeStats::default();
     if let Some(b) = bridge {
         if let Ok(stats) = b.await {
             metrics.media(stats.to_sip, stats.to_browser, stats.sip_in.lost());
+            media_stats = stats;
         }
     } else if let Some((leg, _, _)) = media {
         leg.close().await;
+    }
+    let ended_at = unix_ms();
+    let (from, to) = if direction == "outbound" {
+        (history.agent.clone(), dialled)
+    } else {
+        (dialled, history.agent.clone())
+    };
+    let record = crate::cdr::CallRecord {
+        call_id: call_id.clone(),
+        sip_call_id: history.sip_call_id,
+        app: history.app,
+        agent: history.agent,
+        direction: direction.to_owned(),
+        from,
+        to,
+        started_at,
+        answered_at,
+        ended_at,
+        duration_ms: answered_at.map_or(0, |a| ended_at.saturating_sub(a)),
+        end_reason: ended.0.to_owned(),
+        sip_status: ended.1,
+        sip_reason: ended.2,
+        transfer,
+        packets_sent: media_stats.to_sip,
+        packets_received: media_stats.to_browser,
+        packets_lost: media_stats.sip_in.lost(),
+        jitter_ms: media_stats.sip_in.jitter() as f64 / 8.0,
+        recording: None,
+    };
+    if let Err(e) = history.store.insert(record).await {
+        tracing::warn!(call = %call_id, "call not recorded in the history: {e}");
     }
 }
 
