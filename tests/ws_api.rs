@@ -1282,6 +1282,50 @@ async fn crm_subscribers_share_the_agents_events_and_replay_what_they_missed() {
     srv.shut_down().await;
 }
 
+/// docs/openapi.json and the server agree: the documented paths are exactly the HTTP API routes
+/// of src/api/http.rs (besides the page, the SDK and /ws, documented in docs/API.md), each one
+/// answers on a running server, and the server serves the document itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_routes() {
+    use common::sse::Sse;
+
+    let doc: Value = serde_json::from_str(include_str!("../docs/openapi.json")).unwrap();
+    let documented: std::collections::BTreeSet<String> =
+        doc["paths"].as_object().unwrap().keys().cloned().collect();
+    let code = include_str!("../src/api/http.rs");
+    let routed: std::collections::BTreeSet<String> = code
+        .split(".route(")
+        .skip(1)
+        .filter_map(|piece| piece.trim_start().strip_prefix('"'))
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|p| !["/", "/callgate.js", "/callgate.d.ts", "/favicon.ico", "/ws"].contains(p))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        documented, routed,
+        "docs/openapi.json vs the routes of src/api/http.rs"
+    );
+
+    let mut srv = server().await;
+    for path in &documented {
+        let concrete = path
+            .replace("{agent}", "nobody@example.com")
+            .replace("{callId}", "c-0000000000000000");
+        let r = Sse::open(srv.addr, &concrete, Some(ADMIN_KEY), None).await;
+        let status = r.status;
+        if status == 404 {
+            // Our own 404 (no such agent or call) is JSON; a missing route is not.
+            assert_eq!(r.body().await["error"]["code"], "not_found", "{concrete}");
+        } else {
+            assert!([200, 503].contains(&status), "{concrete}: {status}");
+        }
+    }
+    let served = Sse::open(srv.addr, "/api/v1/openapi.json", None, None).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.body().await, doc);
+    srv.shut_down().await;
+}
+
 /// Refused tokens are counted per address: after 10 in a minute even a good token is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tokens_are_rate_limited() {

@@ -72,7 +72,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/agents/{agent}/stats", get(super::crm::agent_stats))
         .route("/api/v1/calls", get(super::crm::list_calls))
-        .route("/api/v1/calls/{call_id}", get(super::crm::get_call))
+        .route("/api/v1/calls/{callId}", get(super::crm::get_call))
+        .route("/api/v1/openapi.json", get(openapi))
         .with_state(state)
 }
 
@@ -102,6 +103,17 @@ async fn metrics(
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render(&sip, state.hub.subscribers()),
+    )
+}
+
+/// The OpenAPI description of the HTTP API (docs/openapi.json, compiled in).
+async fn openapi() -> (
+    [(axum::http::header::HeaderName, &'static str); 1],
+    &'static str,
+) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("../../docs/openapi.json"),
     )
 }
 
