@@ -107,6 +107,15 @@ impl Bound {
         })?;
         let cdr = crate::cdr::CdrStore::open(&data.join("calls.sqlite"))
             .map_err(|e| RunError::Storage(e.to_string()))?;
+        let rec = &config.storage.recordings_dir;
+        if config.apps.values().any(|a| a.record) {
+            std::fs::create_dir_all(rec).map_err(|e| {
+                RunError::Storage(format!(
+                    "cannot create storage.recordings_dir {}: {e}",
+                    rec.display()
+                ))
+            })?;
+        }
         Ok(Bound {
             cdr,
             config,
@@ -189,6 +198,15 @@ impl Bound {
             heartbeat: self.config.http.heartbeat,
             hub: std::sync::Arc::new(api::events::Hub::new(self.config.events)),
             cdr: self.cdr.clone(),
+            record_apps: std::sync::Arc::new(
+                self.config
+                    .apps
+                    .iter()
+                    .filter(|(_, a)| a.record)
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+            ),
+            recordings_dir: self.config.storage.recordings_dir.clone(),
             credentials: std::sync::Arc::new(api::auth::Credentials::new(
                 self.config
                     .apps
@@ -226,6 +244,27 @@ impl Bound {
                 "shutting down: hanging up what is left, unregistering"
             );
         };
+        if let Some(max_age) = self.config.storage.recordings_retention {
+            let dir = self.config.storage.recordings_dir.clone();
+            tokio::spawn(async move {
+                let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+                loop {
+                    hourly.tick().await;
+                    let dir = dir.clone();
+                    let gone = tokio::task::spawn_blocking(move || {
+                        crate::media::recorder::sweep(&dir, max_age)
+                    })
+                    .await
+                    .unwrap_or(0);
+                    if gone > 0 {
+                        tracing::info!(
+                            gone,
+                            "old recordings deleted (storage.recordings_retention_days)"
+                        );
+                    }
+                }
+            });
+        }
         crate::sdnotify::notify("READY=1");
         let served = axum::serve(
             self.http,

@@ -42,6 +42,7 @@ async fn short_calls_leave_nothing_behind() {
             to_sip: vec![PtMap { from: 0, to: 0 }],
             to_browser: vec![PtMap { from: 0, to: 0 }],
             sip_telephone_event: None,
+            voice: (0, 0, false),
         };
         let task = tokio::spawn(bridge::run(leg, rtp, mapping, 1, ctl));
         tokio::time::sleep(Duration::from_millis(40)).await;

@@ -1282,6 +1282,131 @@ async fn crm_subscribers_share_the_agents_events_and_replay_what_they_missed() {
     srv.shut_down().await;
 }
 
+/// Recording (`record = true`): the page talks to baresip, which plays 440 Hz, while the page's
+/// "microphone" sends 1 kHz. The call's WAV, fetched through the API, is stereo with the agent's
+/// 1 kHz on the left and the far end's 440 Hz on the right; Range requests get 206; the owner
+/// rule holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_call_has_the_agent_left_and_the_far_end_right() {
+    use callgate::media::g711::ulaw_encode;
+    use callgate::media::rtp::RtpPacket;
+    use common::peers::{Baresip, dominant_frequency};
+    use common::sse::get_raw;
+
+    let kam = Kamailio::start(free_udp_port());
+    let far = Baresip::start(kam.port, "1002", "pass1002");
+    let mut srv = server_with("record = true", "").await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let (page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_ne!(ev["state"], "ended", "{ev}\n{}", far.log());
+        if ev["state"] == "established" {
+            break;
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for n in 0u16..150 {
+        tick.tick().await;
+        let payload: Vec<u8> = (0..160)
+            .map(|i| {
+                let t = f64::from(u32::from(n) * 160 + i) / 8000.0;
+                ulaw_encode(((t * 1000.0 * 2.0 * std::f64::consts::PI).sin() * 8000.0) as i16)
+            })
+            .collect();
+        let mut b = Vec::new();
+        RtpPacket {
+            marker: n == 0,
+            payload_type: 0,
+            sequence: n,
+            timestamp: u32::from(n) * 160,
+            ssrc: 7,
+            payload: &payload,
+        }
+        .write(&mut b);
+        page.send(&b).await;
+    }
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    while next(&mut ws, &mut seen).await["state"] != "ended" {}
+
+    let row = format!("/api/v1/calls/{call_id}");
+    let mut recording = Value::Null;
+    for _ in 0..30 {
+        let (status, _, body) = get_raw(srv.addr, &row, Some(CRM_API_KEY), "").await;
+        if status == 200 {
+            recording = serde_json::from_slice::<Value>(&body).unwrap()["recording"].clone();
+            if !recording.is_null() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(recording, format!("{call_id}.wav"));
+    // The writer finishes its last second after the call.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let path = format!("{row}/recording");
+    let (status, head, wav) = get_raw(srv.addr, &path, Some(CRM_API_KEY), "").await;
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: audio/wav"),
+        "{head}"
+    );
+    assert_eq!(&wav[..4], b"RIFF");
+    assert_eq!(u16::from_le_bytes([wav[22], wav[23]]), 2, "stereo");
+    let frames: Vec<(i16, i16)> = wav[44..]
+        .chunks_exact(4)
+        .map(|c| {
+            (
+                i16::from_le_bytes([c[0], c[1]]),
+                i16::from_le_bytes([c[2], c[3]]),
+            )
+        })
+        .collect();
+    assert!(frames.len() >= 8000 * 2, "{} frames", frames.len());
+    let left: Vec<i16> = frames.iter().map(|f| f.0).collect();
+    let right: Vec<i16> = frames.iter().map(|f| f.1).collect();
+    let (lf, ls) = dominant_frequency(&left);
+    let (rf, rs) = dominant_frequency(&right);
+    assert!(
+        (lf - 1000.0).abs() <= 20.0 && ls > 0.3,
+        "left (agent): {lf} Hz, {ls}"
+    );
+    assert!(
+        (rf - 440.0).abs() <= 20.0 && rs > 0.3,
+        "right (far end): {rf} Hz, {rs}"
+    );
+
+    let (status, head, part) =
+        get_raw(srv.addr, &path, Some(CRM_API_KEY), "Range: bytes=0-43\r\n").await;
+    assert_eq!(status, 206, "{head}");
+    assert_eq!(part, wav[..44]);
+    assert!(
+        head.contains(&format!("bytes 0-43/{}", wav.len())),
+        "{head}"
+    );
+    for (bearer, want) in [(None, 401), (Some(ERP_API_KEY), 403)] {
+        let (status, _, _) = get_raw(srv.addr, &path, bearer, "").await;
+        assert_eq!(status, want, "{bearer:?}");
+    }
+    let (status, _, _) = get_raw(
+        srv.addr,
+        "/api/v1/calls/c-0000000000000000/recording",
+        Some(ADMIN_KEY),
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}
+
 /// docs/openapi.json and the server agree: the documented paths are exactly the HTTP API routes
 /// of src/api/http.rs (besides the page, the SDK and /ws, documented in docs/API.md), each one
 /// answers on a running server, and the server serves the document itself.

@@ -366,3 +366,155 @@ pub async fn agent_stats(
         Err(e) => storage_failed(&e),
     }
 }
+
+/// A single `Range: bytes=` request against a `len`-byte file: `Ok(None)` for no (usable)
+/// range (serve it all), `Err(())` when unsatisfiable (416). End exclusive.
+fn byte_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None); // several ranges: the whole file is a valid answer
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().map_err(|_| ())?;
+            (len.saturating_sub(n), len)
+        }
+        (s, "") => (s.parse().map_err(|_| ())?, len),
+        (s, e) => {
+            let e: u64 = e.parse().map_err(|_| ())?;
+            (s.parse().map_err(|_| ())?, e.saturating_add(1).min(len))
+        }
+    };
+    if start >= end || start >= len {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+/// `GET /api/v1/calls/{callId}/recording`: the call's recording, a stereo 8 kHz WAV (agent
+/// left, far end right), streamed; `Range: bytes=` is answered with 206.
+pub async fn get_recording(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match caller(&state, &headers) {
+        Ok(c) => c,
+        Err(d) => return denied(d),
+    };
+    let call = match state.cdr.get(&call_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return denied(Denied::NotFound),
+        Err(e) => return storage_failed(&e),
+    };
+    if let Err(d) = who.may_see(&call.agent, Some(&call.app)) {
+        return denied(d);
+    }
+    let name = call
+        .recording
+        .as_deref()
+        .and_then(|n| crate::media::recorder::file_name(&call.call_id).filter(|f| f == n));
+    let Some(name) = name else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this call was not recorded",
+        );
+    };
+    let path = state.recordings_dir.join(name);
+    let opened = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        Ok::<_, std::io::Error>((f, len))
+    })
+    .await;
+    let Ok(Ok((file, len))) = opened else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the recording is gone (storage.recordings_retention_days)",
+        );
+    };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, start, end) = match byte_range(range, len) {
+        Ok(None) => (StatusCode::OK, 0, len),
+        Ok(Some((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e),
+        Err(()) => {
+            let mut r = refuse(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "bad_range",
+                "the range is outside the recording",
+            );
+            if let Ok(v) = header::HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return r;
+        }
+    };
+    let body = futures_util::stream::unfold((Some(file), start), move |(file, pos)| async move {
+        let file = file?;
+        if pos >= end {
+            return None;
+        }
+        let want = usize::try_from((end - pos).min(64 * 1024)).unwrap_or(64 * 1024);
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut file = file;
+            let mut buf = vec![0u8; want];
+            file.seek(SeekFrom::Start(pos))?;
+            let n = file.read(&mut buf)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((file, buf))
+        })
+        .await;
+        match read {
+            Ok(Ok((file, buf))) if !buf.is_empty() => {
+                let n = buf.len() as u64;
+                Some((Ok(axum::body::Bytes::from(buf)), (Some(file), pos + n)))
+            }
+            Ok(Err(e)) => Some((Err(e), (None, end))),
+            _ => None,
+        }
+    });
+    let mut r = Response::new(axum::body::Body::from_stream(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("audio/wav"),
+    );
+    h.insert(
+        header::ACCEPT_RANGES,
+        header::HeaderValue::from_static("bytes"),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&(end - start).to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = header::HeaderValue::from_str(&format!("bytes {start}-{}/{len}", end - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_ranges() {
+        assert_eq!(byte_range(None, 100), Ok(None));
+        assert_eq!(byte_range(Some("bytes=0-43"), 100), Ok(Some((0, 44))));
+        assert_eq!(byte_range(Some("bytes=90-"), 100), Ok(Some((90, 100))));
+        assert_eq!(byte_range(Some("bytes=-10"), 100), Ok(Some((90, 100))));
+        assert_eq!(byte_range(Some("bytes=50-1000"), 100), Ok(Some((50, 100))));
+        assert_eq!(byte_range(Some("bytes=0-1,5-6"), 100), Ok(None));
+        for bad in ["bytes=100-", "bytes=5-2", "bytes=x-1", "bytes=-"] {
+            assert_eq!(byte_range(Some(bad), 100), Err(()), "{bad}");
+        }
+    }
+}

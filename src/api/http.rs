@@ -44,12 +44,26 @@ pub struct AppState {
     pub heartbeat: std::time::Duration,
     /// Call history.
     pub cdr: crate::cdr::CdrStore,
+    /// Apps whose calls are recorded.
+    pub record_apps: std::sync::Arc<std::collections::BTreeSet<String>>,
+    /// Where recordings go.
+    pub recordings_dir: std::path::PathBuf,
     /// Per-agent event channels (SSE).
     pub hub: std::sync::Arc<super::events::Hub>,
     /// Who may call the HTTP API.
     pub credentials: std::sync::Arc<super::auth::Credentials>,
     /// Counters for /metrics, and the draining flag.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl AppState {
+    /// Where call `call_id` of `app` is recorded, if that app records.
+    pub fn recording_path(&self, app: &str, call_id: &str) -> Option<std::path::PathBuf> {
+        if !self.record_apps.contains(app) {
+            return None;
+        }
+        crate::media::recorder::file_name(call_id).map(|f| self.recordings_dir.join(f))
+    }
 }
 
 /// The HTTP routes.
@@ -73,6 +87,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/agents/{agent}/stats", get(super::crm::agent_stats))
         .route("/api/v1/calls", get(super::crm::list_calls))
         .route("/api/v1/calls/{callId}", get(super::crm::get_call))
+        .route(
+            "/api/v1/calls/{callId}/recording",
+            get(super::crm::get_recording),
+        )
         .route("/api/v1/openapi.json", get(openapi))
         .with_state(state)
 }

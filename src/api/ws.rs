@@ -752,6 +752,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         app: me.app.clone(),
                         agent: me.agent.clone(),
                         sip_call_id: inc.call.sip_call_id().to_owned(),
+                        record: state.recording_path(&me.app, inc.call.call_id()),
                     });
                     let (control, events) = inc.call.split();
                     let call_id = control.call_id().to_owned();
@@ -1129,6 +1130,7 @@ async fn start_call(
         app: me.app.clone(),
         agent: me.agent.clone(),
         sip_call_id: handle.sip_call_id().to_owned(),
+        record: state.recording_path(&me.app, handle.call_id()),
     };
     let (control, call_events) = handle.split();
     let (dtmf, dtmf_rx) = mpsc::unbounded_channel();
@@ -1222,6 +1224,8 @@ struct History {
     app: String,
     agent: String,
     sip_call_id: String,
+    /// Where to record the call, if its app records.
+    record: Option<std::path::PathBuf>,
 }
 
 fn unix_ms() -> i64 {
@@ -1280,6 +1284,8 @@ async fn follow_call(f: Follow) {
     let mut answered_at = None;
     let mut transfer = None;
     let mut ended = ("failed", None, None);
+    let mut history = history;
+    let mut recording = None;
     metrics.call_started(if direction == "outbound" {
         crate::metrics::Direction::Outbound
     } else {
@@ -1414,10 +1420,21 @@ async fn follow_call(f: Follow) {
             _ => None,
         };
         // Take the legs only when the far end's SDP is here (not on a plain 180).
-        if let Some((sdp, (leg, mut rtp, browser), ctl)) = far_sdp
+        if let Some((sdp, (leg, mut rtp, browser), mut ctl)) = far_sdp
             .and_then(|sdp| media.take().map(|m| (sdp, m)))
             .and_then(|(sdp, m)| ctl.take().map(|c| (sdp, m, c)))
         {
+            if let Some(path) = history.record.take() {
+                match crate::media::recorder::start(path.clone()) {
+                    Ok(tap) => {
+                        ctl.tap = Some(tap);
+                        recording = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                    }
+                    Err(e) => {
+                        tracing::warn!(call = %call_id, file = %path.display(), "cannot record: {e}")
+                    }
+                }
+            }
             match Mapping::negotiate(&browser, &sdp) {
                 Ok(mapping) => {
                     let remote = std::net::SocketAddr::new(sdp.addr, sdp.port);
@@ -1622,7 +1639,7 @@ async fn follow_call(f: Follow) {
         packets_received: media_stats.to_browser,
         packets_lost: media_stats.sip_in.lost(),
         jitter_ms: media_stats.sip_in.jitter() as f64 / 8.0,
-        recording: None,
+        recording,
     };
     if let Err(e) = history.store.insert(record).await {
         tracing::warn!(call = %call_id, "call not recorded in the history: {e}");

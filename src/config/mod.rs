@@ -157,6 +157,8 @@ pub struct Storage {
     pub data_dir: PathBuf,
     /// Recordings.
     pub recordings_dir: PathBuf,
+    /// Recordings older than this are deleted (`None`: kept).
+    pub recordings_retention: Option<Duration>,
 }
 
 /// Logging settings.
@@ -184,6 +186,8 @@ pub struct AppInfo {
     pub dial_plan: crate::dialplan::DialPlan,
     /// SHA-256 digests of the app's API keys (its CRM backend's credentials for the HTTP API).
     pub api_keys: Vec<[u8; 32]>,
+    /// Whether the app's calls are recorded.
+    pub record: bool,
 }
 
 /// The validated configuration.
@@ -484,6 +488,13 @@ impl Config {
             3_600,
             "seconds (0 = sessions end with their page)",
         );
+        let retention_days = range(
+            "storage.recordings_retention_days",
+            raw.storage.recordings_retention_days,
+            0,
+            36_500,
+            "days (0 = keep)",
+        );
         let heartbeat = range(
             "http.heartbeat_secs",
             raw.http.heartbeat_secs,
@@ -730,6 +741,8 @@ impl Config {
             storage: Storage {
                 data_dir: resolve(&raw.storage.data_dir),
                 recordings_dir: resolve(&raw.storage.recordings_dir),
+                recordings_retention: (retention_days > 0)
+                    .then(|| Duration::from_secs(retention_days * 86_400)),
             },
             log: Log {
                 level: raw.log.level,
@@ -908,6 +921,7 @@ fn check_apps(
                 allowed_origins,
                 dial_plan,
                 api_keys,
+                record: app.record,
             },
         );
     }

@@ -153,6 +153,7 @@ impl Default for RawTokens {
 pub(crate) struct RawStorage {
     pub(crate) data_dir: String,
     pub(crate) recordings_dir: String,
+    pub(crate) recordings_retention_days: i64,
 }
 
 impl Default for RawStorage {
@@ -160,6 +161,7 @@ impl Default for RawStorage {
         RawStorage {
             data_dir: "data".into(),
             recordings_dir: "data/recordings".into(),
+            recordings_retention_days: 0,
         }
     }
 }
@@ -202,6 +204,8 @@ pub(crate) struct RawApp {
     pub(crate) allowed_origins: Vec<String>,
     #[serde(default)]
     pub(crate) api_keys: Vec<String>,
+    #[serde(default)]
+    pub(crate) record: bool,
     #[serde(default)]
     pub(crate) dial_plan: Option<RawDialPlan>,
 }

@@ -26,6 +26,9 @@ pub struct Mapping {
     /// The SIP side's telephone-event/8000 PT, when both sides negotiated it (RFC 4733 DTMF
     /// possible; otherwise DTMF goes by SIP INFO).
     pub sip_telephone_event: Option<u8>,
+    /// The voice codec: its PT on the browser side, on the SIP side, and whether it is PCMA
+    /// (else PCMU); for the recording tap.
+    pub voice: (u8, u8, bool),
 }
 
 /// Why two negotiations cannot be bridged as they are.
@@ -98,6 +101,7 @@ impl Mapping {
             to_sip,
             to_browser,
             sip_telephone_event,
+            voice: (bv.pt, sv.pt, g711_name(&sv.name) == "PCMA"),
         })
     }
 }
@@ -170,6 +174,8 @@ pub struct Controls {
     /// A new browser leg (the page reloaded and negotiated again), with the payload types
     /// mapped for it; the old leg is closed.
     pub rebrowse: mpsc::UnboundedReceiver<(Leg, Mapping)>,
+    /// Where both sides' decoded audio goes when the call is recorded.
+    pub tap: Option<super::recorder::Tap>,
 }
 
 /// The owner's ends of a bridge's [`Controls`].
@@ -213,6 +219,7 @@ pub fn controls() -> (Steering, Controls) {
             activity,
             retarget,
             rebrowse,
+            tap: None,
         },
     )
 }
@@ -248,6 +255,19 @@ pub async fn run(
 ) -> BridgeStats {
     let start = Instant::now();
     let mut sip_te = mapping.sip_telephone_event;
+    let mut voice = mapping.voice;
+    // Decoded audio of one side for the recorder (a full recorder queue drops audio rather
+    // than slow the call down).
+    let record = |tap: &Option<super::recorder::Tap>, side, alaw: bool, payload: &[u8]| {
+        if let Some(t) = tap {
+            let decode = if alaw {
+                super::g711::alaw_decode
+            } else {
+                super::g711::ulaw_decode
+            };
+            let _ = t.try_send((side, payload.iter().map(|b| decode(*b)).collect()));
+        }
+    };
     let mut to_sip = Rewriter::new(ssrc, 8000, mapping.to_sip);
     let mut to_browser = Rewriter::new(ssrc ^ 0x5555_5555, 8000, mapping.to_browser);
     let mut stats = BridgeStats::default();
@@ -295,6 +315,7 @@ pub async fn run(
                 to_sip.rebase();
                 to_browser.rebase();
                 sip_te = m.sip_telephone_event;
+                voice = m.voice;
             }
             Some((addr, m)) = ctl.retarget.recv() => {
                 // Same streams for both sides, continued from where they are (the Rewriters
@@ -306,6 +327,7 @@ pub async fn run(
                 to_sip.rebase();
                 to_browser.rebase();
                 sip_te = m.sip_telephone_event;
+                voice = m.voice;
                 heard = dtmf::Receiver::default();
                 sending = None;
                 ctl.activity.touch(Instant::now());
@@ -353,6 +375,9 @@ pub async fn run(
                 if held || sending.is_some() {
                     continue;
                 }
+                if p.payload_type == voice.0 {
+                    record(&ctl.tap, super::recorder::Side::Agent, voice.2, p.payload);
+                }
                 if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
                     if sip.send(out).await {
                         stats.to_sip += 1;
@@ -373,6 +398,8 @@ pub async fn run(
                     if let Some(d) = heard.on_packet(p.timestamp, p.payload) {
                         let _ = ctl.heard.send(d);
                     }
+                } else if p.payload_type == voice.1 {
+                    record(&ctl.tap, super::recorder::Side::Far, voice.2, p.payload);
                 }
                 if let Some(out) = to_browser.rewrite(now, &p) {
                     if browser.send_rtp(out).await.is_ok() {

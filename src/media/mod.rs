@@ -1,12 +1,12 @@
-//! Media: the pieces of the WebRTC ⇄ RTP bridge that need no socket or engine (sans-IO).
-//!
-//! The WebRTC leg (ICE, DTLS-SRTP) and the RTP sockets come later; these are the parts both sides
-//! share: RTP packets, the stream rewriter that keeps one continuous stream toward each leg,
-//! RFC 4733 DTMF events, G.711, and reception statistics.
+//! Media: the WebRTC leg (ICE, DTLS-SRTP; `webrtc.rs`), the RTP leg toward SIP (`rtp_leg.rs`),
+//! the bridge between them (`bridge.rs`) and its recorder (`recorder.rs`), over sans-IO parts:
+//! RTP packets, the stream rewriter that keeps one continuous stream toward each leg, RFC 4733
+//! DTMF events, G.711, and reception statistics.
 
 pub mod bridge;
 pub mod dtmf;
 pub mod g711;
+pub mod recorder;
 pub mod rewrite;
 pub mod rtp;
 pub mod rtp_leg;

@@ -96,3 +96,32 @@ impl Sse {
         tokio::time::timeout(limit, read).await.ok().flatten()
     }
 }
+
+/// A plain HTTP/1.0 GET: status, header block, body bytes.
+pub async fn get_raw(
+    addr: std::net::SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    extra: &str,
+) -> (u16, String, Vec<u8>) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}");
+    if let Some(b) = bearer {
+        req.push_str(&format!("Authorization: Bearer {b}\r\n"));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await.expect("send");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let head = String::from_utf8_lossy(&all[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head, all[split + 4..].to_vec())
+}
