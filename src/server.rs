@@ -164,8 +164,16 @@ impl Bound {
             env!("CARGO_PKG_VERSION"),
         );
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
+        let credentials = std::sync::Arc::new(api::auth::Credentials::new(
+            self.config
+                .apps
+                .iter()
+                .flat_map(|(name, app)| app.api_keys.iter().map(move |k| (*k, name.clone()))),
+            self.config.admin_keys.iter().copied(),
+        ));
+        let apps = api::apps::LiveApps::new(&self.config, credentials.clone());
         let state = api::http::AppState {
-            keyring: std::sync::Arc::new(self.config.keyring().clone()),
+            apps: apps.clone(),
             sip: self.sip.clone(),
             webrtc: self.webrtc.clone(),
             rtp_ports: self.rtp_ports.clone(),
@@ -175,21 +183,7 @@ impl Bound {
                 .media
                 .public_ip
                 .unwrap_or(self.config.media.listen_ip),
-            origins: std::sync::Arc::new(
-                self.config
-                    .apps
-                    .iter()
-                    .map(|(name, app)| (name.clone(), app.allowed_origins.clone()))
-                    .collect(),
-            ),
             bad_tokens: std::sync::Arc::new(api::ws::BadTokens::default()),
-            dial_plans: std::sync::Arc::new(
-                self.config
-                    .apps
-                    .iter()
-                    .map(|(name, app)| (name.clone(), app.dial_plan.clone()))
-                    .collect(),
-            ),
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
             accept_refer: self.config.sip.accept_refer,
@@ -198,22 +192,8 @@ impl Bound {
             heartbeat: self.config.http.heartbeat,
             hub: std::sync::Arc::new(api::events::Hub::new(self.config.events)),
             cdr: self.cdr.clone(),
-            record_apps: std::sync::Arc::new(
-                self.config
-                    .apps
-                    .iter()
-                    .filter(|(_, a)| a.record)
-                    .map(|(n, _)| n.clone())
-                    .collect(),
-            ),
             recordings_dir: self.config.storage.recordings_dir.clone(),
-            credentials: std::sync::Arc::new(api::auth::Credentials::new(
-                self.config
-                    .apps
-                    .iter()
-                    .flat_map(|(name, app)| app.api_keys.iter().map(move |k| (*k, name.clone()))),
-                self.config.admin_keys.iter().copied(),
-            )),
+            credentials: credentials.clone(),
             metrics: metrics.clone(),
         };
         let sip = self.sip.clone();
@@ -261,6 +241,29 @@ impl Bound {
                             gone,
                             "old recordings deleted (storage.recordings_retention_days)"
                         );
+                    }
+                }
+            });
+        }
+        #[cfg(unix)]
+        {
+            // SIGHUP: read the configuration again and put its apps in force.
+            let live = state.apps.clone();
+            tokio::spawn(async move {
+                let kind = tokio::signal::unix::SignalKind::hangup();
+                let Ok(mut hup) = tokio::signal::unix::signal(kind) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    let _one = live.writing.lock().await;
+                    match live.reload() {
+                        Ok(n) => tracing::info!(
+                            apps = n,
+                            "configuration reloaded (SIGHUP): apps and API keys in force; other settings need a restart"
+                        ),
+                        Err(e) => {
+                            tracing::warn!("configuration not reloaded, the running one stays: {e}")
+                        }
                     }
                 }
             });

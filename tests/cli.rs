@@ -321,3 +321,71 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("port")
 }
+
+/// SIGHUP reloads apps.toml: an admin key added to the file works after the signal (401 before);
+/// a broken file is refused with a log line and the running configuration stays.
+#[test]
+fn sighup_reloads_the_apps() {
+    use std::io::{Read, Write};
+
+    const ADMIN: &str = "admin-key-added-at-runtime-0123";
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let port = holder.local_addr().expect("addr").port();
+    drop(holder);
+    let dir = TempDir::new("cli-hup");
+    let cfg = dir.write(
+        "callgate.toml",
+        &format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n[sip]\nlisten = \"127.0.0.1:0\"\n[media]\nwebrtc_port = {}\n",
+            free_port()
+        ),
+    );
+    dir.write("apps.toml", callgate::config::EMBEDDED_APPS);
+    let mut d = Daemon::spawn(
+        callgate()
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info"),
+    );
+    d.wait_for("listening", Duration::from_secs(15));
+    let admin_status = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET /api/v1/admin/apps HTTP/1.0\r\nAuthorization: Bearer {ADMIN}\r\n\r\n"
+        )
+        .expect("send");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.split_whitespace().nth(1).unwrap_or_default().to_owned()
+    };
+    let hup = |pid: u32| {
+        let _ = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status();
+    };
+    assert_eq!(admin_status(), "401");
+    dir.write(
+        "apps.toml",
+        &format!(
+            "admin_keys = [\"{ADMIN}\"]\n{}",
+            callgate::config::EMBEDDED_APPS
+        ),
+    );
+    hup(d.pid());
+    let line = d.wait_for("configuration reloaded", Duration::from_secs(10));
+    assert!(line.contains("apps=1"), "{line}");
+    assert_eq!(admin_status(), "200");
+    dir.write(
+        "apps.toml",
+        &format!("admin_keys = [\"{ADMIN}\"]\n[apps.demo]\nkeys = [\"nothex\"]\n"),
+    );
+    hup(d.pid());
+    let line = d.wait_for("not reloaded", Duration::from_secs(10));
+    assert!(line.contains("apps.demo.keys"), "names the bad key: {line}");
+    assert_eq!(admin_status(), "200", "the running configuration stays");
+    let status = d.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}

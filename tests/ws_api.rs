@@ -1407,6 +1407,134 @@ async fn recorded_call_has_the_agent_left_and_the_far_end_right() {
     srv.shut_down().await;
 }
 
+/// Key administration without a restart: the admin lists apps (fingerprints, never keys),
+/// rotates crm's key (new first, old kept), then drops the old one, and deletes the erp app.
+/// Each change is in force for the next login at once, apps.toml on disk is rewritten with
+/// mode 0600, and a change that would break the configuration is refused with the file left
+/// as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_rotates_and_removes_keys_without_a_restart() {
+    use callgate::api::admin::fingerprint;
+    use common::sse::request;
+
+    const NEW_KEY: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+    // A registrar, so the logins' registrations come and go quickly.
+    let kam = Kamailio::start(free_udp_port());
+    let mut srv = server().await;
+    let apps_path = srv._dir.path().join("apps.toml");
+    let cfg_path = srv._dir.path().join("callgate.toml");
+    let (old_fp, new_fp) = (fingerprint(KEY), fingerprint(NEW_KEY));
+    let admin = Some(ADMIN_KEY);
+
+    let (status, list) = request(srv.addr, "GET", "/api/v1/admin/apps", admin, None).await;
+    assert_eq!(status, 200, "{list}");
+    let crm = list["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["app"] == "crm")
+        .unwrap()
+        .clone();
+    assert_eq!(crm["keys"], json!([old_fp]), "{crm}");
+    assert!(!list.to_string().contains(KEY), "keys never leave callgate");
+    for (bearer, want) in [(None, 401), (Some(CRM_API_KEY), 403)] {
+        let (status, _) = request(srv.addr, "GET", "/api/v1/admin/apps", bearer, None).await;
+        assert_eq!(status, want);
+    }
+
+    // A login with the old key, then rotation: new key first, old kept.
+    let login = |t: String| async move {
+        let mut ws = open(srv.addr).await;
+        ws.send(Message::text(
+            json!({"type": "connect", "id": 1, "token": t}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let mut seen = Vec::new();
+        let reply = next(&mut ws, &mut seen).await;
+        let _ = ws.close(None).await;
+        reply
+    };
+    let old_token = token(&srv.config, kam.port, "pass1001", 600);
+    assert_eq!(login(old_token.clone()).await["ok"], true);
+    let (status, crm) = request(
+        srv.addr,
+        "PUT",
+        "/api/v1/admin/apps/crm",
+        admin,
+        Some(&json!({"keys": [NEW_KEY, old_fp]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{crm}");
+    assert_eq!(crm["keys"], json!([new_fp, old_fp]));
+    let on_disk = std::fs::read_to_string(&apps_path).unwrap();
+    assert!(
+        on_disk.contains(NEW_KEY) && on_disk.contains(KEY),
+        "{on_disk}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&apps_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let rotated = Config::load(&cfg_path).expect("the rewritten files load");
+    let new_token = token(&rotated, kam.port, "pass1001", 600);
+    assert_eq!(
+        login(new_token.clone()).await["ok"],
+        true,
+        "the new key works at once"
+    );
+    assert_eq!(
+        login(old_token.clone()).await["ok"],
+        true,
+        "the old one until removed"
+    );
+
+    // The CRM has moved: drop the old key.
+    let (status, crm) = request(
+        srv.addr,
+        "PUT",
+        "/api/v1/admin/apps/crm",
+        admin,
+        Some(&json!({"keys": [new_fp]})),
+    )
+    .await;
+    assert_eq!((status, crm["keys"].clone()), (200, json!([new_fp])));
+    assert_eq!(login(old_token).await["error"]["code"], "bad_mac");
+    assert_eq!(login(new_token).await["ok"], true);
+
+    // Refused changes leave the file alone.
+    let before = std::fs::read_to_string(&apps_path).unwrap();
+    for body in [
+        json!({"keys": ["fp:0000000000000000"]}),
+        json!({"keys": ["not-hex"]}),
+        json!({"keys": []}),
+        json!({"key": NEW_KEY}),
+    ] {
+        let (status, r) = request(
+            srv.addr,
+            "PUT",
+            "/api/v1/admin/apps/crm",
+            admin,
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}: {r}");
+    }
+    assert_eq!(std::fs::read_to_string(&apps_path).unwrap(), before);
+
+    // Removing an app: its tokens and API keys stop working.
+    let (status, _) = request(srv.addr, "DELETE", "/api/v1/admin/apps/erp", admin, None).await;
+    assert_eq!(status, 200);
+    let (status, _) = request(srv.addr, "GET", "/api/v1/admin/apps/erp", admin, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = request(srv.addr, "DELETE", "/api/v1/admin/apps/erp", admin, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = request(srv.addr, "GET", "/api/v1/calls", Some(ERP_API_KEY), None).await;
+    assert_eq!(status, 401, "the removed app's API key");
+    srv.shut_down().await;
+}
+
 /// docs/openapi.json and the server agree: the documented paths are exactly the HTTP API routes
 /// of src/api/http.rs (besides the page, the SDK and /ws, documented in docs/API.md), each one
 /// answers on a running server, and the server serves the document itself.

@@ -49,6 +49,10 @@ pub fn digest(s: &str) -> [u8; 32] {
 /// The credentials callgate accepts.
 pub struct Credentials {
     agents: Mutex<HashMap<[u8; 32], String>>,
+    keys: std::sync::RwLock<Keys>,
+}
+
+struct Keys {
     apps: Vec<([u8; 32], String)>,
     admins: Vec<[u8; 32]>,
 }
@@ -61,9 +65,24 @@ impl Credentials {
     ) -> Credentials {
         Credentials {
             agents: Mutex::new(HashMap::new()),
+            keys: std::sync::RwLock::new(Keys {
+                apps: app_keys.into_iter().collect(),
+                admins: admin_keys.into_iter().collect(),
+            }),
+        }
+    }
+
+    /// Replaces the app and admin keys (a configuration reload); agent credentials stay.
+    pub fn set_keys(
+        &self,
+        app_keys: impl IntoIterator<Item = ([u8; 32], String)>,
+        admin_keys: impl IntoIterator<Item = [u8; 32]>,
+    ) {
+        let new = Keys {
             apps: app_keys.into_iter().collect(),
             admins: admin_keys.into_iter().collect(),
-        }
+        };
+        *self.keys.write().unwrap_or_else(PoisonError::into_inner) = new;
     }
 
     fn agents(&self) -> MutexGuard<'_, HashMap<[u8; 32], String>> {
@@ -92,19 +111,21 @@ impl Credentials {
             .filter(|t| !t.is_empty() && t.len() <= 256)
             .ok_or(Denied::Unauthorized)?;
         let d = digest(token);
+        let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
         let mut admin = false;
-        for k in &self.admins {
+        for k in &keys.admins {
             admin |= bool::from(k.ct_eq(&d));
         }
         if admin {
             return Ok(Caller::Admin);
         }
         let mut app = None;
-        for (k, name) in &self.apps {
+        for (k, name) in &keys.apps {
             if bool::from(k.ct_eq(&d)) {
                 app = Some(name.clone());
             }
         }
+        drop(keys);
         if let Some(app) = app {
             return Ok(Caller::App(app));
         }

@@ -7,13 +7,12 @@ use axum::extract::State;
 use axum::routing::get;
 
 use crate::sip::endpoint::Endpoint;
-use crate::token::Keyring;
 
 /// What the handlers share: immutable configuration and handles to the tasks that own state.
 #[derive(Clone)]
 pub struct AppState {
-    /// Token keys.
-    pub keyring: std::sync::Arc<Keyring>,
+    /// The apps in force (token keys, origins, dial plans, recording), reloadable.
+    pub apps: super::apps::LiveApps,
     /// The SIP endpoint.
     pub sip: Endpoint,
     /// The WebRTC engine (browser media).
@@ -24,12 +23,8 @@ pub struct AppState {
     pub rtp_bind_ip: std::net::IpAddr,
     /// IP announced in SDP toward SIP peers (the public one behind NAT).
     pub rtp_public_ip: std::net::IpAddr,
-    /// Per app: the page origins allowed to log in (empty: any).
-    pub origins: std::sync::Arc<std::collections::BTreeMap<String, Vec<String>>>,
     /// Bad-token counter per source address.
     pub bad_tokens: std::sync::Arc<super::ws::BadTokens>,
-    /// Per app: its dial plan.
-    pub dial_plans: std::sync::Arc<std::collections::BTreeMap<String, crate::dialplan::DialPlan>>,
     /// How DTMF from the page is sent.
     pub dtmf: crate::config::DtmfMode,
     /// Hang-up after this long without SIP-side RTP (`None`: never).
@@ -44,8 +39,6 @@ pub struct AppState {
     pub heartbeat: std::time::Duration,
     /// Call history.
     pub cdr: crate::cdr::CdrStore,
-    /// Apps whose calls are recorded.
-    pub record_apps: std::sync::Arc<std::collections::BTreeSet<String>>,
     /// Where recordings go.
     pub recordings_dir: std::path::PathBuf,
     /// Per-agent event channels (SSE).
@@ -59,7 +52,7 @@ pub struct AppState {
 impl AppState {
     /// Where call `call_id` of `app` is recorded, if that app records.
     pub fn recording_path(&self, app: &str, call_id: &str) -> Option<std::path::PathBuf> {
-        if !self.record_apps.contains(app) {
+        if !self.apps.get().record.contains(app) {
             return None;
         }
         crate::media::recorder::file_name(call_id).map(|f| self.recordings_dir.join(f))
@@ -92,6 +85,13 @@ pub fn router(state: AppState) -> Router {
             get(super::crm::get_recording),
         )
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/admin/apps", get(super::admin::list_apps))
+        .route(
+            "/api/v1/admin/apps/{app}",
+            get(super::admin::get_app)
+                .put(super::admin::put_app)
+                .delete(super::admin::delete_app),
+        )
         .with_state(state)
 }
 

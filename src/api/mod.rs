@@ -1,6 +1,8 @@
 //! What the outside world talks to: the HTTP server, the browser's WebSocket API, and the CRM's
 //! HTTP API (per-agent events over SSE) with its credentials.
 
+pub mod admin;
+pub mod apps;
 pub mod auth;
 pub mod crm;
 pub mod events;

@@ -855,7 +855,8 @@ fn resume(
             "no such session, or it ended (http.resume_secs passed): connect with a token",
         )));
     };
-    let allowed = state.origins.get(&app).map_or(&[][..], Vec::as_slice);
+    let apps = state.apps.get();
+    let allowed = apps.origins.get(&app).map_or(&[][..], Vec::as_slice);
     if !allowed.is_empty() && !peer.origin.as_ref().is_some_and(|o| allowed.contains(o)) {
         return Err(Box::new(error(
             Some(id),
@@ -906,7 +907,8 @@ async fn connect(
             "too many refused tokens from this address; wait a minute",
         )];
     }
-    let verified = match state.keyring.verify(token, SystemTime::now()) {
+    let apps = state.apps.get();
+    let verified = match apps.keyring.verify(token, SystemTime::now()) {
         Ok(v) => v,
         Err(e) => {
             state.bad_tokens.record(peer.ip);
@@ -915,7 +917,7 @@ async fn connect(
             return vec![error(Some(id), e.code(), e.to_string())];
         }
     };
-    let allowed = state
+    let allowed = apps
         .origins
         .get(verified.app())
         .map_or(&[][..], Vec::as_slice);
@@ -931,7 +933,7 @@ async fn connect(
         )];
     }
     let app = verified.app().to_owned();
-    if let Some(p) = state.dial_plans.get(&app) {
+    if let Some(p) = apps.dial_plans.get(&app) {
         *plan = p.clone();
     }
     let account = verified.into_account();

@@ -125,3 +125,41 @@ pub async fn get_raw(
         .unwrap_or(0);
     (status, head, all[split + 4..].to_vec())
 }
+
+/// An HTTP/1.0 request with a JSON body (or none): status and the JSON answer.
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n");
+    if let Some(b) = bearer {
+        req.push_str(&format!("Authorization: Bearer {b}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(&body);
+    tcp.write_all(req.as_bytes()).await.expect("send");
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut all))
+        .await
+        .expect("answer in time")
+        .expect("read");
+    let split = all.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    let status = String::from_utf8_lossy(&all[..split])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let json = serde_json::from_slice(&all[split + 4..]).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
