@@ -37,6 +37,7 @@ pub struct Metrics {
     logins: AtomicU64,
     token_failures: Mutex<BTreeMap<String, u64>>,
     calls_started: [AtomicU64; 2],
+    calls_in_state: [AtomicI64; CALL_STATES.len()],
     calls_ended: Mutex<BTreeMap<&'static str, u64>>,
     setup_buckets: [AtomicU64; SETUP_BUCKETS.len()],
     setup_count: AtomicU64,
@@ -45,6 +46,16 @@ pub struct Metrics {
     packets_to_browser: AtomicU64,
     packets_lost: AtomicU64,
 }
+
+/// The states a call of the browser API is in (`callgate_calls{state}`).
+pub const CALL_STATES: [&str; 6] = [
+    "trying",
+    "ringing",
+    "early",
+    "established",
+    "held",
+    "held_by_remote",
+];
 
 /// Direction of a call, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +100,18 @@ impl Metrics {
     /// A call started.
     pub fn call_started(&self, d: Direction) {
         self.calls_started[d as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call left state `from` and entered `to` (either may be `None`: it began or ended; names
+    /// outside [`CALL_STATES`] count as none).
+    pub fn call_state(&self, from: Option<&str>, to: Option<&str>) {
+        let slot = |s: Option<&str>| s.and_then(|s| CALL_STATES.iter().position(|x| *x == s));
+        if let Some(i) = slot(from) {
+            self.calls_in_state[i].fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(i) = slot(to) {
+            self.calls_in_state[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A call ended with `reason` (an end reason code).
@@ -197,6 +220,22 @@ impl Metrics {
             "gauge",
             "Calls in progress (any state).",
             &one(sip.calls.to_string()),
+        );
+        let by_state: Vec<(String, String)> = CALL_STATES
+            .iter()
+            .zip(&self.calls_in_state)
+            .map(|(s, n)| {
+                (
+                    format!("{{state=\"{s}\"}}"),
+                    n.load(Ordering::Relaxed).to_string(),
+                )
+            })
+            .collect();
+        metric(
+            "callgate_calls",
+            "gauge",
+            "Calls of browser sessions by state.",
+            &by_state,
         );
         metric(
             "callgate_calls_started_total",
@@ -307,6 +346,10 @@ mod tests {
         m.token_failure("bad_mac");
         m.call_started(Direction::Outbound);
         m.call_ended("remote_hangup");
+        m.call_state(None, Some("ringing"));
+        m.call_state(Some("ringing"), Some("established"));
+        m.call_state(None, Some("established"));
+        m.call_state(Some("established"), None);
         m.call_setup(Duration::from_millis(300));
         m.media(50, 49, 1);
         let mut sip = SipSnapshot {
@@ -327,6 +370,8 @@ mod tests {
             "callgate_call_setup_seconds_sum 0.3",
             "callgate_media_packets_lost_total 1",
             "callgate_draining 0",
+            "callgate_calls{state=\"ringing\"} 0",
+            "callgate_calls{state=\"established\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -1762,6 +1762,9 @@ async fn shutdown_drains_calls_then_hangs_up() {
         "callgate_calls_started_total{direction=\"outbound\"} 1",
         "callgate_registrations{state=\"registered\"} 1",
         "callgate_call_setup_seconds_count 1",
+        "callgate_calls{state=\"established\"} 1",
+        "callgate_calls{state=\"trying\"} 0",
+        "callgate_calls{state=\"ringing\"} 0",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }

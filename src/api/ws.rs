@@ -1336,6 +1336,9 @@ async fn follow_call(f: Follow) {
     } else {
         "ringing"
     };
+    // The state the page was last told, for the calls-by-state gauge.
+    let mut shown = Some(first);
+    metrics.call_state(None, shown);
     let _ = events.send(report(&peer, first, None, None)).await;
     loop {
         let ev = tokio::select! {
@@ -1427,7 +1430,7 @@ async fn follow_call(f: Follow) {
             .and_then(|(sdp, m)| ctl.take().map(|c| (sdp, m, c)))
         {
             if let Some(path) = history.record.take() {
-                match crate::media::recorder::start(path.clone()) {
+                match crate::media::recorder::start(path.clone(), history.store.track()) {
                     Ok(tap) => {
                         ctl.tap = Some(tap);
                         recording = path.file_name().map(|f| f.to_string_lossy().into_owned());
@@ -1601,10 +1604,15 @@ async fn follow_call(f: Follow) {
             }
             _ => continue,
         };
+        if let Outgoing::Call { state, .. } = &out {
+            metrics.call_state(shown, Some(state));
+            shown = Some(state);
+        }
         if events.send(out).await.is_err() {
             break;
         }
     }
+    metrics.call_state(shown, None);
     let _ = steer.flow.send(Flow::Stop);
     let mut media_stats = crate::media::bridge::BridgeStats::default();
     if let Some(b) = bridge {

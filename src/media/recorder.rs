@@ -90,8 +90,9 @@ pub fn file_name(call_id: &str) -> Option<String> {
 }
 
 /// Starts recording into `path` (created with mode 0600 where supported). Returns the tap for
-/// the bridge; the recording ends (header final) when every tap is dropped.
-pub fn start(path: PathBuf) -> std::io::Result<Tap> {
+/// the bridge; the recording ends (header final) when every tap is dropped. `hold` is kept
+/// until then (shutdown waits for recordings through it).
+pub fn start<H: Send + 'static>(path: PathBuf, hold: H) -> std::io::Result<Tap> {
     let mut file = {
         let mut o = std::fs::OpenOptions::new();
         o.write(true).create_new(true);
@@ -101,7 +102,10 @@ pub fn start(path: PathBuf) -> std::io::Result<Tap> {
     };
     file.write_all(&wav_header(0))?;
     let (tap, rx) = mpsc::channel(256);
-    tokio::spawn(run(rx, file, path));
+    tokio::spawn(async move {
+        run(rx, file, path).await;
+        drop(hold);
+    });
     Ok(tap)
 }
 
@@ -221,7 +225,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c-00.wav");
         let _ = std::fs::remove_file(&path);
-        let tap = start(path.clone()).unwrap();
+        let tap = start(path.clone(), ()).unwrap();
         for _ in 0..10 {
             tap.send((Side::Agent, vec![100; FRAME])).await.unwrap();
             tap.send((Side::Far, vec![-100; FRAME])).await.unwrap();
