@@ -118,6 +118,8 @@ enum Request {
 
 /// Close code: the page logged out.
 pub const CLOSE_LOGGED_OUT: u16 = 4000;
+/// Close code: callgate is shutting down (RFC 6455 "going away").
+pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code: the page answered no ping for three heartbeat intervals.
 pub const CLOSE_HEARTBEAT: u16 = 4008;
 
@@ -360,6 +362,25 @@ async fn send(socket: &mut WebSocket, msg: &Outgoing) -> bool {
     }
 }
 
+/// Keeps the session's call maps in step with an event on its way to the page: an ended call
+/// goes, any other state is remembered for a resume.
+fn note(
+    ev: &Outgoing,
+    calls: &mut HashMap<String, SessionCall>,
+    ringing: &mut HashMap<String, Ringing>,
+    last: &mut HashMap<String, Outgoing>,
+) {
+    if let Outgoing::Call { call_id, state, .. } = ev {
+        if *state == "ended" {
+            calls.remove(call_id);
+            ringing.remove(call_id);
+            last.remove(call_id);
+        } else {
+            last.insert(call_id.clone(), ev.clone());
+        }
+    }
+}
+
 /// Closes the socket with `code` and `reason` (the page's `CloseEvent` carries both), waiting a
 /// moment for the page's closing frame (RFC 6455 §7.1.1: the client's data in flight is not
 /// cut off by a reset).
@@ -546,15 +567,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 }
             }
             Some(ev) = events_rx.recv() => {
-                if let Outgoing::Call { call_id, state, .. } = &ev {
-                    if *state == "ended" {
-                        calls.remove(call_id);
-                        ringing.remove(call_id);
-                        last.remove(call_id);
-                    } else {
-                        last.insert(call_id.clone(), ev.clone());
-                    }
-                }
+                note(&ev, &mut calls, &mut ringing, &mut last);
                 if !send(&mut socket, &ev).await {
                     break;
                 }
@@ -791,7 +804,20 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                         break;
                     }
                 }
-                None => break,
+                None => {
+                    // The SIP endpoint stopped (shutdown): its calls' last events are on their
+                    // way; pass them on, then say goodbye.
+                    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+                    while !calls.is_empty() || !ringing.is_empty() {
+                        let Ok(Some(ev)) = tokio::time::timeout_at(until, events_rx.recv()).await else { break };
+                        note(&ev, &mut calls, &mut ringing, &mut last);
+                        if !send(&mut socket, &ev).await {
+                            break;
+                        }
+                    }
+                    close(&mut socket, CLOSE_GOING_AWAY, "callgate is shutting down").await;
+                    break;
+                }
             },
         }
     }
