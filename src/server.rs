@@ -86,6 +86,7 @@ impl Bound {
             public_ip: config.media.public_ip,
             // Loopback candidates only when the media address is loopback (a laptop or tests).
             loopback: config.media.listen_ip.is_loopback(),
+            port_range: config.media.webrtc_ports,
         })
         .await
         .map_err(|e| match e {

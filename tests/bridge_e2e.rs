@@ -31,6 +31,7 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
 
     // Browser side.
     let engine = Engine::new(&RtcSettings {
+        port_range: None,
         bind: "127.0.0.1:0".parse().unwrap(),
         public_ip: None,
         loopback: true,

@@ -22,6 +22,7 @@ fn open_fds() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_calls_leave_nothing_behind() {
     let engine = Engine::new(&Settings {
+        port_range: None,
         bind: "127.0.0.1:0".parse().unwrap(),
         public_ip: None,
         loopback: true,

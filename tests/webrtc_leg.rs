@@ -29,6 +29,7 @@ fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_like_peer_exchanges_rtp_through_the_leg() {
     let engine = Engine::new(&Settings {
+        port_range: None,
         bind: "127.0.0.1:0".parse().unwrap(),
         public_ip: None,
         loopback: true,
@@ -36,15 +37,50 @@ async fn browser_like_peer_exchanges_rtp_through_the_leg() {
     .await
     .expect("engine");
     let port = engine.local_addr().port();
-    let (mut browser, mut leg, answer) = RtcPeer::connect(&engine).await;
+    let (browser, leg, answer) = RtcPeer::connect(&engine).await;
+    assert!(
+        answer.contains(&format!("127.0.0.1 {port} typ host")),
+        "one candidate on the mux port: {answer}"
+    );
+    exchange(browser, leg, &answer).await;
+}
+
+/// With `media.webrtc_port_min/max`, each call gets a port of its own from the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_range_gives_each_call_its_own_port() {
+    let engine = Engine::new(&Settings {
+        port_range: Some((34_000, 34_099)),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        public_ip: None,
+        loopback: true,
+    })
+    .await
+    .expect("engine");
+    let (first, first_leg, first_answer) = RtcPeer::connect(&engine).await;
+    let (second, second_leg, second_answer) = RtcPeer::connect(&engine).await;
+    let port_of = |answer: &str| -> u16 {
+        let line = answer
+            .lines()
+            .find(|l| l.starts_with("a=candidate:") && l.contains(" typ host"))
+            .unwrap_or_else(|| panic!("no host candidate: {answer}"));
+        line.split_whitespace().nth(5).unwrap().parse().unwrap()
+    };
+    let (p1, p2) = (port_of(&first_answer), port_of(&second_answer));
+    assert!(
+        (34_000..=34_099).contains(&p1) && (34_000..=34_099).contains(&p2),
+        "{p1} {p2}"
+    );
+    assert_ne!(p1, p2, "a port per call");
+    exchange(first, first_leg, &first_answer).await;
+    exchange(second, second_leg, &second_answer).await;
+}
+
+/// One second of RTP each way between a connected peer and its leg.
+async fn exchange(mut browser: RtcPeer, mut leg: callgate::media::webrtc::Leg, answer: &str) {
     assert!(answer.contains("a=rtpmap:0 PCMU/8000"), "{answer}");
     assert!(
         !answer.to_ascii_lowercase().contains("opus"),
         "no codec the SIP side cannot take: {answer}"
-    );
-    assert!(
-        answer.contains(&format!("127.0.0.1 {port} typ host")),
-        "one candidate on the mux port: {answer}"
     );
     assert!(answer.contains("a=ice-lite"), "{answer}");
     assert!(answer.contains("a=sendrecv"), "{answer}");

@@ -127,6 +127,9 @@ pub struct Media {
     pub listen_ip: IpAddr,
     /// The single UDP port for WebRTC media.
     pub webrtc_port: u16,
+    /// A port range for browser media, one port per call, instead of the single shared port
+    /// (spreads the receive work over several sockets and threads).
+    pub webrtc_ports: Option<(u16, u16)>,
     /// Public IP announced when behind 1:1 NAT.
     pub public_ip: Option<IpAddr>,
     /// First RTP port (even).
@@ -621,6 +624,20 @@ impl Config {
                     "must be greater than media.rtp_port_min (at least one port pair)",
                 );
             }
+            let (wlo, whi) = (raw.media.webrtc_port_min, raw.media.webrtc_port_max);
+            if (wlo, whi) != (0, 0) && !(1024 <= wlo && wlo <= whi && whi <= 65535) {
+                c.add(
+                    &file,
+                    "media.webrtc_port_min",
+                    "webrtc_port_min..webrtc_port_max must be a range within 1024..65535 (or both 0 for the single webrtc_port)",
+                );
+            } else if (wlo, whi) != (0, 0) && wlo <= i64::from(hi) && i64::from(lo) <= whi {
+                c.add(
+                    &file,
+                    "media.webrtc_port_min",
+                    "the WebRTC port range must not overlap media.rtp_port_min..media.rtp_port_max",
+                );
+            }
             if webrtc_port.is_some_and(|w| (lo..=hi).contains(&w)) {
                 c.add(
                     &file,
@@ -731,6 +748,10 @@ impl Config {
             media: Media {
                 listen_ip,
                 webrtc_port,
+                webrtc_ports: (raw.media.webrtc_port_min != 0).then(|| {
+                    let p = |v: i64| u16::try_from(v).unwrap_or(0);
+                    (p(raw.media.webrtc_port_min), p(raw.media.webrtc_port_max))
+                }),
                 public_ip,
                 rtp_port_min,
                 rtp_port_max,

@@ -111,6 +111,8 @@ impl Default for RawSip {
 pub(crate) struct RawMedia {
     pub(crate) listen_ip: String,
     pub(crate) webrtc_port: i64,
+    pub(crate) webrtc_port_min: i64,
+    pub(crate) webrtc_port_max: i64,
     pub(crate) public_ip: String,
     pub(crate) rtp_port_min: i64,
     pub(crate) rtp_port_max: i64,
@@ -123,6 +125,8 @@ impl Default for RawMedia {
         RawMedia {
             listen_ip: "127.0.0.1".into(),
             webrtc_port: 10000,
+            webrtc_port_min: 0,
+            webrtc_port_max: 0,
             public_ip: String::new(),
             rtp_port_min: 20000,
             rtp_port_max: 20999,

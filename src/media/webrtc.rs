@@ -29,6 +29,9 @@ use webrtc::util::Marshal;
 
 /// Packets from the browser buffered per leg before the oldest are dropped.
 const INBOUND_QUEUE: usize = 256;
+
+/// Browser packets dropped because a bridge did not keep up (its queue was full), since start.
+pub static INBOUND_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Largest SDP offer accepted from a browser.
 pub const MAX_OFFER_BYTES: usize = 32 * 1024;
 
@@ -65,6 +68,8 @@ pub struct Settings {
     pub public_ip: Option<IpAddr>,
     /// Offer loopback candidates (tests on 127.0.0.1 only).
     pub loopback: bool,
+    /// One port per call from this range instead of the single `bind` port.
+    pub port_range: Option<(u16, u16)>,
 }
 
 /// The WebRTC engine: shared by all calls.
@@ -90,19 +95,32 @@ fn audio_codec(mime: &str, pt: u8, fmtp: &str) -> RTCRtpCodecParameters {
 impl Engine {
     /// Binds the media port and builds the engine.
     pub async fn new(settings: &Settings) -> Result<Engine, WebRtcError> {
-        let socket = tokio::net::UdpSocket::bind(settings.bind)
-            .await
-            .map_err(|source| WebRtcError::Bind {
-                addr: settings.bind,
-                source,
-            })?;
-        let local = socket.local_addr().map_err(|source| WebRtcError::Bind {
-            addr: settings.bind,
-            source,
-        })?;
-        let mux = UDPMuxDefault::new(UDPMuxParams::new(socket));
         let mut se = SettingEngine::default();
-        se.set_udp_network(UDPNetwork::Muxed(mux));
+        let local = match settings.port_range {
+            Some((min, max)) => {
+                let range = webrtc::ice::udp_network::EphemeralUDP::new(min, max).map_err(|e| {
+                    WebRtcError::Engine(format!("WebRTC port range {min}-{max}: {e}"))
+                })?;
+                se.set_udp_network(UDPNetwork::Ephemeral(range));
+                SocketAddr::new(settings.bind.ip(), min)
+            }
+            None => {
+                let socket =
+                    tokio::net::UdpSocket::bind(settings.bind)
+                        .await
+                        .map_err(|source| WebRtcError::Bind {
+                            addr: settings.bind,
+                            source,
+                        })?;
+                let local = socket.local_addr().map_err(|source| WebRtcError::Bind {
+                    addr: settings.bind,
+                    source,
+                })?;
+                let mux = UDPMuxDefault::new(UDPMuxParams::new(socket));
+                se.set_udp_network(UDPNetwork::Muxed(mux));
+                local
+            }
+        };
         se.set_lite(true);
         if let Some(ip) = settings.public_ip {
             se.set_nat_1to1_ips(vec![ip.to_string()], RTCIceCandidateType::Host);
@@ -158,7 +176,10 @@ impl Engine {
                 while let Ok((pkt, _)) = remote.read_rtp().await {
                     if let Ok(bytes) = pkt.marshal() {
                         // A slow consumer loses the oldest audio, never blocks the engine.
-                        let _ = tx.try_send(bytes.to_vec());
+                        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(bytes.to_vec())
+                        {
+                            INBOUND_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
             })
