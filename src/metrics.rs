@@ -45,6 +45,7 @@ pub struct Metrics {
     packets_to_sip: AtomicU64,
     packets_to_browser: AtomicU64,
     packets_lost: AtomicU64,
+    far_end_lost: AtomicU64,
 }
 
 /// The states a call of the browser API is in (`callgate_calls{state}`).
@@ -112,6 +113,11 @@ impl Metrics {
         if let Some(i) = slot(to) {
             self.calls_in_state[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The SIP side reported (RTCP) losing `n` of a call's packets.
+    pub fn far_end_lost(&self, n: u32) {
+        self.far_end_lost.fetch_add(u64::from(n), Ordering::Relaxed);
     }
 
     /// A call ended with `reason` (an end reason code).
@@ -306,6 +312,12 @@ impl Metrics {
             "counter",
             "RTP packets the SIP side sent that never arrived (ended calls).",
             &one(load(&self.packets_lost).to_string()),
+        );
+        metric(
+            "callgate_media_far_end_lost_total",
+            "counter",
+            "RTP packets the SIP side reported lost in its RTCP (ended calls).",
+            &one(load(&self.far_end_lost).to_string()),
         );
         metric(
             "callgate_media_dropped_total",

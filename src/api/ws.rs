@@ -1644,6 +1644,9 @@ async fn follow_call(f: Follow) {
     if let Some(b) = bridge {
         if let Ok(stats) = b.await {
             metrics.media(stats.to_sip, stats.to_browser, stats.sip_in.lost());
+            if let Some(far) = stats.far_end {
+                metrics.far_end_lost(far.cumulative_lost);
+            }
             media_stats = stats;
         }
     } else if let Some((leg, _, _)) = media {

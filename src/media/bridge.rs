@@ -115,6 +115,8 @@ pub struct BridgeStats {
     pub to_browser: u64,
     /// Reception statistics of the SIP side's stream.
     pub sip_in: ReceiveStats,
+    /// The SIP side's last RTCP report on our stream (loss, jitter as it sees them).
+    pub far_end: Option<super::rtcp::ReportBlock>,
 }
 
 /// What the bridge does with media.
@@ -176,6 +178,8 @@ pub struct Controls {
     pub rebrowse: mpsc::UnboundedReceiver<(Leg, Mapping)>,
     /// Where both sides' decoded audio goes when the call is recorded.
     pub tap: Option<super::recorder::Tap>,
+    /// How often an RTCP report goes to the SIP side.
+    pub rtcp_interval: Duration,
 }
 
 /// The owner's ends of a bridge's [`Controls`].
@@ -220,6 +224,7 @@ pub fn controls() -> (Steering, Controls) {
             retarget,
             rebrowse,
             tap: None,
+            rtcp_interval: Duration::from_secs(5),
         },
     )
 }
@@ -256,6 +261,17 @@ pub async fn run(
     let start = Instant::now();
     let mut sip_te = mapping.sip_telephone_event;
     let mut voice = mapping.voice;
+    // RTCP: our reports every interval; what the SIP side says of our stream.
+    let mut rtcp_tick = tokio::time::interval_at(
+        (start + ctl.rtcp_interval).into(),
+        ctl.rtcp_interval.max(Duration::from_millis(100)),
+    );
+    let mut rtcp_buf = vec![0u8; 1500];
+    let rtcp_socket = sip.rtcp_socket();
+    let mut octets_to_sip: u64 = 0;
+    let mut sip_ssrc: Option<u32> = None;
+    // The middle bits of the SIP side's last SR and when it came (for LSR / DLSR).
+    let mut last_sr: Option<(u32, Instant)> = None;
     // Decoded audio of one side for the recorder (a full recorder queue drops audio rather
     // than slow the call down).
     let record = |tap: &Option<super::recorder::Tap>, side, alaw: bool, payload: &[u8]| {
@@ -302,6 +318,52 @@ pub async fn run(
                             to_sip.rebase();
                             to_browser.rebase();
                         }
+                    }
+                }
+            }
+            _ = rtcp_tick.tick() => {
+                let now = Instant::now();
+                let block = sip_ssrc.map(|s| {
+                    let (fraction_lost, cumulative_lost) = stats.sip_in.report_loss();
+                    let (lsr, dlsr) = last_sr.map_or((0, 0), |(lsr, at)| {
+                        let d = now.saturating_duration_since(at);
+                        (lsr, (d.as_secs_f64() * 65536.0) as u32)
+                    });
+                    super::rtcp::ReportBlock {
+                        ssrc: s,
+                        fraction_lost,
+                        cumulative_lost,
+                        highest_seq: stats.sip_in.extended_max(),
+                        jitter: u32::try_from(stats.sip_in.jitter()).unwrap_or(u32::MAX),
+                        lsr,
+                        dlsr,
+                    }
+                });
+                let sent = super::rtcp::Sent {
+                    ssrc,
+                    rtp_timestamp: to_sip.timestamp_at(now),
+                    packets: stats.to_sip as u32,
+                    octets: octets_to_sip as u32,
+                };
+                let packet = super::rtcp::compound(
+                    super::rtcp::ntp(std::time::SystemTime::now()),
+                    sent,
+                    block,
+                    "callgate",
+                );
+                let _ = sip.send_rtcp(&packet).await;
+            }
+            r = rtcp_socket.recv_from(&mut rtcp_buf) => {
+                let Ok((n, from)) = r else { continue };
+                if !sip.accept_rtcp(from) {
+                    continue;
+                }
+                if let Some(inc) = rtcp_buf.get(..n).and_then(super::rtcp::parse) {
+                    if let Some((_, lsr)) = inc.sender {
+                        last_sr = Some((lsr, Instant::now()));
+                    }
+                    if let Some(b) = inc.blocks.iter().find(|b| b.ssrc == ssrc) {
+                        stats.far_end = Some(*b);
                     }
                 }
             }
@@ -381,6 +443,7 @@ pub async fn run(
                 if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
                     if sip.send(out).await {
                         stats.to_sip += 1;
+                        octets_to_sip += p.payload.len() as u64;
                     }
                 }
             }
@@ -389,6 +452,7 @@ pub async fn run(
                 let Ok(p) = RtpPacket::parse(buf.get(..n).unwrap_or_default()) else { continue };
                 let now = Instant::now();
                 ctl.activity.touch(now);
+                sip_ssrc = Some(p.ssrc);
                 let arrival = now.saturating_duration_since(start).as_millis() as u64 * 8;
                 stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
                 if held || !browser_open {

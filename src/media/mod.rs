@@ -8,6 +8,7 @@ pub mod dtmf;
 pub mod g711;
 pub mod recorder;
 pub mod rewrite;
+pub mod rtcp;
 pub mod rtp;
 pub mod rtp_leg;
 pub mod stats;

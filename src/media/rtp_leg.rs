@@ -98,13 +98,15 @@ impl PortPool {
 #[derive(Debug)]
 pub struct RtpLeg {
     rtp: UdpSocket,
-    rtcp: UdpSocket,
+    rtcp: std::sync::Arc<UdpSocket>,
     port: u16,
     pool: PortPool,
     /// From the peer's SDP.
     remote: Option<SocketAddr>,
     /// Where the peer's packets actually come from (symmetric RTP).
     latched: Option<SocketAddr>,
+    /// Where the peer's RTCP actually comes from.
+    rtcp_latched: Option<SocketAddr>,
 }
 
 impl RtpLeg {
@@ -125,11 +127,12 @@ impl RtpLeg {
                 Some((rtp, rtcp)) => {
                     return Ok(RtpLeg {
                         rtp,
-                        rtcp,
+                        rtcp: std::sync::Arc::new(rtcp),
                         port,
                         pool: pool.clone(),
                         remote: None,
                         latched: None,
+                        rtcp_latched: None,
                     });
                 }
                 // Taken by something else on this machine: try the next pair.
@@ -149,6 +152,7 @@ impl RtpLeg {
         if self.remote != Some(addr) {
             self.remote = Some(addr);
             self.latched = None;
+            self.rtcp_latched = None;
         }
     }
 
@@ -187,9 +191,40 @@ impl RtpLeg {
         }
     }
 
-    /// The RTCP socket (reports come in a later step).
+    /// The RTCP socket.
     pub fn rtcp(&self) -> &UdpSocket {
         &self.rtcp
+    }
+
+    /// Sends an RTCP packet: to where the peer's RTCP comes from, else to the RTP destination's
+    /// port + 1 (RFC 3550 §11); `false` when no destination is known yet.
+    pub async fn send_rtcp(&self, packet: &[u8]) -> bool {
+        let dest = self.rtcp_latched.or_else(|| {
+            self.destination()
+                .map(|d| SocketAddr::new(d.ip(), d.port().wrapping_add(1)))
+        });
+        match dest {
+            Some(d) => self.rtcp.send_to(packet, d).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// The RTCP socket, to receive on while the leg is busy elsewhere.
+    pub fn rtcp_socket(&self) -> std::sync::Arc<UdpSocket> {
+        self.rtcp.clone()
+    }
+
+    /// Whether RTCP from `from` is the peer's (as for RTP: its SDP IP, or anyone when that is
+    /// private); if so, later reports go back there (symmetric RTCP).
+    pub fn accept_rtcp(&mut self, from: SocketAddr) -> bool {
+        let ok = match self.remote {
+            Some(r) => r.ip() == from.ip() || !is_public(r.ip()),
+            None => false,
+        };
+        if ok {
+            self.rtcp_latched = Some(from);
+        }
+        ok
     }
 }
 

@@ -12,6 +12,9 @@ pub struct ReceiveStats {
     /// Last (arrival - timestamp), in timestamp units, and the jitter estimate ×16.
     transit: Option<i64>,
     jitter16: u64,
+    /// Expected and received at the previous report (RFC 3550 A.3).
+    expected_prior: u64,
+    received_prior: u64,
 }
 
 impl ReceiveStats {
@@ -66,6 +69,26 @@ impl ReceiveStats {
         self.expected().saturating_sub(self.received)
     }
 
+    /// The extended highest sequence number received (cycles in the high 16 bits).
+    pub fn extended_max(&self) -> u32 {
+        (self.cycles << 16) | u32::from(self.max_seq)
+    }
+
+    /// For a report block: the fraction lost (1/256) since the previous call, and the
+    /// cumulative loss.
+    pub fn report_loss(&mut self) -> (u8, u32) {
+        let (expected, received) = (self.expected(), self.received);
+        let exp_int = expected.saturating_sub(self.expected_prior);
+        let rec_int = received.saturating_sub(self.received_prior);
+        self.expected_prior = expected;
+        self.received_prior = received;
+        let lost_int = exp_int.saturating_sub(rec_int);
+        let fraction = (lost_int << 8)
+            .checked_div(exp_int)
+            .map_or(0, |f| f.min(255) as u8);
+        (fraction, u32::try_from(self.lost()).unwrap_or(u32::MAX))
+    }
+
     /// Interarrival jitter in timestamp units.
     pub fn jitter(&self) -> u64 {
         self.jitter16 >> 4
@@ -102,5 +125,20 @@ mod tests {
         }
         // Alternating ±80 ticks: |D| = 80 each time; J converges to 80.
         assert!((75..=80).contains(&s.jitter()), "{}", s.jitter());
+    }
+
+    #[test]
+    fn report_loss_is_per_interval() {
+        let mut s = ReceiveStats::default();
+        for seq in (0u16..100).filter(|q| q % 4 != 1) {
+            s.on_packet(seq, 0, 160, 0);
+        }
+        // 25 of 100 lost: 64/256.
+        assert_eq!(s.report_loss(), (64, 25));
+        for seq in 100u16..200 {
+            s.on_packet(seq, 0, 160, 0);
+        }
+        assert_eq!(s.report_loss(), (0, 25), "none lost in this interval");
+        assert_eq!(s.extended_max(), 199);
     }
 }
