@@ -11,7 +11,6 @@ use callgate::media::bridge::{self, Flow, Mapping};
 use callgate::media::rewrite::PtMap;
 use callgate::media::rtp::RtpPacket;
 use callgate::media::rtp_leg::{PortPool, RtpLeg};
-use callgate::media::webrtc::{Engine, Settings as RtcSettings};
 use callgate::sip::call::CallEvent;
 use callgate::sip::sdp::{AudioSdp, Direction};
 use common::peers::{Kamailio, Sipp, free_udp_port};
@@ -30,14 +29,7 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
     );
 
     // Browser side.
-    let engine = Engine::new(&RtcSettings {
-        port_range: None,
-        bind: "127.0.0.1:0".parse().unwrap(),
-        public_ip: None,
-        loopback: true,
-    })
-    .await
-    .unwrap();
+    let engine = common::rtc_peer::loopback_engine().await;
     let (mut browser, leg, browser_sdp) = RtcPeer::connect(&engine).await;
 
     // SIP side.

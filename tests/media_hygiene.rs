@@ -10,7 +10,6 @@ use std::time::Duration;
 use callgate::media::bridge::{self, Flow, Mapping};
 use callgate::media::rewrite::PtMap;
 use callgate::media::rtp_leg::{PortPool, RtpLeg};
-use callgate::media::webrtc::{Engine, Settings};
 use common::rtc_peer::RtcPeer;
 
 fn open_fds() -> usize {
@@ -21,14 +20,7 @@ fn open_fds() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_calls_leave_nothing_behind() {
-    let engine = Engine::new(&Settings {
-        port_range: None,
-        bind: "127.0.0.1:0".parse().unwrap(),
-        public_ip: None,
-        loopback: true,
-    })
-    .await
-    .unwrap();
+    let engine = common::rtc_peer::loopback_engine().await;
     let pool = PortPool::new(35000, 35199);
     let metrics = tokio::runtime::Handle::current().metrics();
 

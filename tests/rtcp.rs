@@ -13,7 +13,6 @@ use callgate::media::rewrite::PtMap;
 use callgate::media::rtcp::{self, ReportBlock, Sent};
 use callgate::media::rtp::RtpPacket;
 use callgate::media::rtp_leg::{PortPool, RtpLeg};
-use callgate::media::webrtc::{Engine, Settings};
 use common::rtc_peer::RtcPeer;
 use tokio::net::UdpSocket;
 
@@ -35,14 +34,7 @@ async fn pair() -> (UdpSocket, UdpSocket) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_go_both_ways() {
-    let engine = Engine::new(&Settings {
-        port_range: None,
-        bind: "127.0.0.1:0".parse().unwrap(),
-        public_ip: None,
-        loopback: true,
-    })
-    .await
-    .unwrap();
+    let engine = common::rtc_peer::loopback_engine().await;
     let (browser, leg, _) = RtcPeer::connect(&engine).await;
     let pool = PortPool::new(35_600, 35_699);
     let mut rtp = RtpLeg::open(&pool, "127.0.0.1".parse().unwrap())

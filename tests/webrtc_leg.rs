@@ -28,14 +28,7 @@ fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_like_peer_exchanges_rtp_through_the_leg() {
-    let engine = Engine::new(&Settings {
-        port_range: None,
-        bind: "127.0.0.1:0".parse().unwrap(),
-        public_ip: None,
-        loopback: true,
-    })
-    .await
-    .expect("engine");
+    let engine = common::rtc_peer::loopback_engine().await;
     let port = engine.local_addr().port();
     let (browser, leg, answer) = RtcPeer::connect(&engine).await;
     assert!(

@@ -190,6 +190,30 @@ async fn place_call(
     (page, call_id)
 }
 
+/// The page answers ringing call `call_id` with a fresh WebRTC peer's offer (request id 2);
+/// callgate must accept it. Returns the peer, connected to callgate's answer.
+async fn answer_incoming(
+    ws: &mut Ws,
+    seen: &mut Vec<String>,
+    call_id: &str,
+) -> common::rtc_peer::RtcPeer {
+    let (mut page, offer) = common::rtc_peer::RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "answer", "id": 2, "callId": call_id, "sdp": offer}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        let ev = next(ws, seen).await;
+        if ev["type"] == "reply" {
+            break ev;
+        }
+    };
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    page
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_login_registers_and_bad_tokens_do_not() {
     let kam = Kamailio::start(free_udp_port());
@@ -431,7 +455,6 @@ async fn page_calls_and_hears_the_far_end() {
 async fn page_answers_and_rejects_incoming_calls() {
     use callgate::media::rtp::RtpPacket;
     use common::peers::Sipp;
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     let mut srv = server().await;
@@ -447,20 +470,7 @@ async fn page_answers_and_rejects_incoming_calls() {
     };
     assert_eq!(incoming["from"], "1002", "{incoming}");
     let call_id = incoming["callId"].as_str().unwrap().to_owned();
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "answer", "id": 2, "callId": call_id, "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = loop {
-        let ev = next(&mut ws, &mut seen).await;
-        if ev["type"] == "reply" {
-            break ev;
-        }
-    };
-    assert_eq!(reply["ok"], true, "{reply}");
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let mut page = answer_incoming(&mut ws, &mut seen, &call_id).await;
 
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let (mut sent, mut back, mut ended) = (0u16, 0, None);
@@ -610,7 +620,6 @@ async fn page_transfers_a_call() {
 async fn far_end_transfers_the_page_to_a_third_party() {
     use callgate::media::rtp::RtpPacket;
     use common::peers::Sipp;
-    use common::rtc_peer::RtcPeer;
 
     let kam = Kamailio::start(free_udp_port());
     let mut target = Sipp::uas_with(
@@ -636,20 +645,7 @@ async fn far_end_transfers_the_page_to_a_third_party() {
         }
     };
     let call_id = incoming["callId"].as_str().unwrap().to_owned();
-    let (mut page, offer) = RtcPeer::offer().await;
-    ws.send(Message::text(
-        json!({"type": "answer", "id": 2, "callId": call_id, "sdp": offer}).to_string(),
-    ))
-    .await
-    .unwrap();
-    let reply = loop {
-        let ev = next(&mut ws, &mut seen).await;
-        if ev["type"] == "reply" {
-            break ev;
-        }
-    };
-    assert_eq!(reply["ok"], true, "{reply}");
-    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let mut page = answer_incoming(&mut ws, &mut seen, &call_id).await;
 
     // Talk all along: 0x6b until the transfer succeeded, then 0x3c, which only 1003 can echo
     // (callgate no longer sends to the transferor).

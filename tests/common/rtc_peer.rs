@@ -27,6 +27,18 @@ pub struct RtcPeer {
     state: mpsc::Receiver<RTCPeerConnectionState>,
 }
 
+/// callgate's WebRTC engine on loopback, its single port chosen by the system.
+pub async fn loopback_engine() -> Engine {
+    Engine::new(&callgate::media::webrtc::Settings {
+        port_range: None,
+        bind: "127.0.0.1:0".parse().expect("addr"),
+        public_ip: None,
+        loopback: true,
+    })
+    .await
+    .expect("engine")
+}
+
 impl RtcPeer {
     /// Offers to `engine` (as a browser would), applies its answer and waits for ICE + DTLS.
     pub async fn connect(engine: &Engine) -> (RtcPeer, Leg, String) {
