@@ -1781,6 +1781,15 @@ async fn shutdown_drains_calls_then_hangs_up() {
     .unwrap();
     let refused = next(&mut ws, &mut seen).await;
     assert_eq!(refused["error"]["code"], "unavailable", "{refused}");
+    // A new incoming call is turned away too, with 503 (which Kamailio, as a proxy must, passes
+    // upstream as 500 once it has no other target: RFC 3261 §16.7), while the drained call goes
+    // on.
+    let port = kam.port;
+    let (ok, log) =
+        tokio::task::spawn_blocking(move || common::peers::sipp_probe(port, "1001", 500))
+            .await
+            .unwrap();
+    assert!(ok, "a caller during the drain is refused:\n{log}");
     let ended = loop {
         let ev = tokio::time::timeout(Duration::from_secs(10), next(&mut ws, &mut seen))
             .await

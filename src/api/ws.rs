@@ -771,6 +771,11 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                     let call_id = control.call_id().to_owned();
                     let peer = inc.asserted.as_ref().unwrap_or(&inc.from).user().to_owned();
                     let display_name = inc.from.display.clone();
+                    if state.metrics.is_draining() {
+                        // Shutting down: the caller should try elsewhere (RFC 3261 §21.5.4).
+                        control.reject(503, "Service Unavailable");
+                        continue;
+                    }
                     if ringing.len() + calls.len() >= MAX_CALLS_PER_SESSION {
                         control.reject(486, "Busy Here");
                         continue;
