@@ -10,14 +10,14 @@ use std::path::Path;
 
 use axum::Json;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::apps::ReloadError;
-use super::auth::{Caller, Denied};
-use super::crm::{caller, denied, refuse};
+use super::auth::Denied;
+use super::crm::{Admin, denied, refuse};
 use super::http::AppState;
 
 /// A key's fingerprint: `fp:` and the first 16 hex digits of the SHA-256 of its bytes.
@@ -25,15 +25,6 @@ pub fn fingerprint(hex_key: &str) -> String {
     let bytes = hex::decode(hex_key.trim()).unwrap_or_else(|_| hex_key.as_bytes().to_vec());
     let d = Sha256::digest(&bytes);
     format!("fp:{}", hex::encode(&d[..8]))
-}
-
-/// The refusal for anyone but an admin.
-fn not_admin(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    match caller(state, headers) {
-        Ok(Caller::Admin) => None,
-        Ok(_) => Some(denied(Denied::Forbidden)),
-        Err(d) => Some(denied(d)),
-    }
 }
 
 fn read_apps(path: &Path) -> Result<toml::Table, String> {
@@ -79,10 +70,7 @@ fn not_managed(e: &ReloadError) -> Response {
 }
 
 /// `GET /api/v1/admin/apps`: every app, with key fingerprints.
-pub async fn list_apps(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(r) = not_admin(&state, &headers) {
-        return r;
-    }
+pub async fn list_apps(State(state): State<AppState>, _: Admin) -> Response {
     let path = match state.apps.apps_file() {
         Ok(p) => p.clone(),
         Err(e) => return not_managed(&e),
@@ -101,12 +89,9 @@ pub async fn list_apps(State(state): State<AppState>, headers: HeaderMap) -> Res
 /// `GET /api/v1/admin/apps/{app}`.
 pub async fn get_app(
     State(state): State<AppState>,
+    _: Admin,
     UrlPath(app): UrlPath<String>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = not_admin(&state, &headers) {
-        return r;
-    }
     let path = match state.apps.apps_file() {
         Ok(p) => p.clone(),
         Err(e) => return not_managed(&e),
@@ -132,13 +117,10 @@ pub struct PutApp {
 /// `PUT /api/v1/admin/apps/{app}`: sets the app's keys (creating the app if needed).
 pub async fn put_app(
     State(state): State<AppState>,
+    _: Admin,
     UrlPath(app): UrlPath<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = not_admin(&state, &headers) {
-        return r;
-    }
     let put: PutApp = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -200,12 +182,9 @@ pub async fn put_app(
 /// `DELETE /api/v1/admin/apps/{app}`: removes the app; its tokens and API keys stop working.
 pub async fn delete_app(
     State(state): State<AppState>,
+    _: Admin,
     UrlPath(app): UrlPath<String>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = not_admin(&state, &headers) {
-        return r;
-    }
     let name = app.clone();
     change(&state, &app, move |apps| match apps.remove(&name) {
         Some(_) => Ok(()),
@@ -228,17 +207,11 @@ async fn change(
     let _one_at_a_time = state.apps.writing.lock().await;
     let old_text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) => {
-            return refuse(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage_error",
-                &format!("cannot read {}: {e}", path.display()),
-            );
-        }
+        Err(e) => return storage(&format!("cannot read {}: {e}", path.display())),
     };
-    let mut doc = match read_apps(&path) {
+    let mut doc = match old_text.parse::<toml::Table>() {
         Ok(d) => d,
-        Err(e) => return storage(&e),
+        Err(e) => return storage(&format!("{} is not valid TOML: {e}", path.display())),
     };
     let apps = doc
         .entry("apps")
@@ -278,10 +251,8 @@ async fn change(
     match state.apps.reload() {
         Ok(n) => {
             tracing::info!(app, apps = n, "apps changed through the admin API");
-            let doc = read_apps(&path).ok();
-            let current = doc
-                .as_ref()
-                .and_then(apps_table)
+            // What was written and is now in force.
+            let current = apps_table(&doc)
                 .and_then(|t| t.get(app))
                 .map(|a| summary(app, a));
             Json(current.unwrap_or_else(|| serde_json::json!({"app": app, "deleted": true})))

@@ -47,18 +47,48 @@ pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Denied> {
     state.credentials.identify(auth)
 }
 
+/// The authenticated caller of an API request: a handler taking it is only reached with a
+/// known credential (401 otherwise).
+pub struct Auth(pub Caller);
+
+impl axum::extract::FromRequestParts<AppState> for Auth {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Response> {
+        caller(state, &parts.headers).map(Auth).map_err(denied)
+    }
+}
+
+/// An admin caller: 401 without a credential, 403 with any other one.
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<AppState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Response> {
+        match caller(state, &parts.headers) {
+            Ok(Caller::Admin) => Ok(Admin),
+            Ok(_) => Err(denied(Denied::Forbidden)),
+            Err(d) => Err(denied(d)),
+        }
+    }
+}
+
 /// `GET /api/v1/agents/{agent}/events`: the agent's events as they happen, after the
 /// `Last-Event-ID` the subscriber saw last (a `gap` event first if some are lost). An app or
 /// admin key may subscribe before the agent logs in.
 pub async fn agent_events(
     State(state): State<AppState>,
+    Auth(who): Auth,
     Path(agent): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let who = match caller(&state, &headers) {
-        Ok(c) => c,
-        Err(d) => return denied(d),
-    };
     let last_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -242,11 +272,7 @@ async fn agent_app(state: &AppState, agent: &str) -> Result<Option<String>, Box<
 
 /// `GET /api/v1/calls?agent=&from=&to=&limit=&cursor=`: call history, newest first. Agents get
 /// their own calls, app keys their app's, admins all.
-pub async fn list_calls(State(state): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let who = match caller(&state, &headers) {
-        Ok(c) => c,
-        Err(d) => return denied(d),
-    };
+pub async fn list_calls(State(state): State<AppState>, Auth(who): Auth, uri: Uri) -> Response {
     let q = match query(&uri, &["agent", "from", "to", "limit", "cursor"]) {
         Ok(q) => q,
         Err(r) => return *r,
@@ -309,13 +335,9 @@ pub async fn list_calls(State(state): State<AppState>, uri: Uri, headers: Header
 /// `GET /api/v1/calls/{callId}`: one call of the history.
 pub async fn get_call(
     State(state): State<AppState>,
+    Auth(who): Auth,
     Path(call_id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let who = match caller(&state, &headers) {
-        Ok(c) => c,
-        Err(d) => return denied(d),
-    };
     match state.cdr.get(&call_id).await {
         Ok(None) => denied(Denied::NotFound),
         Ok(Some(call)) => match who.may_see(&call.agent, Some(&call.app)) {
@@ -330,14 +352,10 @@ pub async fn get_call(
 /// time of the calls the agent started in the period.
 pub async fn agent_stats(
     State(state): State<AppState>,
+    Auth(who): Auth,
     Path(agent): Path<String>,
     uri: Uri,
-    headers: HeaderMap,
 ) -> Response {
-    let who = match caller(&state, &headers) {
-        Ok(c) => c,
-        Err(d) => return denied(d),
-    };
     let q = match query(&uri, &["from", "to"]) {
         Ok(q) => q,
         Err(r) => return *r,
@@ -398,13 +416,10 @@ fn byte_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> 
 /// left, far end right), streamed; `Range: bytes=` is answered with 206.
 pub async fn get_recording(
     State(state): State<AppState>,
+    Auth(who): Auth,
     Path(call_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let who = match caller(&state, &headers) {
-        Ok(c) => c,
-        Err(d) => return denied(d),
-    };
     let call = match state.cdr.get(&call_id).await {
         Ok(Some(c)) => c,
         Ok(None) => return denied(Denied::NotFound),

@@ -372,24 +372,14 @@ pub async fn run(
                 let old = std::mem::replace(&mut browser, leg);
                 old.close().await;
                 browser_open = true;
-                to_sip.set_map(m.to_sip);
-                to_browser.set_map(m.to_browser);
-                to_sip.rebase();
-                to_browser.rebase();
-                sip_te = m.sip_telephone_event;
-                voice = m.voice;
+                (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
             }
             Some((addr, m)) = ctl.retarget.recv() => {
                 // Same streams for both sides, continued from where they are (the Rewriters
                 // take the new source's numbering as a source change).
                 tracing::debug!(remote = %addr, mapping = ?m, "SIP side retargeted");
                 sip.set_remote(addr);
-                to_sip.set_map(m.to_sip);
-                to_browser.set_map(m.to_browser);
-                to_sip.rebase();
-                to_browser.rebase();
-                sip_te = m.sip_telephone_event;
-                voice = m.voice;
+                (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
                 heard = dtmf::Receiver::default();
                 sending = None;
                 ctl.activity.touch(Instant::now());
@@ -482,6 +472,20 @@ pub async fn run(
         "bridge ended"
     );
     stats
+}
+
+/// Puts a new negotiation's payload types in force on both rewriters, each stream continuing
+/// from where it is; returns the SIP side's telephone-event PT and the voice codec.
+fn remap(
+    to_sip: &mut Rewriter,
+    to_browser: &mut Rewriter,
+    m: Mapping,
+) -> (Option<u8>, (u8, u8, bool)) {
+    to_sip.set_map(m.to_sip);
+    to_browser.set_map(m.to_browser);
+    to_sip.rebase();
+    to_browser.rebase();
+    (m.sip_telephone_event, m.voice)
 }
 
 async fn sleep_until(at: Option<Instant>) {
