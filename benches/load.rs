@@ -1,6 +1,6 @@
 //! callgate load tool: N concurrent bridged calls, WebRTC client ⇄ callgate ⇄ RTP echo, for T
-//! seconds, against the release `callgate` binary as its own process, a real Kamailio and a
-//! sipp that answers every call and echoes its RTP. Reports calls held, packets lost,
+//! seconds, against the release `callgate` binary as its own process, a real Kamailio and
+//! two sipps that answer the calls and echo their RTP. Reports calls held, packets lost,
 //! callgate's CPU seconds per call-minute and resident memory per call (from /proc of the
 //! callgate process), and the one-way latency callgate adds (p50 / p99).
 //!
@@ -9,6 +9,12 @@
 //! ```sh
 //! unshare -n -- bash -c 'ip link set lo up && cargo bench --bench load -- --calls 100 --seconds 30'
 //! ```
+//!
+//! `--pin` puts callgate on CPU 0 and the load rig (this tool, sipp, Kamailio) on the other
+//! CPUs, so that the rig does not preempt the gateway it measures.
+//!
+//! The clients are light WebRTC peers (tests/common/lite_peer.rs: one ICE check, DTLS, then
+//! SRTP straight on a socket), so that the rig costs a fraction of what it measures.
 //!
 //! `--webrtc-port-range` gives each call a WebRTC port of its own (40000-41999) instead of the
 //! single shared one.
@@ -27,8 +33,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use callgate::account::account_from_cli;
 use callgate::config::Config;
 use callgate::media::rtp::RtpPacket;
+use common::lite_peer::LitePeer;
 use common::peers::{Kamailio, Sipp, free_udp_port};
-use common::rtc_peer::RtcPeer;
 use common::{Daemon, TempDir, callgate};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -41,6 +47,8 @@ const MAGIC: [u8; 4] = *b"cgLT";
 struct Args {
     /// One WebRTC port per call (`media.webrtc_port_min/max`) instead of the shared one.
     port_range: bool,
+    /// callgate on CPU 0, this tool, sipp and Kamailio on the others.
+    pin: bool,
     calls: usize,
     seconds: u64,
     setups_at_once: usize,
@@ -49,6 +57,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         port_range: false,
+        pin: false,
         calls: 100,
         seconds: 30,
         setups_at_once: 8,
@@ -60,6 +69,7 @@ fn args() -> Args {
             "--calls" => a.calls = num().unwrap_or(100) as usize,
             "--seconds" => a.seconds = num().unwrap_or(30),
             "--webrtc-port-range" => a.port_range = true,
+            "--pin" => a.pin = true,
             "--setups-at-once" => a.setups_at_once = num().unwrap_or(8).max(1) as usize,
             // cargo bench passes --bench; ignore what is not ours.
             _ => {}
@@ -173,9 +183,11 @@ async fn next_json(ws: &mut Ws) -> Option<Value> {
 /// A page: logs in, places `n` calls to 1002 one after another, then talks on all of them
 /// for `talk`, measuring round trips; returns (calls established, calls still up at the end,
 /// round-trip samples in µs).
+#[allow(clippy::too_many_arguments)]
 async fn page(
     http: std::net::SocketAddr,
     token: String,
+    callee: &'static str,
     n: usize,
     start_talking: tokio::time::Instant,
     talk: Duration,
@@ -195,14 +207,16 @@ async fn page(
             break;
         }
     }
+    // Echoes are timed as they arrive, in each peer's reader.
+    let rtts = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut peers = Vec::new();
     for i in 0..n {
         let _permit = setups.acquire().await;
-        let (mut peer, offer) = RtcPeer::offer().await;
+        let (mut peer, offer) = LitePeer::offer().await;
         let id = 10 + i as u64;
         let _ = ws
             .send(Message::text(
-                json!({"type": "call", "id": id, "to": "1002", "sdp": offer}).to_string(),
+                json!({"type": "call", "id": id, "to": callee, "sdp": offer}).to_string(),
             ))
             .await;
         let mut answer = None;
@@ -213,9 +227,16 @@ async fn page(
             }
         }
         let Some(answer) = answer else { continue };
+        let (rtts, totals) = (rtts.clone(), totals.clone());
+        let on_rtp: common::lite_peer::OnRtp = Box::new(move |p| {
+            if let Some(rtt) = rtt_of(p.payload, micros()) {
+                rtts.lock().unwrap().push(rtt);
+                totals.received.fetch_add(1, Ordering::Relaxed);
+            }
+        });
         // `accept` waits for ICE + DTLS (and panics after 10 s): run it as a task to survive.
         let connected = tokio::spawn(async move {
-            peer.accept(&answer).await;
+            peer.accept(&answer, on_rtp).await;
             peer
         })
         .await;
@@ -224,22 +245,6 @@ async fn page(
         }
     }
     let established = peers.len();
-    // Echoes are timed as they arrive, one receiver per call.
-    let rtts = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut receivers = Vec::new();
-    for p in peers.iter_mut() {
-        let (_, empty) = tokio::sync::mpsc::channel(1);
-        let mut heard = std::mem::replace(&mut p.heard, empty);
-        let (rtts, totals) = (rtts.clone(), totals.clone());
-        receivers.push(tokio::spawn(async move {
-            while let Some((_, payload)) = heard.recv().await {
-                if let Some(rtt) = rtt_of(&payload, micros()) {
-                    rtts.lock().unwrap().push(rtt);
-                    totals.received.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
     tokio::time::sleep_until(start_talking).await;
     let end = start_talking + talk;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
@@ -272,10 +277,7 @@ async fn page(
         ))
         .await;
     for p in &peers {
-        let _ = p.pc.close().await;
-    }
-    for r in receivers {
-        r.abort();
+        p.close().await;
     }
     let rtts = std::mem::take(&mut *rtts.lock().unwrap());
     (established, established.saturating_sub(ended), rtts)
@@ -314,6 +316,22 @@ async fn direct_rtts(echo: std::net::SocketAddr, count: u32) -> Vec<u64> {
 
 fn main() {
     let a = args();
+    if a.pin {
+        // Before any thread exists, so that all of the tool's threads and children inherit it.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(cpus >= 2, "--pin needs two CPUs or more");
+        let status = std::process::Command::new("taskset")
+            .args([
+                "-p",
+                "-c",
+                &format!("1-{}", cpus - 1),
+                &std::process::id().to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("taskset");
+        assert!(status.success(), "taskset failed");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -324,25 +342,33 @@ fn main() {
 
 async fn run(a: Args) {
     let kam = Kamailio::start(free_udp_port());
-    let echo_port = free_udp_port();
+    // Two far ends (sipp's echo is one thread on one socket): pages alternate between them.
     let calls = a.calls.to_string();
-    let mut far = Sipp::uas_with(
-        kam.port,
-        "1002",
-        "pass1002",
-        "uas_answer.xml",
-        &[
-            "-rtp_echo",
-            "-mp",
-            &echo_port.to_string(),
-            "-m",
-            &calls,
-            "-l",
-            &calls,
-            "-timeout",
-            "3600s",
-        ],
-    );
+    let far_ends: Vec<(Sipp, u16)> = [("1002", "pass1002"), ("1003", "pass1003")]
+        .into_iter()
+        .map(|(user, password)| {
+            let echo_port = free_udp_port();
+            let sipp = Sipp::uas_with(
+                kam.port,
+                user,
+                password,
+                "uas_answer.xml",
+                &[
+                    "-rtp_echo",
+                    "-mp",
+                    &echo_port.to_string(),
+                    "-m",
+                    &calls,
+                    "-l",
+                    &calls,
+                    "-timeout",
+                    "3600s",
+                ],
+            );
+            (sipp, echo_port)
+        })
+        .collect();
+    let echo_port = far_ends[0].1;
     let dir = TempDir::new("load");
     let webrtc_port = free_udp_port();
     let http_port = {
@@ -366,10 +392,16 @@ async fn run(a: Args) {
     dir.write("apps.toml", &format!("[apps.crm]\nkeys = [\"{KEY}\"]\n"));
     let config = Config::load(&cfg).expect("config");
     let mut gw = Daemon::spawn(
-        callgate()
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env_remove("RUST_LOG"),
+        (if a.pin {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", "0", env!("CARGO_BIN_EXE_callgate")]);
+            c
+        } else {
+            callgate()
+        })
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("RUST_LOG"),
     );
     let pid = gw.pid();
     let http: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
@@ -412,6 +444,7 @@ async fn run(a: Args) {
         tasks.push(tokio::spawn(page(
             http,
             token,
+            if p % 2 == 0 { "1002" } else { "1003" },
             n,
             start_talking,
             talk,
@@ -429,7 +462,10 @@ async fn run(a: Args) {
     // While the calls' sockets still exist.
     let kernel = kernel_drops(webrtc_port..=webrtc_port) + kernel_drops(40_000..=41_999);
     let kernel_rtp = kernel_drops(36_000..=39_999);
-    let kernel_echo = kernel_drops(echo_port..=echo_port);
+    let kernel_echo: u64 = far_ends
+        .iter()
+        .map(|(_, port)| kernel_drops(*port..=*port))
+        .sum();
     let measured = t0.elapsed().as_secs_f64();
     let rss_busy = rss_kb(pid);
     let (mut established, mut held, mut rtts) = (0, 0, Vec::new());
@@ -458,10 +494,11 @@ async fn run(a: Args) {
     let to_sip = counter("callgate_media_packets_total{direction=\"to_sip\"}");
     let to_browser = counter("callgate_media_packets_total{direction=\"to_browser\"}");
     let sip_lost = counter("callgate_media_packets_lost_total");
-    let dropped = counter("callgate_media_dropped_total");
     let direct = direct_rtts(format!("127.0.0.1:{echo_port}").parse().unwrap(), 200).await;
     let status = gw.terminate(Duration::from_secs(30));
-    let _ = far.wait(Duration::from_secs(1));
+    for (mut far, _) in far_ends {
+        let _ = far.wait(Duration::from_secs(1));
+    }
 
     rtts.sort_unstable();
     let mut direct = direct;
@@ -485,10 +522,10 @@ async fn run(a: Args) {
     );
     println!(
         "where                clients sent {sent}; callgate got and sent on to SIP {to_sip} \
-         (lost before callgate: {}, of which dropped inside callgate's WebRTC receive queue: \
-         {dropped}, by the kernel at callgate's WebRTC port(s): {kernel}); sipp's echo missing \
+         (lost before callgate: {}, of which dropped by the kernel at callgate's WebRTC \
+         port(s): {kernel}); sipp's echo missing \
          at callgate {sip_lost} (dropped by the kernel at callgate's RTP ports: {kernel_rtp}, at \
-         sipp's echo port: {kernel_echo}); \
+         sipp's echo ports: {kernel_echo}); \
          callgate sent to the clients {to_browser} (lost after callgate: {})",
         sent.saturating_sub(to_sip),
         to_browser.saturating_sub(received)

@@ -320,14 +320,6 @@ impl Metrics {
             &one(load(&self.far_end_lost).to_string()),
         );
         metric(
-            "callgate_media_dropped_total",
-            "counter",
-            "Browser RTP packets dropped because a bridge fell behind (CPU starved).",
-            &one(crate::media::webrtc::INBOUND_DROPPED
-                .load(Ordering::Relaxed)
-                .to_string()),
-        );
-        metric(
             "callgate_sip_datagrams_total",
             "counter",
             "SIP datagrams, by direction.",

@@ -77,10 +77,10 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
             _ = tick.tick(), if sent < 80 => {
                 // Packets 25-54 fall into a 600 ms hold: nothing is forwarded meanwhile.
                 if sent == 25 {
-                    steer.flow.send(Flow::Hold).unwrap();
+                    steer.flow(Flow::Hold);
                 }
                 if sent == 55 {
-                    steer.flow.send(Flow::Forward).unwrap();
+                    steer.flow(Flow::Forward);
                 }
                 let mut b = Vec::new();
                 RtpPacket { marker: sent == 0, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 3, payload: &[0x3c; 160] }.write(&mut b);
@@ -98,8 +98,8 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
     // DTMF crosses as RFC 4733 events with sipp's payload type; sipp echoes them and the bridge
     // reports each digit it hears once.
     assert_eq!(mapping_te, Some(101));
-    steer.dtmf.send('5').unwrap();
-    steer.dtmf.send('#').unwrap();
+    steer.dtmf('5');
+    steer.dtmf('#');
     let heard = tokio::time::timeout(Duration::from_secs(3), async {
         let mut d = String::new();
         while d.len() < 2 {
@@ -110,7 +110,7 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
     .await
     .expect("the echoed digits within 3 s");
     assert_eq!(heard, "5#");
-    steer.flow.send(Flow::Stop).unwrap();
+    steer.flow(Flow::Stop);
     let stats = bridge.await.unwrap();
     // 80 sent, 30 of them during the hold: about 50 come back, before and after it.
     assert!(

@@ -39,7 +39,7 @@ async fn short_calls_leave_nothing_behind() {
         };
         let task = tokio::spawn(bridge::run(leg, rtp, mapping, 1, ctl));
         tokio::time::sleep(Duration::from_millis(40)).await;
-        steer.flow.send(Flow::Stop).unwrap();
+        steer.flow(Flow::Stop);
         task.await.unwrap();
         browser.pc.close().await.unwrap();
         drop(browser);

@@ -140,7 +140,7 @@ async fn reports_go_both_ways() {
         "SDES CNAME"
     );
 
-    steer.flow.send(Flow::Stop).unwrap();
+    steer.flow(Flow::Stop);
     let stats = task.await.unwrap();
     assert_eq!(
         stats.far_end,

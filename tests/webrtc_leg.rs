@@ -26,6 +26,73 @@ fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
     b
 }
 
+/// The load tool's light peer (tests/common/lite_peer.rs) against the leg: ICE, DTLS-SRTP and
+/// RTP both ways, and the payload type the bridge chose reaches the browser unchanged (voice
+/// and telephone-event on one stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn light_load_peer_exchanges_rtp_through_the_leg() {
+    use common::lite_peer::LitePeer;
+    let engine = common::rtc_peer::loopback_engine().await;
+    let (mut browser, offer) = LitePeer::offer().await;
+    let (mut leg, answer) = tokio::time::timeout(Duration::from_secs(10), engine.answer(&offer))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    assert!(
+        answer.contains("a=rtpmap:126 telephone-event/8000"),
+        "{answer}"
+    );
+    let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    browser
+        .accept(
+            &answer,
+            Box::new(move |p| {
+                let _ = tx.send((p.payload_type, p.payload.to_vec()));
+            }),
+        )
+        .await;
+    let (mut from_browser, mut voice, mut events, mut n) = (0, 0, 0, 0u16);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1800);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick(), if n < 50 => {
+                browser.send(&rtp(n, 1, 0x11)).await;
+                // Every fifth packet toward the browser is a telephone-event (PT 126 here).
+                let mut out = rtp(n, 2, 0x22);
+                if n % 5 == 0 {
+                    out[1] = 126;
+                }
+                leg.send_rtp(&RtpPacket::parse(&out).unwrap()).await.unwrap();
+                n += 1;
+            }
+            Some(p) = leg.recv_rtp() => {
+                if p.packet().payload == [0x11; 160] {
+                    from_browser += 1;
+                }
+            }
+            Some((pt, payload)) = heard.recv() => {
+                match pt {
+                    0 if payload == [0x22; 160] => voice += 1,
+                    126 => events += 1,
+                    _ => panic!("payload type {pt} reached the browser"),
+                }
+            }
+        }
+    }
+    assert!(
+        from_browser >= 45,
+        "browser → callgate: {from_browser} of 50"
+    );
+    assert!(
+        voice >= 36 && events >= 9,
+        "callgate → browser: {voice} voice, {events} events"
+    );
+    leg.close().await;
+    browser.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_like_peer_exchanges_rtp_through_the_leg() {
     let engine = common::rtc_peer::loopback_engine().await;
@@ -87,11 +154,12 @@ async fn exchange(mut browser: RtcPeer, mut leg: callgate::media::webrtc::Leg, a
             () = tokio::time::sleep_until(deadline) => break,
             _ = tick.tick(), if n < 50 => {
                 browser.send(&rtp(n, 1, 0x11)).await;
-                leg.send_rtp(&rtp(n, 2, 0x22)).await.unwrap();
+                let out = rtp(n, 2, 0x22);
+                leg.send_rtp(&RtpPacket::parse(&out).unwrap()).await.unwrap();
                 n += 1;
             }
             Some(p) = leg.recv_rtp() => {
-                if RtpPacket::parse(&p).is_ok_and(|r| r.payload == [0x11; 160]) {
+                if p.packet().payload == [0x11; 160] {
                     from_browser += 1;
                 }
             }

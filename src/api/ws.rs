@@ -350,8 +350,11 @@ pub async fn handler(
         .and_then(|v| v.to_str().ok())
         .map(|o| o.trim_end_matches('/').to_ascii_lowercase());
     let peer = Peer { ip, origin };
+    // Session messages are small: an 8 KiB read buffer per page instead of the default
+    // 128 KiB allocated up front (larger messages still arrive, up to the limit).
     ws.max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
+        .read_buffer_size(8 * 1024)
         .on_upgrade(move |socket| session(socket, state, peer))
 }
 
@@ -1396,7 +1399,7 @@ async fn follow_call(f: Follow) {
             Some(digits) = dtmf_in.recv() => {
                 if rfc4733 && dtmf_mode == DtmfMode::Rfc4733 {
                     for d in digits.chars() {
-                        let _ = steer.dtmf.send(d);
+                        steer.dtmf(d);
                     }
                 } else {
                     commander.dtmf_info(&digits);
@@ -1410,7 +1413,7 @@ async fn follow_call(f: Follow) {
                         Ok(mapping) => {
                             tracing::debug!(call = %call_id, "browser leg replaced");
                             browser_sdp = Some(b);
-                            let _ = steer.rebrowse.send((leg, mapping));
+                            steer.rebrowse(leg, mapping);
                         }
                         Err(e) => {
                             tracing::warn!(call = %call_id, "cannot bridge the new browser leg: {e}");
@@ -1514,7 +1517,7 @@ async fn follow_call(f: Follow) {
                         rfc4733 = mapping.sip_telephone_event.is_some();
                         sip_media = Some(remote);
                         sip_sdp = Some(sdp.clone());
-                        let _ = steer.retarget.send((remote, mapping));
+                        steer.retarget(remote, mapping);
                     }
                     Err(e) => {
                         tracing::warn!(call = %call_id, "cannot bridge the new far end's media: {e}")
@@ -1537,7 +1540,7 @@ async fn follow_call(f: Follow) {
             CallEvent::Hold { held: h, .. } => {
                 held = h;
                 watch_from = std::time::Instant::now();
-                let _ = steer.flow.send(if h { Flow::Hold } else { Flow::Forward });
+                steer.flow(if h { Flow::Hold } else { Flow::Forward });
                 report(&peer, if h { "held" } else { "established" }, None, None)
             }
             CallEvent::RemoteHold { held: h, .. } => {
@@ -1589,7 +1592,7 @@ async fn follow_call(f: Follow) {
                 remote_held = false;
                 if held {
                     held = false;
-                    let _ = steer.flow.send(Flow::Forward);
+                    steer.flow(Flow::Forward);
                 }
                 watch_from = std::time::Instant::now();
                 report(&peer, "established", None, None)
@@ -1644,7 +1647,7 @@ async fn follow_call(f: Follow) {
         }
     }
     metrics.call_state(shown, None);
-    let _ = steer.flow.send(Flow::Stop);
+    steer.flow(Flow::Stop);
     let mut media_stats = crate::media::bridge::BridgeStats::default();
     if let Some(b) = bridge {
         if let Ok(stats) = b.await {

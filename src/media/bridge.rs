@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::dtmf::{self, Scheduled};
 use super::rewrite::{PtMap, Rewriter};
@@ -159,70 +159,89 @@ impl Activity {
     }
 }
 
+/// What a call's owner tells its bridge, in order, on one channel (the bridge polls one
+/// queue per wake-up rather than one per kind of order).
+#[derive(Debug)]
+enum Control {
+    /// Forward / hold / stop.
+    Flow(Flow),
+    /// A DTMF digit to send to the SIP side as an RFC 4733 telephone-event.
+    Dtmf(char),
+    /// A new SIP-side peer (a re-INVITE moved its media, or a followed transfer replaced it):
+    /// its address and the payload types negotiated with it.
+    Retarget(Box<(SocketAddr, Mapping)>),
+    /// A new browser leg (the page reloaded and negotiated again), with the payload types
+    /// mapped for it; the old leg is closed.
+    Rebrowse(Box<(Leg, Mapping)>),
+}
+
 /// How a call's owner steers its bridge and hears from it.
 #[derive(Debug)]
 pub struct Controls {
-    /// Forward / hold / stop.
-    pub flow: watch::Receiver<Flow>,
-    /// DTMF digits to send to the SIP side as RFC 4733 telephone-events, in order.
-    pub dtmf: mpsc::UnboundedReceiver<char>,
+    /// The owner's orders; all senders gone means stop.
+    control: mpsc::UnboundedReceiver<Control>,
     /// Digits the SIP side sent as telephone-events (each reported once).
     pub heard: mpsc::UnboundedSender<char>,
     /// Updated on each SIP-side packet.
     pub activity: Arc<Activity>,
-    /// A new SIP-side peer (a re-INVITE moved its media, or a followed transfer replaced it):
-    /// its address and the payload types negotiated with it.
-    pub retarget: mpsc::UnboundedReceiver<(SocketAddr, Mapping)>,
-    /// A new browser leg (the page reloaded and negotiated again), with the payload types
-    /// mapped for it; the old leg is closed.
-    pub rebrowse: mpsc::UnboundedReceiver<(Leg, Mapping)>,
     /// Where both sides' decoded audio goes when the call is recorded.
     pub tap: Option<super::recorder::Tap>,
     /// How often an RTCP report goes to the SIP side.
     pub rtcp_interval: Duration,
 }
 
-/// The owner's ends of a bridge's [`Controls`].
+/// The owner's ends of a bridge's [`Controls`]. Orders to a bridge that has ended are dropped
+/// (with a new browser leg in one, that leg closes).
 #[derive(Debug)]
 pub struct Steering {
-    /// Forward / hold / stop.
-    pub flow: watch::Sender<Flow>,
-    /// Digits to send as telephone-events.
-    pub dtmf: mpsc::UnboundedSender<char>,
+    control: mpsc::UnboundedSender<Control>,
     /// Digits heard from the SIP side.
     pub heard: mpsc::UnboundedReceiver<char>,
     /// The SIP side's media activity.
     pub activity: Arc<Activity>,
-    /// Points the SIP side at a new peer.
-    pub retarget: mpsc::UnboundedSender<(SocketAddr, Mapping)>,
-    /// Hands the bridge a new browser leg.
-    pub rebrowse: mpsc::UnboundedSender<(Leg, Mapping)>,
+}
+
+impl Steering {
+    /// Forward, hold or stop.
+    pub fn flow(&self, flow: Flow) {
+        let _ = self.control.send(Control::Flow(flow));
+    }
+
+    /// Queues a digit to send as a telephone-event.
+    pub fn dtmf(&self, digit: char) {
+        let _ = self.control.send(Control::Dtmf(digit));
+    }
+
+    /// Points the SIP side at a new peer with the payload types negotiated with it.
+    pub fn retarget(&self, remote: SocketAddr, mapping: Mapping) {
+        let _ = self
+            .control
+            .send(Control::Retarget(Box::new((remote, mapping))));
+    }
+
+    /// Hands the bridge a new browser leg; the old one is closed.
+    pub fn rebrowse(&self, leg: Leg, mapping: Mapping) {
+        let _ = self
+            .control
+            .send(Control::Rebrowse(Box::new((leg, mapping))));
+    }
 }
 
 /// A connected pair of [`Steering`] (for the call's owner) and [`Controls`] (for [`run`]).
 pub fn controls() -> (Steering, Controls) {
-    let (flow_tx, flow) = watch::channel(Flow::Forward);
-    let (dtmf_tx, dtmf) = mpsc::unbounded_channel();
+    let (control_tx, control) = mpsc::unbounded_channel();
     let (heard, heard_rx) = mpsc::unbounded_channel();
     let activity = Activity::new();
-    let (retarget_tx, retarget) = mpsc::unbounded_channel();
-    let (rebrowse_tx, rebrowse) = mpsc::unbounded_channel();
     (
         Steering {
-            flow: flow_tx,
-            dtmf: dtmf_tx,
+            control: control_tx,
             heard: heard_rx,
             activity: activity.clone(),
-            retarget: retarget_tx,
-            rebrowse: rebrowse_tx,
         },
         Controls {
-            flow,
-            dtmf,
+            control,
             heard,
             activity,
-            retarget,
-            rebrowse,
             tap: None,
             rtcp_interval: Duration::from_secs(5),
         },
@@ -248,7 +267,7 @@ impl Sending {
     }
 }
 
-/// Runs until `flow` says [`Flow::Stop`]; returns the statistics. When the browser leg closes
+/// Runs until told [`Flow::Stop`] (or the [`Steering`] is dropped); returns the statistics. When the browser leg closes
 /// (the page went away) the SIP side's audio is dropped until a new leg arrives by `rebrowse`
 /// (the page came back) or the call ends.
 pub async fn run(
@@ -288,12 +307,11 @@ pub async fn run(
     let mut to_browser = Rewriter::new(ssrc ^ 0x5555_5555, 8000, mapping.to_browser);
     let mut stats = BridgeStats::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut held = *ctl.flow.borrow() == Flow::Hold;
+    let mut held = false;
     let mut digits: VecDeque<char> = VecDeque::new();
     let mut sending: Option<Sending> = None;
     let mut next_digit_at = start;
     let mut heard = dtmf::Receiver::default();
-    let mut dtmf_open = true;
     let mut browser_open = true;
     ctl.activity.touch(start);
     loop {
@@ -303,21 +321,127 @@ pub async fn run(
             None if !digits.is_empty() => Some(next_digit_at),
             None => None,
         };
+        // Biased: orders first (a stop is never starved), then the two media sources.
         tokio::select! {
-            changed = ctl.flow.changed() => {
-                let now = match changed {
-                    Ok(()) => *ctl.flow.borrow(),
-                    Err(_) => Flow::Stop,
+            biased;
+            c = ctl.control.recv() => match c {
+                None | Some(Control::Flow(Flow::Stop)) => break,
+                Some(Control::Flow(Flow::Hold)) => held = true,
+                Some(Control::Flow(Flow::Forward)) => {
+                    if held {
+                        held = false;
+                        to_sip.rebase();
+                        to_browser.rebase();
+                    }
+                }
+                Some(Control::Dtmf(d)) => {
+                    if sip_te.is_some() {
+                        digits.push_back(d);
+                    }
+                }
+                Some(Control::Rebrowse(b)) => {
+                    let (leg, m) = *b;
+                    tracing::debug!(mapping = ?m, "browser leg replaced");
+                    let old = std::mem::replace(&mut browser, leg);
+                    old.close().await;
+                    browser_open = true;
+                    (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
+                }
+                Some(Control::Retarget(r)) => {
+                    let (addr, m) = *r;
+                    // Same streams for both sides, continued from where they are (the
+                    // Rewriters take the new source's numbering as a source change).
+                    tracing::debug!(remote = %addr, mapping = ?m, "SIP side retargeted");
+                    sip.set_remote(addr);
+                    (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
+                    heard = dtmf::Receiver::default();
+                    sending = None;
+                    ctl.activity.touch(Instant::now());
+                }
+            },
+            n = sip.recv(&mut buf) => {
+                let Ok(n) = n else { break };
+                let Ok(p) = RtpPacket::parse(buf.get(..n).unwrap_or_default()) else { continue };
+                let now = Instant::now();
+                ctl.activity.touch(now);
+                sip_ssrc = Some(p.ssrc);
+                let arrival = now.saturating_duration_since(start).as_millis() as u64 * 8;
+                stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
+                if held || !browser_open {
+                    continue;
+                }
+                if Some(p.payload_type) == sip_te {
+                    if let Some(d) = heard.on_packet(p.timestamp, p.payload) {
+                        let _ = ctl.heard.send(d);
+                    }
+                } else if p.payload_type == voice.1 {
+                    record(&ctl.tap, super::recorder::Side::Far, voice.2, p.payload);
+                }
+                if let Some(out) = to_browser.rewrite(now, &p).and_then(|b| RtpPacket::parse(b).ok()) {
+                    if browser.send_rtp(&out).await.is_ok() {
+                        stats.to_browser += 1;
+                    }
+                }
+            }
+            pkt = browser.recv_rtp(), if browser_open => {
+                let Some(pkt) = pkt else {
+                    tracing::debug!("browser leg gone; waiting for the page to come back");
+                    browser_open = false;
+                    continue;
                 };
-                match now {
-                    Flow::Stop => break,
-                    Flow::Hold => held = true,
-                    Flow::Forward => {
-                        if held {
-                            held = false;
-                            to_sip.rebase();
-                            to_browser.rebase();
-                        }
+                let p = pkt.packet();
+                // While we send a telephone-event, the browser's audio waits (RFC 4733 §2.5.1.1).
+                if held || sending.is_some() {
+                    continue;
+                }
+                if p.payload_type == voice.0 {
+                    record(&ctl.tap, super::recorder::Side::Agent, voice.2, p.payload);
+                }
+                if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
+                    if sip.send(out).await {
+                        stats.to_sip += 1;
+                        octets_to_sip += p.payload.len() as u64;
+                    }
+                }
+            }
+            () = sleep_until(wake), if wake.is_some() => {
+                let now = Instant::now();
+                let Some(pt) = sip_te else { digits.clear(); sending = None; continue };
+                if sending.is_none() {
+                    let Some(packets) = digits.pop_front().and_then(|d| dtmf::digit_schedule(d, DIGIT_MS)) else { continue };
+                    sending = Some(Sending { started: now, timestamp: to_sip.timestamp_at(now), packets, next: 0 });
+                }
+                let Some(s) = sending.as_mut() else { continue };
+                // Send what is due (several end packets share one instant).
+                while let Some(p) = s.packets.get(s.next).copied() {
+                    if s.started + Duration::from_millis(u64::from(p.at_ms)) > now {
+                        break;
+                    }
+                    s.next += 1;
+                    if held {
+                        continue;
+                    }
+                    let bytes = to_sip.inject(s.started, p.marker, pt, s.timestamp, &p.event.to_bytes());
+                    if sip.send(bytes).await {
+                        stats.to_sip += 1;
+                    }
+                }
+                if s.next >= s.packets.len() {
+                    sending = None;
+                    next_digit_at = now + DIGIT_GAP;
+                }
+            }
+            r = rtcp_socket.recv_from(&mut rtcp_buf) => {
+                let Ok((n, from)) = r else { continue };
+                if !sip.accept_rtcp(from) {
+                    continue;
+                }
+                if let Some(inc) = rtcp_buf.get(..n).and_then(super::rtcp::parse) {
+                    if let Some((_, lsr)) = inc.sender {
+                        last_sr = Some((lsr, Instant::now()));
+                    }
+                    if let Some(b) = inc.blocks.iter().find(|b| b.ssrc == ssrc) {
+                        stats.far_end = Some(*b);
                     }
                 }
             }
@@ -352,114 +476,6 @@ pub async fn run(
                     "callgate",
                 );
                 let _ = sip.send_rtcp(&packet).await;
-            }
-            r = rtcp_socket.recv_from(&mut rtcp_buf) => {
-                let Ok((n, from)) = r else { continue };
-                if !sip.accept_rtcp(from) {
-                    continue;
-                }
-                if let Some(inc) = rtcp_buf.get(..n).and_then(super::rtcp::parse) {
-                    if let Some((_, lsr)) = inc.sender {
-                        last_sr = Some((lsr, Instant::now()));
-                    }
-                    if let Some(b) = inc.blocks.iter().find(|b| b.ssrc == ssrc) {
-                        stats.far_end = Some(*b);
-                    }
-                }
-            }
-            Some((leg, m)) = ctl.rebrowse.recv() => {
-                tracing::debug!(mapping = ?m, "browser leg replaced");
-                let old = std::mem::replace(&mut browser, leg);
-                old.close().await;
-                browser_open = true;
-                (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
-            }
-            Some((addr, m)) = ctl.retarget.recv() => {
-                // Same streams for both sides, continued from where they are (the Rewriters
-                // take the new source's numbering as a source change).
-                tracing::debug!(remote = %addr, mapping = ?m, "SIP side retargeted");
-                sip.set_remote(addr);
-                (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
-                heard = dtmf::Receiver::default();
-                sending = None;
-                ctl.activity.touch(Instant::now());
-            }
-            d = ctl.dtmf.recv(), if dtmf_open => match d {
-                Some(d) if sip_te.is_some() => digits.push_back(d),
-                Some(_) => {}
-                None => dtmf_open = false,
-            },
-            () = sleep_until(wake), if wake.is_some() => {
-                let now = Instant::now();
-                let Some(pt) = sip_te else { digits.clear(); sending = None; continue };
-                if sending.is_none() {
-                    let Some(packets) = digits.pop_front().and_then(|d| dtmf::digit_schedule(d, DIGIT_MS)) else { continue };
-                    sending = Some(Sending { started: now, timestamp: to_sip.timestamp_at(now), packets, next: 0 });
-                }
-                let Some(s) = sending.as_mut() else { continue };
-                // Send what is due (several end packets share one instant).
-                while let Some(p) = s.packets.get(s.next).copied() {
-                    if s.started + Duration::from_millis(u64::from(p.at_ms)) > now {
-                        break;
-                    }
-                    s.next += 1;
-                    if held {
-                        continue;
-                    }
-                    let bytes = to_sip.inject(s.started, p.marker, pt, s.timestamp, &p.event.to_bytes());
-                    if sip.send(bytes).await {
-                        stats.to_sip += 1;
-                    }
-                }
-                if s.next >= s.packets.len() {
-                    sending = None;
-                    next_digit_at = now + DIGIT_GAP;
-                }
-            }
-            pkt = browser.recv_rtp(), if browser_open => {
-                let Some(pkt) = pkt else {
-                    tracing::debug!("browser leg gone; waiting for the page to come back");
-                    browser_open = false;
-                    continue;
-                };
-                let Ok(p) = RtpPacket::parse(&pkt) else { continue };
-                // While we send a telephone-event, the browser's audio waits (RFC 4733 §2.5.1.1).
-                if held || sending.is_some() {
-                    continue;
-                }
-                if p.payload_type == voice.0 {
-                    record(&ctl.tap, super::recorder::Side::Agent, voice.2, p.payload);
-                }
-                if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
-                    if sip.send(out).await {
-                        stats.to_sip += 1;
-                        octets_to_sip += p.payload.len() as u64;
-                    }
-                }
-            }
-            n = sip.recv(&mut buf) => {
-                let Ok(n) = n else { break };
-                let Ok(p) = RtpPacket::parse(buf.get(..n).unwrap_or_default()) else { continue };
-                let now = Instant::now();
-                ctl.activity.touch(now);
-                sip_ssrc = Some(p.ssrc);
-                let arrival = now.saturating_duration_since(start).as_millis() as u64 * 8;
-                stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
-                if held || !browser_open {
-                    continue;
-                }
-                if Some(p.payload_type) == sip_te {
-                    if let Some(d) = heard.on_packet(p.timestamp, p.payload) {
-                        let _ = ctl.heard.send(d);
-                    }
-                } else if p.payload_type == voice.1 {
-                    record(&ctl.tap, super::recorder::Side::Far, voice.2, p.payload);
-                }
-                if let Some(out) = to_browser.rewrite(now, &p) {
-                    if browser.send_rtp(out).await.is_ok() {
-                        stats.to_browser += 1;
-                    }
-                }
             }
         }
     }

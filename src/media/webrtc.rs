@@ -5,10 +5,13 @@
 //! known address; the browser is controlling). Audio only: PCMU, PCMA and telephone-event/8000,
 //! so the SIP side needs no transcoding. The crate's callbacks are turned into channel messages.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::oneshot;
 use webrtc::api::media_engine::{
     MIME_TYPE_PCMA, MIME_TYPE_PCMU, MIME_TYPE_TELEPHONE_EVENT, MediaEngine,
 };
@@ -23,15 +26,19 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 use webrtc::rtp_transceiver::rtp_codec::{
     RTCRtpCodecCapability, RTCRtpCodecParameters, RTPCodecType,
 };
-use webrtc::track::track_local::TrackLocalWriter;
-use webrtc::track::track_local::track_local_static_rtp::TrackLocalStaticRTP;
-use webrtc::util::Marshal;
+use webrtc::track::track_local::{TrackLocal, TrackLocalContext, TrackLocalWriter};
+use webrtc::track::track_remote::TrackRemote;
 
-/// Packets from the browser buffered per leg before the oldest are dropped.
-const INBOUND_QUEUE: usize = 256;
+use super::rtp::RtpPacket;
 
-/// Browser packets dropped because a bridge did not keep up (its queue was full), since start.
-pub static INBOUND_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Receive buffer asked for the shared WebRTC port: at 500 calls it takes 25,000 packets/s, and
+/// a busy machine may not read it for tens of milliseconds (the kernel caps the size at
+/// `net.core.rmem_max`).
+const MUX_RECV_BUFFER: usize = 4 * 1024 * 1024;
+/// Below this the shared port is likely to drop packets under load: worth a warning.
+const MUX_RECV_BUFFER_LOW: usize = 1024 * 1024;
+/// Largest RTP packet read from the browser.
+const RECEIVE_MTU: usize = 1500;
 /// Largest SDP offer accepted from a browser.
 pub const MAX_OFFER_BYTES: usize = 32 * 1024;
 
@@ -105,13 +112,10 @@ impl Engine {
                 SocketAddr::new(settings.bind.ip(), min)
             }
             None => {
-                let socket =
-                    tokio::net::UdpSocket::bind(settings.bind)
-                        .await
-                        .map_err(|source| WebRtcError::Bind {
-                            addr: settings.bind,
-                            source,
-                        })?;
+                let socket = bind_mux(settings.bind).map_err(|source| WebRtcError::Bind {
+                    addr: settings.bind,
+                    source,
+                })?;
                 let local = socket.local_addr().map_err(|source| WebRtcError::Bind {
                     addr: settings.bind,
                     source,
@@ -122,6 +126,10 @@ impl Engine {
             }
         };
         se.set_lite(true);
+        // No mDNS: the browser's `.local` candidates need no resolving, since an ICE-lite agent
+        // learns the browser's address from its checks. Left on, every call would open a
+        // multicast socket on port 5353 (with a 64 KiB buffer) and query the LAN.
+        se.set_ice_multicast_dns_mode(webrtc::ice::mdns::MulticastDnsMode::Disabled);
         if let Some(ip) = settings.public_ip {
             se.set_nat_1to1_ips(vec![ip.to_string()], RTCIceCandidateType::Host);
         }
@@ -162,27 +170,17 @@ impl Engine {
                 .await
                 .map_err(engine_err)?,
         );
-        let track = Arc::new(TrackLocalStaticRTP::new(
-            audio_codec(MIME_TYPE_PCMU, 0, "").capability,
-            "audio".to_owned(),
-            "callgate".to_owned(),
-        ));
+        let track = Arc::new(Outbound::default());
         // Before the remote description, or the answer says recvonly (NOTES).
         pc.add_track(track.clone()).await.map_err(engine_err)?;
-        let (tx, rx) = mpsc::channel::<Vec<u8>>(INBOUND_QUEUE);
+        // The browser's track is read by the bridge itself (no task or queue in between).
+        let (tx, rx) = oneshot::channel::<Arc<TrackRemote>>();
+        let tx = Mutex::new(Some(tx));
         pc.on_track(Box::new(move |remote, _receiver, _transceiver| {
-            let tx = tx.clone();
-            Box::pin(async move {
-                while let Ok((pkt, _)) = remote.read_rtp().await {
-                    if let Ok(bytes) = pkt.marshal() {
-                        // A slow consumer loses the oldest audio, never blocks the engine.
-                        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(bytes.to_vec())
-                        {
-                            INBOUND_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
+            if let Some(tx) = tx.lock().ok().and_then(|mut t| t.take()) {
+                let _ = tx.send(remote);
+            }
+            Box::pin(async {})
         }));
         let offer = RTCSessionDescription::offer(offer.to_owned())
             .map_err(|_| WebRtcError::BadOffer("not an SDP offer"))?;
@@ -200,18 +198,153 @@ impl Engine {
             Leg {
                 pc,
                 track,
-                inbound: rx,
+                remote: Remote::Waiting(rx),
+                reading: None,
             },
             sdp,
         ))
     }
 }
 
+/// Binds the shared WebRTC port with a large receive buffer.
+fn bind_mux(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_nonblocking(true)?;
+    // Best effort: the kernel caps it at net.core.rmem_max (and reports twice what it keeps).
+    let _ = socket.set_recv_buffer_size(MUX_RECV_BUFFER);
+    let got = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if got < MUX_RECV_BUFFER_LOW {
+        tracing::warn!(
+            bytes = got,
+            "the shared WebRTC port's receive buffer is small and may drop packets under load; \
+             raise net.core.rmem_max (sysctl) to at least {MUX_RECV_BUFFER}"
+        );
+    }
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
+/// A future reading the browser's next packet.
+type Reading = Pin<Box<dyn Future<Output = Option<webrtc::rtp::packet::Packet>> + Send>>;
+
+/// The browser's track: announced by the engine once ICE and DTLS are up.
+enum Remote {
+    Waiting(oneshot::Receiver<Arc<TrackRemote>>),
+    Ready(Arc<TrackRemote>),
+    Gone,
+}
+
 /// One browser's media: RTP in (decrypted) and out (encrypted by the engine).
 pub struct Leg {
     pc: Arc<RTCPeerConnection>,
-    track: Arc<TrackLocalStaticRTP>,
-    inbound: mpsc::Receiver<Vec<u8>>,
+    track: Arc<Outbound>,
+    remote: Remote,
+    /// The read in progress, kept across `recv_rtp` calls: the engine's read is not cancel
+    /// safe, so a `select!` that drops `recv_rtp` must not drop the read.
+    reading: Option<Reading>,
+}
+
+/// One packet from the browser (decrypted).
+#[derive(Debug)]
+pub struct Inbound(webrtc::rtp::packet::Packet);
+
+impl Inbound {
+    /// The packet's fields (padding and extensions already removed).
+    pub fn packet(&self) -> RtpPacket<'_> {
+        let h = &self.0.header;
+        RtpPacket {
+            marker: h.marker,
+            payload_type: h.payload_type,
+            sequence: h.sequence_number,
+            timestamp: h.timestamp,
+            ssrc: h.ssrc,
+            payload: &self.0.payload,
+        }
+    }
+}
+
+/// Where the bridge's packets go toward the browser: the sender's one binding. Unlike the
+/// crate's `TrackLocalStaticRTP`, it keeps the payload type the bridge chose (voice or
+/// telephone-event) and does not take an async lock, copy the bindings and reparse per packet.
+#[derive(Default)]
+struct Outbound {
+    binding: Mutex<Option<Binding>>,
+}
+
+#[derive(Clone)]
+struct Binding {
+    id: String,
+    ssrc: u32,
+    writer: Arc<dyn TrackLocalWriter + Send + Sync>,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound").finish_non_exhaustive()
+    }
+}
+
+impl Outbound {
+    fn binding(&self) -> Option<Binding> {
+        self.binding.lock().ok().and_then(|b| b.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl TrackLocal for Outbound {
+    async fn bind(&self, t: &TrackLocalContext) -> webrtc::error::Result<RTCRtpCodecParameters> {
+        // The voice codec the browser accepted (telephone-event rides on the same stream).
+        let codec = t
+            .codec_parameters()
+            .iter()
+            .find(|c| {
+                let m = &c.capability.mime_type;
+                m.eq_ignore_ascii_case(MIME_TYPE_PCMU) || m.eq_ignore_ascii_case(MIME_TYPE_PCMA)
+            })
+            .cloned()
+            .ok_or(webrtc::Error::ErrUnsupportedCodec)?;
+        if let Ok(mut b) = self.binding.lock() {
+            *b = Some(Binding {
+                id: t.id(),
+                ssrc: t.ssrc(),
+                writer: t.write_stream(),
+            });
+        }
+        Ok(codec)
+    }
+
+    async fn unbind(&self, t: &TrackLocalContext) -> webrtc::error::Result<()> {
+        if let Ok(mut b) = self.binding.lock() {
+            if b.as_ref().is_some_and(|b| b.id == t.id()) {
+                *b = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn id(&self) -> &str {
+        "audio"
+    }
+
+    fn rid(&self) -> Option<&str> {
+        None
+    }
+
+    fn stream_id(&self) -> &str {
+        "callgate"
+    }
+
+    fn kind(&self) -> RTPCodecType {
+        RTPCodecType::Audio
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 impl std::fmt::Debug for Leg {
@@ -221,22 +354,80 @@ impl std::fmt::Debug for Leg {
 }
 
 impl Leg {
-    /// Sends one RTP packet to the browser (the engine sets SSRC and the negotiated PT).
-    pub async fn send_rtp(&self, packet: &[u8]) -> Result<(), WebRtcError> {
-        self.track
-            .write(packet)
-            .await
-            .map(|_| ())
-            .map_err(engine_err)
+    /// Sends one RTP packet to the browser with its payload type, sequence number and
+    /// timestamp; the engine sets the SSRC it announced and encrypts. Dropped (`Ok`) until
+    /// DTLS is up. The future does not borrow the leg (the leg is not `Sync`: it holds the
+    /// read in progress).
+    pub fn send_rtp(
+        &self,
+        packet: &RtpPacket<'_>,
+    ) -> impl Future<Output = Result<(), WebRtcError>> + Send + 'static {
+        let binding = self.track.binding();
+        let pkt = webrtc::rtp::packet::Packet {
+            header: webrtc::rtp::header::Header {
+                version: 2,
+                marker: packet.marker,
+                payload_type: packet.payload_type,
+                sequence_number: packet.sequence,
+                timestamp: packet.timestamp,
+                ssrc: binding.as_ref().map_or(0, |b| b.ssrc),
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(packet.payload),
+        };
+        async move {
+            match binding {
+                Some(b) => b
+                    .writer
+                    .write_rtp(&pkt)
+                    .await
+                    .map(|_| ())
+                    .map_err(engine_err),
+                None => Ok(()),
+            }
+        }
     }
 
-    /// The next RTP packet from the browser; `None` when the connection is gone.
-    pub async fn recv_rtp(&mut self) -> Option<Vec<u8>> {
-        self.inbound.recv().await
+    /// The next RTP packet from the browser; `None` once the connection is gone. Cancel safe:
+    /// a read interrupted by another `select!` branch goes on at the next call.
+    pub async fn recv_rtp(&mut self) -> Option<Inbound> {
+        loop {
+            if let Some(reading) = self.reading.as_mut() {
+                let pkt = reading.await;
+                self.reading = None;
+                return match pkt {
+                    Some(p) => Some(Inbound(p)),
+                    None => {
+                        self.remote = Remote::Gone;
+                        None
+                    }
+                };
+            }
+            match &mut self.remote {
+                Remote::Waiting(rx) => match rx.await {
+                    Ok(track) => self.remote = Remote::Ready(track),
+                    Err(_) => {
+                        self.remote = Remote::Gone;
+                        return None;
+                    }
+                },
+                Remote::Ready(track) => {
+                    let track = track.clone();
+                    self.reading = Some(Box::pin(async move {
+                        let mut buf = [0u8; RECEIVE_MTU];
+                        track.read(&mut buf).await.ok().map(|(p, _)| p)
+                    }));
+                }
+                Remote::Gone => return None,
+            }
+        }
     }
 
     /// Closes the peer connection (DTLS close, sockets of this leg released).
-    pub async fn close(&self) {
-        let _ = self.pc.close().await;
+    pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        let pc = self.pc.clone();
+        async move {
+            let _ = pc.close().await;
+        }
     }
 }

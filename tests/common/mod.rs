@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::expect_used, clippy::unwrap_used)]
 
 pub mod agent;
+pub mod lite_peer;
 pub mod peers;
 pub mod rtc_peer;
 pub mod sse;
