@@ -431,3 +431,25 @@ impl Leg {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_shared_port_gets_a_large_receive_buffer() {
+        let socket = bind_mux("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let got = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .expect("SO_RCVBUF");
+        // The kernel grants up to net.core.rmem_max and reports twice what it keeps.
+        let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(MUX_RECV_BUFFER);
+        assert!(
+            got / 2 >= MUX_RECV_BUFFER.min(max),
+            "receive buffer {got} (rmem_max {max})"
+        );
+    }
+}
