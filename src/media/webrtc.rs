@@ -248,6 +248,19 @@ pub struct Leg {
     reading: Option<Reading>,
 }
 
+impl Drop for Leg {
+    /// A leg dropped without [`Leg::close`] (an order that reached an ended bridge, an error
+    /// path) still releases its connection: closing twice is harmless.
+    fn drop(&mut self) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let pc = self.pc.clone();
+            rt.spawn(async move {
+                let _ = pc.close().await;
+            });
+        }
+    }
+}
+
 /// One packet from the browser (decrypted).
 #[derive(Debug)]
 pub struct Inbound(webrtc::rtp::packet::Packet);
