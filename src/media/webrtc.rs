@@ -250,8 +250,11 @@ pub struct Leg {
 
 impl Drop for Leg {
     /// A leg dropped without [`Leg::close`] (an order that reached an ended bridge, an error
-    /// path) still releases its connection: closing twice is harmless.
+    /// path) still releases its connection.
     fn drop(&mut self) {
+        if self.track.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let pc = self.pc.clone();
             rt.spawn(async move {
@@ -286,9 +289,10 @@ impl Inbound {
 #[derive(Default)]
 struct Outbound {
     binding: Mutex<Option<Binding>>,
+    /// Set by [`Leg::close`], so that dropping the leg does not close it a second time.
+    closed: std::sync::atomic::AtomicBool,
 }
 
-#[derive(Clone)]
 struct Binding {
     id: String,
     ssrc: u32,
@@ -302,8 +306,10 @@ impl std::fmt::Debug for Outbound {
 }
 
 impl Outbound {
-    fn binding(&self) -> Option<Binding> {
-        self.binding.lock().ok().and_then(|b| b.clone())
+    /// The bound stream's SSRC and writer (per packet: no allocation).
+    fn writer(&self) -> Option<(u32, Arc<dyn TrackLocalWriter + Send + Sync>)> {
+        let b = self.binding.lock().ok()?;
+        b.as_ref().map(|b| (b.ssrc, b.writer.clone()))
     }
 }
 
@@ -375,27 +381,24 @@ impl Leg {
         &self,
         packet: &RtpPacket<'_>,
     ) -> impl Future<Output = Result<(), WebRtcError>> + Send + 'static {
-        let binding = self.track.binding();
-        let pkt = webrtc::rtp::packet::Packet {
-            header: webrtc::rtp::header::Header {
-                version: 2,
-                marker: packet.marker,
-                payload_type: packet.payload_type,
-                sequence_number: packet.sequence,
-                timestamp: packet.timestamp,
-                ssrc: binding.as_ref().map_or(0, |b| b.ssrc),
-                ..Default::default()
-            },
-            payload: Bytes::copy_from_slice(packet.payload),
-        };
+        let out = self.track.writer().map(|(ssrc, writer)| {
+            let pkt = webrtc::rtp::packet::Packet {
+                header: webrtc::rtp::header::Header {
+                    version: 2,
+                    marker: packet.marker,
+                    payload_type: packet.payload_type,
+                    sequence_number: packet.sequence,
+                    timestamp: packet.timestamp,
+                    ssrc,
+                    ..Default::default()
+                },
+                payload: Bytes::copy_from_slice(packet.payload),
+            };
+            (writer, pkt)
+        });
         async move {
-            match binding {
-                Some(b) => b
-                    .writer
-                    .write_rtp(&pkt)
-                    .await
-                    .map(|_| ())
-                    .map_err(engine_err),
+            match out {
+                Some((writer, pkt)) => writer.write_rtp(&pkt).await.map(|_| ()).map_err(engine_err),
                 None => Ok(()),
             }
         }
@@ -438,6 +441,9 @@ impl Leg {
 
     /// Closes the peer connection (DTLS close, sockets of this leg released).
     pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.track
+            .closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let pc = self.pc.clone();
         async move {
             let _ = pc.close().await;
