@@ -87,6 +87,7 @@ impl Bound {
             // Loopback candidates only when the media address is loopback (a laptop or tests).
             loopback: config.media.listen_ip.is_loopback(),
             port_range: config.media.webrtc_ports,
+            consent_timeout: crate::media::webrtc::CONSENT_TIMEOUT,
         })
         .await
         .map_err(|e| match e {

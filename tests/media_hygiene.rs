@@ -1,6 +1,6 @@
 //! Every socket, task and port of a call's media is released when it ends: 25 short "calls"
-//! (WebRTC leg with a real peer + RTP leg + bridge), then file descriptors, tokio tasks and RTP
-//! ports are back to where they started. Its own test binary, so nothing else moves the counts.
+//! (WebRTC leg with a real peer + RTP leg + bridge, and a leg whose page never connects), then
+//! file descriptors, tokio tasks and RTP ports are back to where they started. Its own test binary, so nothing else moves the counts.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
@@ -43,6 +43,14 @@ async fn short_calls_leave_nothing_behind() {
         task.await.unwrap();
         browser.pc.close().await.unwrap();
         drop(browser);
+        // A page that never connects: its leg is closed, or just dropped, before ICE.
+        let (_page, offer) = common::lite_peer::LitePeer::offer().await;
+        let (unused, _) = engine.answer(&offer).await.unwrap();
+        if i % 2 == 0 {
+            unused.close().await;
+        } else {
+            drop(unused);
+        }
         if i == 0 {
             // The first call warms up lazily created things (the engine's mux, runtime workers).
             tokio::time::sleep(Duration::from_millis(500)).await;

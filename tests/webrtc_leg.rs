@@ -113,6 +113,7 @@ async fn a_port_range_gives_each_call_its_own_port() {
         bind: "127.0.0.1:0".parse().unwrap(),
         public_ip: None,
         loopback: true,
+        consent_timeout: callgate::media::webrtc::CONSENT_TIMEOUT,
     })
     .await
     .expect("engine");
@@ -177,4 +178,169 @@ async fn exchange(mut browser: RtcPeer, mut leg: callgate::media::webrtc::Leg, a
     assert!(to_browser >= 45, "callgate → browser: {to_browser} of 50");
     leg.close().await;
     browser.pc.close().await.unwrap();
+}
+
+/// A light peer connected to a leg of `engine`, its offer first passed through `tamper`; with
+/// callgate's answer and what the peer hears.
+async fn lite_pair(
+    engine: &Engine,
+    tamper: impl FnOnce(String) -> String,
+) -> (
+    common::lite_peer::LitePeer,
+    callgate::media::webrtc::Leg,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let (mut browser, offer) = common::lite_peer::LitePeer::offer().await;
+    let (leg, answer) = engine.answer(&tamper(offer)).await.expect("answer");
+    let (tx, heard) = tokio::sync::mpsc::unbounded_channel();
+    browser
+        .accept(
+            &answer,
+            Box::new(move |p| {
+                let _ = tx.send(p.payload.to_vec());
+            }),
+        )
+        .await;
+    (browser, leg, heard)
+}
+
+/// Sends from the peer until the leg hears it (DTLS may still be finishing on callgate's side).
+async fn first_packet(
+    browser: &common::lite_peer::LitePeer,
+    leg: &mut callgate::media::webrtc::Leg,
+) {
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut n = 0u16;
+        loop {
+            browser.send(&rtp(n, 1, 0x11)).await;
+            n += 1;
+            if let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(20), leg.recv_rtp()).await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(heard.is_ok(), "no media from the peer within 5 s");
+}
+
+/// Waits for the leg to report its browser gone.
+async fn ended_within(leg: &mut callgate::media::webrtc::Leg, secs: u64) -> bool {
+    tokio::time::timeout(Duration::from_secs(secs), async {
+        while leg.recv_rtp().await.is_some() {}
+    })
+    .await
+    .is_ok()
+}
+
+/// A browser that closes its connection (DTLS close_notify) ends the leg at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leg_ends_when_the_browser_closes_dtls() {
+    let engine = common::rtc_peer::loopback_engine().await;
+    let (browser, mut leg, _) = lite_pair(&engine, |o| o).await;
+    first_packet(&browser, &mut leg).await;
+    browser.close().await;
+    assert!(
+        ended_within(&mut leg, 5).await,
+        "leg still open 5 s after DTLS closed"
+    );
+}
+
+/// A browser that vanishes without a word (no DTLS close) is given up when its ICE consent
+/// checks stop (RFC 7675), and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leg_ends_when_the_browser_stops_its_consent_checks() {
+    let engine = Engine::new(&Settings {
+        port_range: None,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        public_ip: None,
+        loopback: true,
+        consent_timeout: Duration::from_secs(3),
+    })
+    .await
+    .expect("engine");
+    let (browser, mut leg, _) = lite_pair(&engine, |o| o).await;
+    first_packet(&browser, &mut leg).await;
+    // Checks every 2 s: past the 3 s timeout the leg still carries media.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    first_packet(&browser, &mut leg).await;
+    browser.go_silent();
+    assert!(
+        ended_within(&mut leg, 8).await,
+        "leg still open 8 s after the checks stopped"
+    );
+}
+
+/// DTLS-SRTP is only as good as the fingerprint check: a peer whose certificate is not the one
+/// its offer announced (a man in the middle) gets its connection closed and no media through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_is_not_the_offered_one_gets_no_media_through() {
+    let engine = common::rtc_peer::loopback_engine().await;
+    let (browser, mut leg, _) = lite_pair(&engine, |offer| {
+        let at = offer.find("a=fingerprint:sha-256 ").unwrap() + 22;
+        let old = &offer[at..at + 2];
+        let new = if old == "00" { "11" } else { "00" };
+        format!("{}{new}{}", &offer[..at], &offer[at + 2..])
+    })
+    .await;
+    for n in 0..20 {
+        browser.send(&rtp(n, 1, 0x11)).await;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(5), leg.recv_rtp()).await;
+    assert!(
+        matches!(got, Ok(None)),
+        "the leg must end without media: {got:?}"
+    );
+}
+
+/// Only checks signed with the leg's ICE password are answered, and nothing from an address
+/// that has not passed one reaches the leg.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_without_our_password_get_no_answer_and_no_route() {
+    let engine = common::rtc_peer::loopback_engine().await;
+    let (_peer, offer) = common::lite_peer::LitePeer::offer().await;
+    let (mut leg, answer) = engine.answer(&offer).await.expect("answer");
+    let attr = |sdp: &str, name: &str| -> String {
+        sdp.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let username = format!(
+        "{}:{}",
+        attr(&answer, "a=ice-ufrag:"),
+        attr(&offer, "a=ice-ufrag:")
+    );
+    let pwd = attr(&answer, "a=ice-pwd:");
+    let intruder = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = engine.local_addr();
+    let reply = async |check: &[u8]| -> Option<Vec<u8>> {
+        intruder.send_to(check, port).await.unwrap();
+        let mut buf = [0u8; 1500];
+        let n = tokio::time::timeout(Duration::from_millis(700), intruder.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(buf[..n].to_vec())
+    };
+    let bad = common::lite_peer::binding_request(&username, "not-the-password-of-this-leg");
+    assert_eq!(
+        reply(&bad).await,
+        None,
+        "a check with the wrong password was answered"
+    );
+    intruder.send_to(&rtp(1, 1, 0x11), port).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), leg.recv_rtp())
+            .await
+            .is_err(),
+        "RTP from an unchecked address reached the leg"
+    );
+    // The positive control: the same check with the right password is answered.
+    let good = common::lite_peer::binding_request(&username, &pwd);
+    let answered = reply(&good).await.expect("no answer to a good check");
+    assert_eq!(&answered[..2], &[0x01, 0x01], "a binding success");
+    leg.close().await;
 }

@@ -1111,6 +1111,7 @@ async fn browser_leg(
 ) -> Result<(Leg, String, AudioSdp, String), (&'static str, String)> {
     let (leg, answer) = state.webrtc.answer(offer).await.map_err(|e| match e {
         WebRtcError::BadOffer(_) => ("bad_sdp", e.to_string()),
+        WebRtcError::NoCommonCodec => ("no_common_codec", e.to_string()),
         _ => ("media_error", e.to_string()),
     })?;
     let browser = AudioSdp::parse(answer.as_bytes())
@@ -1177,7 +1178,7 @@ async fn start_call(
         peer: to.to_owned(),
         direction: "outbound",
         call_events,
-        media: CallMedia::Now(leg, rtp, browser),
+        media: CallMedia::Now(Box::new((leg, rtp, browser))),
         events,
         commander: control.commander(),
         dtmf: dtmf_rx,
@@ -1200,7 +1201,7 @@ async fn start_call(
 /// The media of a call: ready (outbound, set up before dialling) or handed over when the page
 /// answers (inbound), with the caller's offer.
 enum CallMedia {
-    Now(Leg, RtpLeg, AudioSdp),
+    Now(Box<(Leg, RtpLeg, AudioSdp)>),
     Later(
         tokio::sync::oneshot::Receiver<(Leg, RtpLeg, AudioSdp)>,
         Option<AudioSdp>,
@@ -1357,7 +1358,7 @@ async fn follow_call(f: Follow) {
     let mut bridge = None;
     let mut rfc4733 = false;
     let (mut media, mut later, mut caller_offer) = match media {
-        CallMedia::Now(leg, rtp, browser) => (Some((leg, rtp, browser)), None, None),
+        CallMedia::Now(now) => (Some(*now), None, None),
         CallMedia::Later(rx, offer) => (None, Some(rx), offer),
     };
     // Media liveness: watched while established and held by nobody, from `watch_from` on.

@@ -230,6 +230,13 @@ impl LitePeer {
         }
     }
 
+    /// Stops the consent checks, as a browser that vanished would (media stops with them).
+    pub fn go_silent(&self) {
+        if let Some(consent) = self.tasks.get(1) {
+            consent.abort();
+        }
+    }
+
     /// Ends DTLS (callgate sees the close) and stops the reader.
     pub async fn close(&self) {
         if let Some(d) = &self.dtls {
@@ -249,7 +256,8 @@ impl Drop for LitePeer {
     }
 }
 
-fn binding_request(username: &str, pwd: &str) -> Vec<u8> {
+/// A nominating ICE check (RFC 8445 §7.2.2) for `username` (`theirs:ours`), signed with `pwd`.
+pub fn binding_request(username: &str, pwd: &str) -> Vec<u8> {
     let mut m = Message::new();
     let mut tiebreaker = [0u8; 8];
     getrandom::fill(&mut tiebreaker).expect("random");

@@ -34,6 +34,7 @@ pub async fn loopback_engine() -> Engine {
         bind: "127.0.0.1:0".parse().expect("addr"),
         public_ip: None,
         loopback: true,
+        consent_timeout: callgate::media::webrtc::CONSENT_TIMEOUT,
     })
     .await
     .expect("engine")
