@@ -234,12 +234,26 @@ async fn ended_within(leg: &mut callgate::media::webrtc::Leg, secs: u64) -> bool
     .is_ok()
 }
 
-/// A browser that closes its connection (DTLS close_notify) ends the leg at once.
+/// Audio queued before anyone reads it can be dropped; a browser that closes its connection
+/// (DTLS close_notify) ends the leg at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leg_ends_when_the_browser_closes_dtls() {
+async fn queued_audio_can_be_discarded_and_a_dtls_close_ends_the_leg() {
     let engine = common::rtc_peer::loopback_engine().await;
     let (browser, mut leg, _) = lite_pair(&engine, |o| o).await;
     first_packet(&browser, &mut leg).await;
+    // Audio nobody read yet (a call ringing before its bridge runs) can be dropped at once.
+    for n in 100..110 {
+        browser.send(&rtp(n, 1, 0x33)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        leg.discard_pending() >= 10,
+        "the queued packets are discarded"
+    );
+    browser.send(&rtp(110, 1, 0x44)).await;
+    let next = tokio::time::timeout(Duration::from_secs(2), leg.recv_rtp()).await;
+    let next = next.expect("a packet after the discard").expect("leg open");
+    assert_eq!(next.packet().payload, [0x44; 160], "only what came after");
     browser.close().await;
     assert!(
         ended_within(&mut leg, 5).await,

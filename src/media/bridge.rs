@@ -278,6 +278,14 @@ pub async fn run(
     mut ctl: Controls,
 ) -> BridgeStats {
     let start = Instant::now();
+    // What the page said while the call was ringing is not for the far end.
+    let stale = browser.discard_pending();
+    if stale > 0 {
+        tracing::debug!(
+            packets = stale,
+            "browser audio from before the bridge discarded"
+        );
+    }
     let mut sip_te = mapping.sip_telephone_event;
     let mut voice = mapping.voice;
     // RTCP: our reports every interval; what the SIP side says of our stream.
@@ -340,8 +348,9 @@ pub async fn run(
                     }
                 }
                 Some(Control::Rebrowse(b)) => {
-                    let (leg, m) = *b;
+                    let (mut leg, m) = *b;
                     tracing::debug!(mapping = ?m, "browser leg replaced");
+                    leg.discard_pending();
                     let old = std::mem::replace(&mut browser, leg);
                     old.close().await;
                     browser_open = true;

@@ -1,4 +1,4 @@
-//! Media: the WebRTC leg (ICE, DTLS-SRTP; `webrtc.rs`), the RTP leg toward SIP (`rtp_leg.rs`),
+//! Media: the WebRTC leg (ICE-lite, DTLS-SRTP; `webrtc/`), the RTP leg toward SIP (`rtp_leg.rs`),
 //! the bridge between them (`bridge.rs`) and its recorder (`recorder.rs`), over sans-IO parts:
 //! RTP packets, the stream rewriter that keeps one continuous stream toward each leg, RFC 4733
 //! DTMF events, G.711, and reception statistics.

@@ -140,7 +140,7 @@ impl LitePeer {
             on_rtp,
         )));
 
-        // One check, nominating; the reply means callgate's agent has the pair.
+        // One check, nominating; the reply means callgate has the pair.
         let username = format!("{r_ufrag}:{}", self.ufrag);
         let check = binding_request(&username, r_pwd);
         let mut stun_rx = stun_rx;
@@ -155,7 +155,7 @@ impl LitePeer {
                 Err(_) => continue,
             }
         }
-        // Consent: a check every 2 s keeps callgate's agent from timing the pair out.
+        // Consent (RFC 7675): a check every 2 s keeps callgate from giving the peer up.
         let (socket, keep) = (self.socket.clone(), check.clone());
         self.tasks.push(tokio::spawn(async move {
             loop {
@@ -315,8 +315,8 @@ async fn read_loop(
         let data = &buf[..n];
         match data.first() {
             Some(0..=3) => {
-                // A binding success (0x0101) answers our check; callgate's agent checks the
-                // pair too (0x0001) before it takes our nomination.
+                // A binding success (0x0101) answers our check. Checks to us (0x0001) are
+                // answered too, as the `webrtc` crate's agent sends them even when lite.
                 match data.get(..2) {
                     Some([0x01, 0x01]) => {
                         if let Some(s) = stun.take() {

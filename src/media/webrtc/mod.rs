@@ -617,6 +617,16 @@ impl Leg {
         }
     }
 
+    /// Drops what the browser sent and nobody read yet (up to 2.5 s queue while a call rings
+    /// before its bridge runs); returns how many packets.
+    pub fn discard_pending(&mut self) -> usize {
+        let mut n = 0;
+        while self.media.try_recv().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     /// Ends the leg: DTLS closed toward the browser, its routes and task released.
     pub fn close(&self) -> impl Future<Output = ()> + Send + 'static {
         let stop = self.stop.lock().ok().and_then(|mut s| s.take());
