@@ -267,10 +267,9 @@ impl Engine {
                 media: media_rx,
                 inbound: None,
                 shared,
-                socket: port.socket.clone(),
                 ssrc,
                 stop: Mutex::new(Some((close_tx, task))),
-                _port: port,
+                port,
             },
             answer,
         ))
@@ -503,12 +502,11 @@ pub struct Leg {
     /// Boxed: the leg is moved around in call state and should stay small.
     inbound: Option<Box<Context>>,
     shared: Arc<Shared>,
-    socket: Arc<UdpSocket>,
     ssrc: u32,
     /// Ends the leg's task (dropping the sender does too) and waits for it.
     stop: Mutex<Option<(oneshot::Sender<()>, JoinHandle<()>)>>,
-    /// A port of its own is released with the leg.
-    _port: Arc<Port>,
+    /// Its port (a port of its own is released with the leg).
+    port: Arc<Port>,
 }
 
 impl std::fmt::Debug for Leg {
@@ -582,7 +580,7 @@ impl Leg {
                     .map_err(|e| WebRtcError::Engine(format!("SRTP: {e}"))),
             )
         });
-        let socket = self.socket.clone();
+        let socket = self.port.socket.clone();
         async move {
             match sealed {
                 Some(Ok((b, to))) => socket
