@@ -3,7 +3,91 @@
 use std::fmt;
 
 use crate::secret::SecretString;
-use crate::token::{Field, TokenError};
+
+/// A field of the credentials XML carried by a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Field {
+    /// `login`: the SIP user (the user part of the address of record).
+    Login,
+    /// `authenticationName`: the digest user name; defaults to `login`.
+    AuthenticationName,
+    /// `password`: the digest password.
+    Password,
+    /// `domain`: the SIP domain (the host part of the address of record).
+    Domain,
+    /// `outboundProxy`: `host[:port]` that all SIP requests are sent to.
+    OutboundProxy,
+    /// `port`: SIP port of the domain (or of the proxy when it has none); default 5060.
+    Port,
+    /// `visibleName`: display name in the From header.
+    VisibleName,
+    /// `expires`: Unix seconds or RFC 3339 time after which the token is refused.
+    Expires,
+}
+
+impl Field {
+    /// Every field, in the order the XML documents them.
+    pub const ALL: [Field; 8] = [
+        Field::Login,
+        Field::AuthenticationName,
+        Field::Password,
+        Field::Domain,
+        Field::OutboundProxy,
+        Field::Port,
+        Field::VisibleName,
+        Field::Expires,
+    ];
+
+    /// The attribute / element name in the token XML.
+    pub fn xml_name(self) -> &'static str {
+        match self {
+            Field::Login => "login",
+            Field::AuthenticationName => "authenticationName",
+            Field::Password => "password",
+            Field::Domain => "domain",
+            Field::OutboundProxy => "outboundProxy",
+            Field::Port => "port",
+            Field::VisibleName => "visibleName",
+            Field::Expires => "expires",
+        }
+    }
+
+    pub(crate) fn from_xml_name(name: &[u8]) -> Option<Field> {
+        Field::ALL
+            .into_iter()
+            .find(|f| f.xml_name().as_bytes() == name)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.xml_name())
+    }
+}
+
+/// Why an account's fields are not acceptable (a token's, or the command line's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccountError {
+    /// A required field is absent or empty.
+    #[error(
+        "missing_field:{0}: the token's XML has no {0} (as an attribute of the root element or a child element)"
+    )]
+    MissingField(Field),
+    /// A field is present but its value is not acceptable.
+    #[error("invalid_field:{field}: {why}")]
+    InvalidField {
+        /// Which field.
+        field: Field,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
 
 /// Default SIP port (RFC 3261 §19.1.2).
 pub const DEFAULT_SIP_PORT: u16 = 5060;
@@ -181,12 +265,12 @@ pub fn check_quoted_text(s: &str, max_chars: usize) -> Result<(), &'static str> 
 pub(crate) fn account_from_fields(
     get: impl Fn(Field) -> Option<String>,
     password: Option<SecretString>,
-) -> Result<SipAccount, TokenError> {
-    let invalid = |field, why| TokenError::InvalidField { field, why };
+) -> Result<SipAccount, AccountError> {
+    let invalid = |field, why| AccountError::InvalidField { field, why };
     let required = |field| {
         get(field)
             .filter(|v| !v.is_empty())
-            .ok_or(TokenError::MissingField(field))
+            .ok_or(AccountError::MissingField(field))
     };
 
     let login = required(Field::Login)?;
@@ -197,12 +281,12 @@ pub(crate) fn account_from_fields(
         .unwrap_or_else(|| login.clone());
     check_quoted_text(&auth_name, 128).map_err(|why| invalid(Field::AuthenticationName, why))?;
     if auth_name.is_empty() {
-        return Err(TokenError::MissingField(Field::AuthenticationName));
+        return Err(AccountError::MissingField(Field::AuthenticationName));
     }
 
     let password = password
         .filter(|p| !p.expose_secret().is_empty())
-        .ok_or(TokenError::MissingField(Field::Password))?;
+        .ok_or(AccountError::MissingField(Field::Password))?;
     if password.expose_secret().len() > 256 {
         return Err(invalid(Field::Password, "is longer than 256 bytes"));
     }
@@ -249,7 +333,7 @@ pub fn account_from_cli(
     outbound_proxy: Option<&str>,
     port: Option<u16>,
     visible_name: Option<&str>,
-) -> Result<SipAccount, TokenError> {
+) -> Result<SipAccount, AccountError> {
     let port = port.map(|p| p.to_string());
     account_from_fields(
         |f| {

@@ -298,16 +298,14 @@ impl CdrStore {
         }
     }
 
-    /// The app of `agent`'s latest recorded call (`None`: no call of that agent is recorded).
-    pub async fn app_of(&self, agent: &str) -> Result<Option<String>, CdrError> {
+    /// The apps with recorded calls of `agent` (the same address may be an agent of several
+    /// apps, each seeing only its own calls).
+    pub async fn apps_of(&self, agent: &str) -> Result<Vec<String>, CdrError> {
         let agent = agent.to_owned();
         self.with(move |db| {
-            db.query_row(
-                "SELECT app FROM calls WHERE agent = ?1 ORDER BY started_at DESC LIMIT 1",
-                params![agent],
-                |r| r.get(0),
-            )
-            .optional()
+            let mut q = db.prepare_cached("SELECT DISTINCT app FROM calls WHERE agent = ?1")?;
+            let apps = q.query_map(params![agent], |r| r.get(0))?;
+            apps.collect()
         })
         .await
     }
@@ -384,14 +382,17 @@ impl CdrStore {
         .await
     }
 
-    /// `agent`'s figures for calls started in [`from`, `to`) (Unix ms; `None`: unbounded).
+    /// `agent`'s figures for calls started in [`from`, `to`) (Unix ms; `None`: unbounded), in
+    /// `app` only (`None`: every app's calls of that address, for an admin).
     pub async fn stats(
         &self,
+        app: Option<&str>,
         agent: &str,
         from: Option<i64>,
         to: Option<i64>,
     ) -> Result<Stats, CdrError> {
         let agent = agent.to_owned();
+        let app = app.map(str::to_owned);
         self.with(move |db| {
             db.query_row(
                 "SELECT
@@ -401,8 +402,9 @@ impl CdrStore {
                     COALESCE(SUM(end_reason = 'missed'), 0),
                     COALESCE(SUM(duration_ms), 0)
                  FROM calls WHERE agent = ?1
-                   AND (?2 IS NULL OR started_at >= ?2) AND (?3 IS NULL OR started_at < ?3)",
-                params![agent, from, to],
+                   AND (?2 IS NULL OR started_at >= ?2) AND (?3 IS NULL OR started_at < ?3)
+                   AND (?4 IS NULL OR app = ?4)",
+                params![agent, from, to, app],
                 |r| {
                     let u = |i: usize| -> rusqlite::Result<u64> {
                         Ok(u64::try_from(r.get::<_, i64>(i)?).unwrap_or(0))
@@ -452,9 +454,10 @@ mod tests {
     }
 
     fn temp_db() -> PathBuf {
-        let mut b = [0u8; 8];
-        let _ = getrandom::fill(&mut b);
-        std::env::temp_dir().join(format!("callgate-cdr-{}.sqlite", hex::encode(b)))
+        std::env::temp_dir().join(format!(
+            "callgate-cdr-{}.sqlite",
+            crate::rand::hex::<8>().unwrap()
+        ))
     }
 
     #[tokio::test]
@@ -525,7 +528,7 @@ mod tests {
             .map(|c| c.call_id)
             .collect();
         assert_eq!(ids, ["c-x", "c-2", "c-1"]);
-        let s = store.stats("1001@pbx", None, None).await.unwrap();
+        let s = store.stats(None, "1001@pbx", None, None).await.unwrap();
         assert_eq!(
             s,
             Stats {
@@ -537,10 +540,23 @@ mod tests {
             }
         );
         let s = store
-            .stats("1002@pbx", Some(0), Some(10_000))
+            .stats(None, "1002@pbx", Some(0), Some(10_000))
             .await
             .unwrap();
         assert_eq!((s.calls_in, s.missed, s.answered), (1, 1, 0));
+        // Per app: the same address in another app has none of these calls.
+        assert_eq!(store.apps_of("1001@pbx").await.unwrap(), ["crm"]);
+        assert!(store.apps_of("nobody@pbx").await.unwrap().is_empty());
+        let mine = store
+            .stats(Some("crm"), "1001@pbx", None, None)
+            .await
+            .unwrap();
+        assert_eq!(mine.calls_out, 5);
+        let theirs = store
+            .stats(Some("erp"), "1001@pbx", None, None)
+            .await
+            .unwrap();
+        assert_eq!(theirs, Stats::default());
         for ext in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
         }

@@ -37,15 +37,13 @@ pub fn keygen(bits: u16) -> Result<String, String> {
         _ => return Err(format!("--bits {bits}: choose 128, 192 or 256")),
     };
     let mut key = vec![0u8; len];
-    getrandom::fill(&mut key).map_err(|e| format!("the OS random generator failed: {e}"))?;
+    crate::rand::fill(&mut key).map_err(|e| e.to_string())?;
     Ok(hex::encode(key))
 }
 
 /// A fresh random IV for `ctr-hmac`.
 pub fn random_iv() -> Result<[u8; 16], String> {
-    let mut iv = [0u8; 16];
-    getrandom::fill(&mut iv).map_err(|e| format!("the OS random generator failed: {e}"))?;
-    Ok(iv)
+    crate::rand::bytes().map_err(|e| e.to_string())
 }
 
 fn rfc3339(unix: i64) -> String {

@@ -13,6 +13,7 @@ pub mod dialplan;
 pub mod logging;
 pub mod media;
 pub mod metrics;
+pub mod rand;
 pub mod sdnotify;
 pub mod secret;
 pub mod server;

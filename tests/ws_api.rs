@@ -107,6 +107,11 @@ async fn server_with_tables(
 }
 
 fn token(config: &Config, kam_port: u16, password: &str, ttl: i64) -> String {
+    token_for(config, "crm", kam_port, password, ttl)
+}
+
+/// A token of `app` for 1001 at the registrar on `kam_port`.
+fn token_for(config: &Config, app: &str, kam_port: u16, password: &str, ttl: i64) -> String {
     let acct = account_from_cli(
         "1001",
         None,
@@ -123,7 +128,7 @@ fn token(config: &Config, kam_port: u16, password: &str, ttl: i64) -> String {
         .as_secs() as i64;
     config
         .keyring()
-        .mint("crm", &acct, Some(now + ttl), [9; 16])
+        .mint(app, &acct, Some(now + ttl), [9; 16])
         .unwrap()
 }
 
@@ -1827,4 +1832,181 @@ async fn shutdown_drains_calls_then_hangs_up() {
         .unwrap();
     assert!(ok, "sipp got our BYE: {log}");
     page.pc.close().await.unwrap();
+}
+
+/// The `apiToken` of the `connected` event among `seen` frames.
+fn api_token_of(seen: &[String]) -> String {
+    seen.iter()
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .find(|v| v["type"] == "connected")
+        .and_then(|v| v["apiToken"].as_str().map(str::to_owned))
+        .expect("connected with an API token")
+}
+
+/// Registration identity: another app's token naming crm's live agent 1001 with a wrong password
+/// (what a rogue CRM could mint) joins nothing. Its registration is its own and refused by
+/// Kamailio; its `apiToken` reads none of crm's calls, recordings, stats or events; the agent's
+/// next incoming call rings crm's page only; crm's registration still refreshes with the right
+/// password; and erp's API key cannot subscribe to or read crm's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_apps_token_with_a_wrong_password_gets_nothing_of_a_live_agent() {
+    use common::peers::Sipp;
+    use common::sse::Sse;
+
+    let kam = Kamailio::start(free_udp_port());
+    let far = Sipp::uas(kam.port, "1002", "pass1002", "uas_answer.xml");
+    let mut srv = server_with_tables("record = true", "", "register_expires_secs = 10", "").await;
+    let mut seen = Vec::new();
+    let mut victim = logged_in(&srv, kam.port, &mut seen).await;
+    let victim_token = api_token_of(&seen);
+    // A call in crm's history (and a recording of it).
+    let (_page, call_id) = place_call(&mut victim, &mut seen, 2, "1002").await;
+    while next(&mut victim, &mut seen).await["state"] != "established" {}
+    victim
+        .send(Message::text(
+            json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
+        ))
+        .await
+        .unwrap();
+    while next(&mut victim, &mut seen).await["state"] != "ended" {}
+
+    async fn api(addr: std::net::SocketAddr, path: &str, bearer: &str) -> (u16, Value) {
+        let r = Sse::open(addr, path, Some(bearer), None).await;
+        (r.status, r.body().await)
+    }
+    let row = format!("/api/v1/calls/{call_id}");
+    // Before any erp login: erp's key cannot open or read crm's agent.
+    for path in [
+        row.as_str(),
+        "/api/v1/agents/1001@127.0.0.1/stats",
+        "/api/v1/agents/1001@127.0.0.1/events",
+    ] {
+        let (status, body) = api(srv.addr, path, ERP_API_KEY).await;
+        assert_eq!(status, 403, "{path} with erp's key: {body}");
+    }
+
+    // erp's token for the same address, wrong password.
+    let mut rogue = open(srv.addr).await;
+    let bad = token_for(&srv.config, "erp", kam.port, "guessed-password", 600);
+    rogue
+        .send(Message::text(
+            json!({"type": "connect", "id": 1, "token": bad}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let mut rogue_seen = Vec::new();
+    loop {
+        let ev = next(&mut rogue, &mut rogue_seen).await;
+        assert_ne!(ev["type"], "incoming", "{ev}");
+        if ev["type"] == "registration" && ev["state"] == "failed" {
+            break;
+        }
+        assert_ne!(
+            ev["state"], "registered",
+            "the registrar accepted a wrong password: {ev}"
+        );
+    }
+    let rogue_token = api_token_of(&rogue_seen);
+    assert_ne!(rogue_token, victim_token);
+
+    let recording = format!("{row}/recording");
+    for path in [
+        "/api/v1/calls",
+        row.as_str(),
+        recording.as_str(),
+        "/api/v1/agents/1001@127.0.0.1/stats",
+        "/api/v1/agents/1001@127.0.0.1/events",
+    ] {
+        let (status, body) = api(srv.addr, path, &rogue_token).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "not_registered", "{path}: {body}");
+    }
+    // erp's key now has an agent 1001 of its own (the rogue's session): it sees that one's
+    // figures and events, none of crm's.
+    let (status, body) = api(srv.addr, &row, ERP_API_KEY).await;
+    assert_eq!(status, 403, "crm's call with erp's key: {body}");
+    let (status, stats) = api(srv.addr, "/api/v1/agents/1001@127.0.0.1/stats", ERP_API_KEY).await;
+    assert_eq!(
+        (status, stats["callsOut"].as_u64()),
+        (200, Some(0)),
+        "{stats}"
+    );
+    let mut erp_events = Sse::open(
+        srv.addr,
+        "/api/v1/agents/1001@127.0.0.1/events",
+        Some(ERP_API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(erp_events.status, 200);
+    let (status, listed) = api(srv.addr, "/api/v1/calls?limit=10", ERP_API_KEY).await;
+    assert_eq!((status, &listed["calls"]), (200, &json!([])), "{listed}");
+    // The victim's own credential still reads its call.
+    let (status, body) = api(srv.addr, &row, &victim_token).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The agent's next caller rings crm's page, not the rogue's.
+    let mut caller = Sipp::uac(kam.port, "1001", "uac_cancel.xml");
+    let rang = loop {
+        let ev = next(&mut victim, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    while next(&mut victim, &mut seen).await["state"] != "ended" {}
+    let (ok, log) = tokio::task::spawn_blocking(move || caller.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    assert_eq!(rang["from"], "1002", "{rang}");
+    while let Some(ev) = erp_events.next(Duration::from_millis(500)).await {
+        assert_ne!(
+            ev.data["type"], "incoming",
+            "crm's call reached erp's subscriber: {ev:?}"
+        );
+        assert_ne!(
+            ev.data["type"], "call",
+            "crm's call reached erp's subscriber: {ev:?}"
+        );
+    }
+    while let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(500), rogue.next()).await
+    {
+        assert!(
+            !t.contains("\"incoming\""),
+            "the rogue page was offered the call: {t}"
+        );
+    }
+
+    // crm's registration refreshes (10 s expiry) with its own password.
+    let refreshed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let ev = next_within(&mut victim, &mut seen, Duration::from_secs(15)).await;
+            if ev["type"] == "registration" {
+                break ev;
+            }
+        }
+    })
+    .await
+    .expect("a refresh within the expiry");
+    assert_eq!(refreshed["state"], "registered", "{refreshed}");
+
+    drop((rogue, victim, erp_events));
+    srv.shut_down().await;
+    drop(far);
+}
+
+/// [`next`] with a longer wait.
+async fn next_within(ws: &mut Ws, seen: &mut Vec<String>, limit: Duration) -> Value {
+    loop {
+        let msg = tokio::time::timeout(limit, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            seen.push(t.to_string());
+            return serde_json::from_str(t.as_str()).expect("JSON");
+        }
+    }
 }

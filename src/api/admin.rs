@@ -274,9 +274,10 @@ async fn change(
 /// renamed over it, so readers see the old or the new file, never a part.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut b = [0u8; 6];
-    let _ = getrandom::fill(&mut b);
-    let tmp = dir.join(format!(".apps.toml.{}", hex::encode(b)));
+    let tmp = dir.join(format!(
+        ".apps.toml.{}",
+        crate::rand::hex::<6>().map_err(std::io::Error::other)?
+    ));
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create_new(true);
     #[cfg(unix)]

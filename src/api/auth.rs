@@ -1,7 +1,8 @@
 //! Who calls the HTTP API, from `Authorization: Bearer <credential>`:
 //!
 //! * an **agent credential**, issued to the page at `connect` (`apiToken`), valid while its
-//!   session lives: that agent's own resources only;
+//!   session lives and only once the registrar accepted the agent's SIP credentials: that
+//!   agent's own resources in its own app only;
 //! * an **app API key** (`api_keys` of an app in apps.toml): the agents of that app;
 //! * an **admin key** (`admin_keys` in apps.toml): everything.
 //!
@@ -16,8 +17,13 @@ use subtle::ConstantTimeEq;
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// A logged-in agent's page (the agent, `1001@sip.example.com`).
-    Agent(String),
+    /// A logged-in agent's page: its app and the agent (`1001@sip.example.com`).
+    Agent {
+        /// The app whose token the agent logged in with.
+        app: String,
+        /// The agent.
+        agent: String,
+    },
     /// A CRM backend with its app's API key.
     App(String),
     /// An administrator.
@@ -36,6 +42,12 @@ pub enum Denied {
     /// A credential for someone else's resource (403).
     #[error("this credential may not see that resource")]
     Forbidden,
+    /// An agent credential whose session the registrar has not (yet) accepted (403): a
+    /// token with the wrong SIP password reads nothing.
+    #[error(
+        "the SIP registrar has not accepted this agent's credentials: the API opens once the page is registered"
+    )]
+    NotRegistered,
     /// The resource does not exist (404).
     #[error("no such resource")]
     NotFound,
@@ -48,8 +60,15 @@ pub fn digest(s: &str) -> [u8; 32] {
 
 /// The credentials callgate accepts.
 pub struct Credentials {
-    agents: Mutex<HashMap<[u8; 32], String>>,
+    agents: Mutex<HashMap<[u8; 32], AgentCredential>>,
     keys: std::sync::RwLock<Keys>,
+}
+
+struct AgentCredential {
+    app: String,
+    agent: String,
+    /// The registrar accepted the session's SIP credentials.
+    active: bool,
 }
 
 struct Keys {
@@ -85,17 +104,30 @@ impl Credentials {
         *self.keys.write().unwrap_or_else(PoisonError::into_inner) = new;
     }
 
-    fn agents(&self) -> MutexGuard<'_, HashMap<[u8; 32], String>> {
+    fn agents(&self) -> MutexGuard<'_, HashMap<[u8; 32], AgentCredential>> {
         self.agents.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A new credential for `agent`'s page (128 random bits).
-    pub fn issue(&self, agent: &str) -> String {
-        let mut b = [0u8; 16];
-        let _ = getrandom::fill(&mut b);
-        let token = format!("at-{}", hex::encode(b));
-        self.agents().insert(digest(&token), agent.to_owned());
-        token
+    /// A new credential for the page of `app`'s `agent` (128 random bits), refused until
+    /// [`activate`](Self::activate)d.
+    pub fn issue(&self, app: &str, agent: &str) -> Result<String, crate::rand::GetRandomFailed> {
+        let token = format!("at-{}", crate::rand::hex::<16>()?);
+        self.agents().insert(
+            digest(&token),
+            AgentCredential {
+                app: app.to_owned(),
+                agent: agent.to_owned(),
+                active: false,
+            },
+        );
+        Ok(token)
+    }
+
+    /// The registrar accepted the session's SIP credentials: `token` opens the API.
+    pub fn activate(&self, token: &str) {
+        if let Some(c) = self.agents().get_mut(&digest(token)) {
+            c.active = true;
+        }
     }
 
     /// Withdraws an agent credential (its session ended).
@@ -129,22 +161,31 @@ impl Credentials {
         if let Some(app) = app {
             return Ok(Caller::App(app));
         }
-        self.agents()
-            .get(&d)
-            .cloned()
-            .map(Caller::Agent)
-            .ok_or(Denied::Unauthorized)
+        match self.agents().get(&d) {
+            Some(c) if c.active => Ok(Caller::Agent {
+                app: c.app.clone(),
+                agent: c.agent.clone(),
+            }),
+            Some(_) => Err(Denied::NotRegistered),
+            None => Err(Denied::Unauthorized),
+        }
     }
 }
 
 impl Caller {
-    /// Whether this caller may see the resources of `agent`, whose app is `app` (`None`: the
-    /// agent is unknown). Agents see only themselves (403 for anyone else, known or not), apps
-    /// their own agents (404 for unknown ones), admins everyone known.
+    /// Whether this caller may see a resource of `app`'s `agent` (`app` `None`: the agent is
+    /// unknown). Agents see only themselves in their own app (403 for anyone else, known or
+    /// not), apps their own agents (404 for unknown ones), admins everyone known.
     pub fn may_see(&self, agent: &str, app: Option<&str>) -> Result<(), Denied> {
         match (self, app) {
-            (Caller::Agent(me), _) if me == agent => Ok(()),
-            (Caller::Agent(_), _) => Err(Denied::Forbidden),
+            (
+                Caller::Agent {
+                    app: mine,
+                    agent: me,
+                },
+                Some(app),
+            ) if me == agent && mine == app => Ok(()),
+            (Caller::Agent { .. }, _) => Err(Denied::Forbidden),
             (_, None) => Err(Denied::NotFound),
             (Caller::App(mine), Some(app)) if mine != app => Err(Denied::Forbidden),
             _ => Ok(()),
@@ -162,12 +203,26 @@ mod tests {
             [(digest("crm-key-0123456789abcdef0123"), "crm".to_owned())],
             [digest("admin-key-0123456789abcdef01")],
         );
-        let agent = c.issue("1001@pbx");
+        let agent = c.issue("crm", "1001@pbx").unwrap();
         assert!(agent.starts_with("at-") && agent.len() == 35);
         let bearer = |t: &str| format!("Bearer {t}");
         assert_eq!(
             c.identify(Some(&bearer(&agent))),
-            Ok(Caller::Agent("1001@pbx".into()))
+            Err(Denied::NotRegistered),
+            "not before the registrar accepted the agent"
+        );
+        c.activate(&agent);
+        assert_eq!(
+            c.identify(Some(&bearer(&agent))),
+            Ok(Caller::Agent {
+                app: "crm".into(),
+                agent: "1001@pbx".into()
+            })
+        );
+        assert_eq!(
+            crate::rand::failing(|| c.issue("crm", "1001@pbx")),
+            Err(crate::rand::GetRandomFailed),
+            "no credential without the OS generator"
         );
         assert_eq!(
             c.identify(Some(&bearer("crm-key-0123456789abcdef0123"))),
@@ -191,8 +246,16 @@ mod tests {
 
     #[test]
     fn owner_rule() {
-        let me = Caller::Agent("1001@pbx".into());
+        let me = Caller::Agent {
+            app: "crm".into(),
+            agent: "1001@pbx".into(),
+        };
         assert_eq!(me.may_see("1001@pbx", Some("crm")), Ok(()));
+        assert_eq!(
+            me.may_see("1001@pbx", Some("erp")),
+            Err(Denied::Forbidden),
+            "the same address in another app is someone else"
+        );
         assert_eq!(me.may_see("1002@pbx", Some("crm")), Err(Denied::Forbidden));
         assert_eq!(me.may_see("1009@pbx", None), Err(Denied::Forbidden));
         let app = Caller::App("crm".into());

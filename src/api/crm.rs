@@ -27,6 +27,7 @@ pub fn denied(d: Denied) -> Response {
     let (status, code) = match d {
         Denied::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
         Denied::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+        Denied::NotRegistered => (StatusCode::FORBIDDEN, "not_registered"),
         Denied::NotFound => (StatusCode::NOT_FOUND, "not_found"),
     };
     let mut r = refuse(status, code, &d.to_string());
@@ -97,21 +98,24 @@ pub async fn agent_events(
     if agent.is_empty() || agent.len() > 256 || agent.chars().any(char::is_control) {
         return denied(Denied::NotFound);
     }
-    let create_for = match state.hub.get(&agent) {
-        Some(ch) => {
-            if let Err(d) = who.may_see(&agent, ch.app().as_deref()) {
-                return denied(d);
+    // Which app's channel, and whether it may be opened before the agent logs in.
+    let (app, create) = match &who {
+        Caller::Agent { app, agent: me } if me == &agent => (app.clone(), false),
+        Caller::Agent { .. } => return denied(Denied::Forbidden),
+        Caller::App(mine) => {
+            let apps = state.hub.apps_of(&agent);
+            if !apps.is_empty() && !apps.contains(mine) {
+                // Live in another app only: not this key's agent.
+                return denied(Denied::Forbidden);
             }
-            None
+            (mine.clone(), true)
         }
-        None => match &who {
-            Caller::Agent(me) if me != &agent => return denied(Denied::Forbidden),
-            Caller::Agent(_) => None,
-            Caller::App(app) => Some(Some(app.clone())),
-            Caller::Admin => Some(None),
+        Caller::Admin => match state.hub.apps_of(&agent).into_iter().next() {
+            Some(app) => (app, false),
+            None => return denied(Denied::NotFound),
         },
     };
-    let sub = match state.hub.subscribe(&agent, last_id, create_for) {
+    let sub = match state.hub.subscribe(&app, &agent, last_id, create) {
         Ok(Some(s)) => s,
         Ok(None) => return denied(Denied::NotFound),
         Err(e) => {
@@ -258,16 +262,35 @@ fn storage_failed(e: &crate::cdr::CdrError) -> Response {
     )
 }
 
-/// The app `agent` belongs to: from its event channel, else from its recorded calls.
-async fn agent_app(state: &AppState, agent: &str) -> Result<Option<String>, Box<Response>> {
-    if let Some(app) = state.hub.get(agent).and_then(|c| c.app()) {
-        return Ok(Some(app));
+/// Whose records of `agent` `who` reads: `Some(app)` for one app's (an agent its own, an app
+/// key its app's), `None` for every app's (an admin). An address known only in other apps is
+/// 403 for an app key; one known nowhere is 404.
+async fn scope(
+    state: &AppState,
+    who: &Caller,
+    agent: &str,
+) -> Result<Option<String>, Box<Response>> {
+    if let Caller::Agent { app, agent: me } = who {
+        return if me == agent {
+            Ok(Some(app.clone()))
+        } else {
+            Err(Box::new(denied(Denied::Forbidden)))
+        };
     }
-    state
-        .cdr
-        .app_of(agent)
-        .await
-        .map_err(|e| Box::new(storage_failed(&e)))
+    let mut apps = state.hub.apps_of(agent);
+    apps.extend(
+        state
+            .cdr
+            .apps_of(agent)
+            .await
+            .map_err(|e| Box::new(storage_failed(&e)))?,
+    );
+    match who {
+        Caller::App(mine) if apps.contains(mine) => Ok(Some(mine.clone())),
+        Caller::App(_) if !apps.is_empty() => Err(Box::new(denied(Denied::Forbidden))),
+        Caller::Admin if !apps.is_empty() => Ok(None),
+        _ => Err(Box::new(denied(Denied::NotFound))),
+    }
 }
 
 /// `GET /api/v1/calls?agent=&from=&to=&limit=&cursor=`: call history, newest first. Agents get
@@ -299,22 +322,19 @@ pub async fn list_calls(State(state): State<AppState>, Auth(who): Auth, uri: Uri
         to,
     };
     match &who {
-        Caller::Agent(me) => {
+        Caller::Agent { app, agent: me } => {
             if filter.agent.as_ref().is_some_and(|a| a != me) {
                 return denied(Denied::Forbidden);
             }
             filter.agent = Some(me.clone());
+            filter.app = Some(app.clone());
         }
         Caller::App(app) => filter.app = Some(app.clone()),
         Caller::Admin => {}
     }
-    if let (Some(agent), false) = (&filter.agent, matches!(who, Caller::Agent(_))) {
-        let app = match agent_app(&state, agent).await {
-            Ok(a) => a,
-            Err(r) => return *r,
-        };
-        if let Err(d) = who.may_see(agent, app.as_deref()) {
-            return denied(d);
+    if let (Some(agent), false) = (&filter.agent, matches!(who, Caller::Agent { .. })) {
+        if let Err(r) = scope(&state, &who, agent).await {
+            return *r;
         }
     }
     match state
@@ -364,14 +384,11 @@ pub async fn agent_stats(
         (Ok(f), Ok(t)) => (f, t),
         (Err(r), _) | (_, Err(r)) => return *r,
     };
-    let app = match agent_app(&state, &agent).await {
+    let app = match scope(&state, &who, &agent).await {
         Ok(a) => a,
         Err(r) => return *r,
     };
-    if let Err(d) = who.may_see(&agent, app.as_deref()) {
-        return denied(d);
-    }
-    match state.cdr.stats(&agent, from, to).await {
+    match state.cdr.stats(app.as_deref(), &agent, from, to).await {
         Ok(stats) => {
             let mut body = serde_json::to_value(&stats).unwrap_or_default();
             if let Some(o) = body.as_object_mut() {

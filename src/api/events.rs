@@ -1,14 +1,16 @@
 //! Per-agent event channels for CRM backends: `GET /api/v1/agents/{agent}/events` streams every
 //! call and registration event of one agent as Server-Sent Events.
 //!
-//! One [`Channel`] per agent, shared by every subscriber (CRM tabs, backend workers): a
+//! One [`Channel`] per agent of an app, keyed by (app, agent): the same address logging in
+//! through two apps has two channels, and a key of one app never sees, opens or blocks the
+//! other's. A channel is shared by every subscriber (CRM tabs, backend workers): a
 //! subscriber joins the channel's ring buffer, nothing upstream is opened for it. Events carry
 //! ids from one counter for the whole process, so a reconnecting subscriber's `Last-Event-ID`
 //! either resumes exactly after what it saw or, when that is no longer buffered (or the channel
 //! was recreated meanwhile), gets a `gap` event first.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -58,8 +60,8 @@ struct Buffer {
 
 /// One agent's events.
 pub struct Channel {
-    /// The app whose agent this is (`None`: opened by an admin before any login).
-    app: Mutex<Option<String>>,
+    /// The app whose agent this is.
+    app: String,
     /// Ids at or below this were issued before the channel existed.
     born_after: u64,
     buffer: Mutex<Buffer>,
@@ -68,8 +70,6 @@ pub struct Channel {
     sessions: AtomicUsize,
     subscribers: AtomicUsize,
     idle_since: Mutex<Option<Instant>>,
-    /// Replaced (the agent logged in for another app): subscriptions end.
-    closed: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -78,8 +78,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Channel {
     /// The app the channel belongs to.
-    pub fn app(&self) -> Option<String> {
-        lock(&self.app).clone()
+    pub fn app(&self) -> &str {
+        &self.app
     }
 
     fn touch_idle(&self) {
@@ -119,13 +119,9 @@ impl Drop for Subscription {
 }
 
 impl Subscription {
-    /// The next item; waits for new events. `None` when the channel was closed (the agent
-    /// logged in again for another app).
+    /// The next item; waits for new events.
     pub async fn next(&mut self) -> Option<Item> {
         loop {
-            if self.channel.closed.load(Ordering::Relaxed) {
-                return None;
-            }
             {
                 let buf = lock(&self.channel.buffer);
                 if !self.gap_checked {
@@ -156,7 +152,8 @@ impl Subscription {
 
 /// All agents' channels.
 pub struct Hub {
-    channels: Mutex<HashMap<String, Arc<Channel>>>,
+    /// (app, agent) -> channel.
+    channels: Mutex<HashMap<(String, String), Arc<Channel>>>,
     next_id: AtomicU64,
     limits: Limits,
 }
@@ -171,9 +168,9 @@ impl Hub {
         }
     }
 
-    fn create(&self, app: Option<String>) -> Arc<Channel> {
+    fn create(&self, app: &str) -> Arc<Channel> {
         Arc::new(Channel {
-            app: Mutex::new(app),
+            app: app.to_owned(),
             born_after: self.next_id.load(Ordering::Relaxed),
             buffer: Mutex::new(Buffer {
                 events: VecDeque::new(),
@@ -184,41 +181,22 @@ impl Hub {
             sessions: AtomicUsize::new(0),
             subscribers: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
-            closed: AtomicBool::new(false),
         })
     }
 
     /// Drops channels idle (no session, no subscriber) for longer than [`LINGER`].
-    fn sweep(map: &mut HashMap<String, Arc<Channel>>) {
+    fn sweep(map: &mut HashMap<(String, String), Arc<Channel>>) {
         map.retain(|_, c| !lock(&c.idle_since).is_some_and(|t| t.elapsed() > LINGER));
     }
 
-    /// An agent of `app` logged in: its channel (created if needed). A channel that belonged
-    /// to another app is replaced, ending its subscriptions: they were for someone else.
+    /// An agent of `app` logged in: its channel (created if needed).
     pub fn login(&self, agent: &str, app: &str) -> Arc<Channel> {
         let mut map = lock(&self.channels);
         Hub::sweep(&mut map);
-        let reuse = map.get(agent).filter(|c| {
-            let mut owner = lock(&c.app);
-            match owner.as_deref() {
-                Some(a) => a == app,
-                None => {
-                    *owner = Some(app.to_owned());
-                    true
-                }
-            }
-        });
-        let ch = match reuse {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.create(Some(app.to_owned()));
-                if let Some(old) = map.insert(agent.to_owned(), c.clone()) {
-                    old.closed.store(true, Ordering::Relaxed);
-                    old.latest.send_modify(|_| {});
-                }
-                c
-            }
-        };
+        let ch = map
+            .entry((app.to_owned(), agent.to_owned()))
+            .or_insert_with(|| self.create(app))
+            .clone();
         ch.sessions.fetch_add(1, Ordering::Relaxed);
         ch.touch_idle();
         ch
@@ -233,31 +211,47 @@ impl Hub {
         channel.touch_idle();
     }
 
-    /// The channel of `agent`, if it exists.
-    pub fn get(&self, agent: &str) -> Option<Arc<Channel>> {
-        lock(&self.channels).get(agent).cloned()
+    /// The channel of `app`'s `agent`, if it exists.
+    pub fn get(&self, app: &str, agent: &str) -> Option<Arc<Channel>> {
+        lock(&self.channels)
+            .get(&(app.to_owned(), agent.to_owned()))
+            .cloned()
     }
 
-    /// Subscribes to `agent`'s channel after `last_id` (`Last-Event-ID`, 0 for none). With
-    /// `create_for`, a channel that does not exist yet is opened for that app (`Some(None)`:
-    /// by an admin), so a CRM can listen before the agent logs in.
+    /// The apps that have a channel for `agent`, those with a logged-in session first.
+    pub fn apps_of(&self, agent: &str) -> Vec<String> {
+        let map = lock(&self.channels);
+        let mut apps: Vec<(bool, String)> = map
+            .iter()
+            .filter(|((_, a), _)| a == agent)
+            .map(|((app, _), c)| (c.sessions.load(Ordering::Relaxed) == 0, app.clone()))
+            .collect();
+        apps.sort();
+        apps.into_iter().map(|(_, app)| app).collect()
+    }
+
+    /// Subscribes to `app`'s `agent`'s channel after `last_id` (`Last-Event-ID`, 0 for none).
+    /// With `create`, a channel that does not exist yet is opened, so a CRM can listen before
+    /// its agent logs in.
     pub fn subscribe(
         &self,
+        app: &str,
         agent: &str,
         last_id: u64,
-        create_for: Option<Option<String>>,
+        create: bool,
     ) -> Result<Option<Subscription>, SubscribeError> {
         let mut map = lock(&self.channels);
         Hub::sweep(&mut map);
-        let channel = match (map.get(agent), create_for) {
+        let key = (app.to_owned(), agent.to_owned());
+        let channel = match (map.get(&key), create) {
             (Some(c), _) => c.clone(),
-            (None, None) => return Ok(None),
-            (None, Some(app)) => {
+            (None, false) => return Ok(None),
+            (None, true) => {
                 if map.len() >= self.limits.max_channels {
                     return Err(SubscribeError::TooManyChannels);
                 }
                 let c = self.create(app);
-                map.insert(agent.to_owned(), c.clone());
+                map.insert(key, c.clone());
                 c
             }
         };
@@ -328,10 +322,10 @@ mod tests {
     async fn subscribers_share_one_channel_and_replay_after_their_last_id() {
         let hub = Hub::new(limits(3));
         let ch = hub.login("1001@pbx", "crm");
-        let mut a = hub.subscribe("1001@pbx", 0, None).unwrap().unwrap();
-        let mut b = hub.subscribe("1001@pbx", 0, None).unwrap().unwrap();
+        let mut a = hub.subscribe("crm", "1001@pbx", 0, false).unwrap().unwrap();
+        let mut b = hub.subscribe("crm", "1001@pbx", 0, false).unwrap().unwrap();
         assert!(matches!(
-            hub.subscribe("1001@pbx", 0, None),
+            hub.subscribe("crm", "1001@pbx", 0, false),
             Err(SubscribeError::TooManySubscribers)
         ));
         hub.publish(&ch, "one".into());
@@ -341,7 +335,7 @@ mod tests {
         assert_eq!(next(&mut a).await, Item::Event(2, "two".into()));
         drop(a);
         // Reconnecting after id 1: gets 2, then live events.
-        let mut again = hub.subscribe("1001@pbx", 1, None).unwrap().unwrap();
+        let mut again = hub.subscribe("crm", "1001@pbx", 1, false).unwrap().unwrap();
         assert_eq!(next(&mut again).await, Item::Event(2, "two".into()));
         hub.publish(&ch, "three".into());
         assert_eq!(next(&mut again).await, Item::Event(3, "three".into()));
@@ -355,7 +349,7 @@ mod tests {
         for e in ["a", "b", "c", "d"] {
             hub.publish(&ch, e.into());
         }
-        let mut s = hub.subscribe("1001@pbx", 1, None).unwrap().unwrap();
+        let mut s = hub.subscribe("crm", "1001@pbx", 1, false).unwrap().unwrap();
         assert_eq!(
             next(&mut s).await,
             Item::Gap {
@@ -366,7 +360,7 @@ mod tests {
         assert_eq!(next(&mut s).await, Item::Event(3, "c".into()));
         assert_eq!(next(&mut s).await, Item::Event(4, "d".into()));
         // Up to date: no gap.
-        let mut s = hub.subscribe("1001@pbx", 4, None).unwrap().unwrap();
+        let mut s = hub.subscribe("crm", "1001@pbx", 4, false).unwrap().unwrap();
         hub.publish(&ch, "e".into());
         assert_eq!(next(&mut s).await, Item::Event(5, "e".into()));
     }
@@ -374,30 +368,30 @@ mod tests {
     #[tokio::test]
     async fn channels_are_per_app_and_limited() {
         let hub = Hub::new(limits(4));
-        assert!(hub.subscribe("nobody@pbx", 0, None).unwrap().is_none());
+        assert!(
+            hub.subscribe("crm", "nobody@pbx", 0, false)
+                .unwrap()
+                .is_none()
+        );
         // A CRM listens before its agent logs in.
-        let mut early = hub
-            .subscribe("1002@pbx", 0, Some(Some("crm".into())))
-            .unwrap()
-            .unwrap();
+        let mut early = hub.subscribe("crm", "1002@pbx", 0, true).unwrap().unwrap();
         let ch = hub.login("1002@pbx", "crm");
         hub.publish(&ch, "x".into());
         assert!(matches!(next(&mut early).await, Item::Event(_, _)));
-        // The same agent logging in for another app gets a fresh channel; the old
-        // subscription ends rather than seeing the other app's events.
+        // Another app opening a channel for the same address (before or after it logs in there)
+        // gets a channel of its own: it neither sees nor disturbs crm's.
+        let mut erp_early = hub.subscribe("erp", "1002@pbx", 0, true).unwrap().unwrap();
         let other = hub.login("1002@pbx", "erp");
-        assert_eq!(other.app().as_deref(), Some("erp"));
+        assert_eq!((other.app(), ch.app()), ("erp", "crm"));
         hub.publish(&other, "y".into());
-        drop(ch);
-        assert_eq!(
-            tokio::time::timeout(Duration::from_secs(1), early.next())
-                .await
-                .unwrap(),
-            None
-        );
-        let _c = hub.subscribe("1003@pbx", 0, Some(None)).unwrap();
+        assert_eq!(next(&mut erp_early).await, Item::Event(2, "y".into()));
+        hub.publish(&ch, "z".into());
+        assert_eq!(next(&mut early).await, Item::Event(3, "z".into()));
+        assert_eq!(hub.apps_of("1002@pbx"), ["crm", "erp"]);
+        hub.logout(&ch);
+        assert_eq!(hub.apps_of("1002@pbx"), ["erp", "crm"], "logged-in first");
         assert!(matches!(
-            hub.subscribe("1004@pbx", 0, Some(None)),
+            hub.subscribe("crm", "1004@pbx", 0, true),
             Err(SubscribeError::TooManyChannels)
         ));
     }

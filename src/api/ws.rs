@@ -532,10 +532,11 @@ impl Sessions {
     }
 }
 
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    u64::from_le_bytes(b)
+/// A number that must be unique, not secret (an SDP origin, a parking stamp): from the OS
+/// generator, else from a process-wide counter.
+fn unique_u64() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    crate::rand::u64().unwrap_or_else(|_| NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
@@ -755,6 +756,10 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
             }
             ev = next_registration_event(&mut reg) => match ev {
                 Some(RegistrationEvent::Status(s)) => {
+                    if let (Status::Registered { .. }, Some(me)) = (&s, &ident) {
+                        // The registrar accepted the agent's credentials: the API opens.
+                        state.credentials.activate(&me.api_token);
+                    }
                     let ev = registration_event(&s);
                     events_tx.publish(&ev);
                     if !send(&mut socket, &ev).await {
@@ -842,7 +847,7 @@ async fn session(mut socket: WebSocket, state: AppState, peer: Peer) {
                 events_tx,
                 events_rx,
                 last,
-                parking: random_u64(),
+                parking: unique_u64(),
             };
             state.sessions.park(parked, grace, state.clone());
         }
@@ -972,7 +977,19 @@ async fn connect(
     }
     let account = verified.into_account();
     let agent = account.aor();
-    let handle = match state.sip.register(account).await {
+    // Bearer credentials (128 random bits each) before anything is registered: without the OS
+    // generator there is no login, never a predictable one.
+    let (session_id, api_token) = match (
+        crate::rand::hex::<16>(),
+        state.credentials.issue(&app, &agent),
+    ) {
+        (Ok(s), Ok(t)) => (format!("s-{s}"), t),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("login refused: {e}");
+            return vec![error(Some(id), "internal_error", e.to_string())];
+        }
+    };
+    let handle = match state.sip.register_for(&app, account).await {
         Ok(h) => h,
         Err(e) => {
             let code = match e {
@@ -980,17 +997,19 @@ async fn connect(
                 EndpointError::TooMany(_) => "too_many_registrations",
                 _ => "unavailable",
             };
+            state.credentials.revoke(&api_token);
             return vec![error(Some(id), code, e.to_string())];
         }
     };
     tracing::info!(%agent, %app, "agent connected");
+    if matches!(handle.status(), Status::Registered { .. }) {
+        // Joined a live registration with the same credentials.
+        state.credentials.activate(&api_token);
+    }
     let current = registration_event(&handle.status());
     *reg = Some(handle);
     state.metrics.agent(1);
-    // A bearer credential for `resume`: 128 random bits.
-    let session_id = format!("s-{:016x}{:016x}", random_u64(), random_u64());
     let channel = state.hub.login(&agent, &app);
-    let api_token = state.credentials.issue(&agent);
     *ident = Some(Ident {
         session_id: session_id.clone(),
         agent: agent.clone(),
@@ -1099,7 +1118,7 @@ async fn browser_media(
         browser,
         voice,
         rtp,
-        session_id: random_u64() >> 1,
+        session_id: unique_u64() >> 1,
     })
 }
 

@@ -240,9 +240,8 @@ pub async fn lookup_srv(
         .await
         .map_err(|_| DnsError::Timeout)?;
     sock.connect(server).await.map_err(|_| DnsError::Timeout)?;
-    let mut idb = [0u8; 2];
-    let _ = getrandom::fill(&mut idb);
-    let id = u16::from_be_bytes(idb);
+    // An unpredictable query id is the guard against spoofed answers (RFC 5452 §4.3).
+    let id = u16::from_be_bytes(crate::rand::bytes().map_err(|_| DnsError::Timeout)?);
     let query = srv_query(id, name)?;
     let mut buf = vec![0u8; 4096];
     for _ in 0..2 {

@@ -4,10 +4,12 @@ pub mod call;
 pub mod digest;
 pub mod dns;
 pub mod endpoint;
+pub(crate) mod handle;
 pub mod message;
 pub mod registration;
 pub mod sdp;
 pub mod transaction;
+pub(crate) mod ua;
 
 /// Identifiers for branches, tags, cnonces and Call-IDs: unique, not secret. xorshift64*, seeded
 /// by the owner (from the OS RNG), so the sans-IO cores stay deterministic under test.

@@ -1,73 +1,8 @@
 //! Token errors and their stable codes.
 
 use std::borrow::Cow;
-use std::fmt;
 
-/// A field of the credentials XML carried by a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Field {
-    /// `login`: the SIP user (the user part of the address of record).
-    Login,
-    /// `authenticationName`: the digest user name; defaults to `login`.
-    AuthenticationName,
-    /// `password`: the digest password.
-    Password,
-    /// `domain`: the SIP domain (the host part of the address of record).
-    Domain,
-    /// `outboundProxy`: `host[:port]` that all SIP requests are sent to.
-    OutboundProxy,
-    /// `port`: SIP port of the domain (or of the proxy when it has none); default 5060.
-    Port,
-    /// `visibleName`: display name in the From header.
-    VisibleName,
-    /// `expires`: Unix seconds or RFC 3339 time after which the token is refused.
-    Expires,
-}
-
-impl Field {
-    /// Every field, in the order the XML documents them.
-    pub const ALL: [Field; 8] = [
-        Field::Login,
-        Field::AuthenticationName,
-        Field::Password,
-        Field::Domain,
-        Field::OutboundProxy,
-        Field::Port,
-        Field::VisibleName,
-        Field::Expires,
-    ];
-
-    /// The attribute / element name in the token XML.
-    pub fn xml_name(self) -> &'static str {
-        match self {
-            Field::Login => "login",
-            Field::AuthenticationName => "authenticationName",
-            Field::Password => "password",
-            Field::Domain => "domain",
-            Field::OutboundProxy => "outboundProxy",
-            Field::Port => "port",
-            Field::VisibleName => "visibleName",
-            Field::Expires => "expires",
-        }
-    }
-
-    pub(crate) fn from_xml_name(name: &[u8]) -> Option<Field> {
-        Field::ALL
-            .into_iter()
-            .find(|f| f.xml_name().as_bytes() == name)
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Field {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.xml_name())
-    }
-}
+pub use crate::account::Field;
 
 /// Why a token was refused.
 ///
@@ -153,4 +88,15 @@ pub enum MintError {
     /// A field would be refused by the verifier.
     #[error("{0}")]
     Invalid(TokenError),
+}
+
+impl From<crate::account::AccountError> for TokenError {
+    fn from(e: crate::account::AccountError) -> TokenError {
+        match e {
+            crate::account::AccountError::MissingField(f) => TokenError::MissingField(f),
+            crate::account::AccountError::InvalidField { field, why } => {
+                TokenError::InvalidField { field, why }
+            }
+        }
+    }
 }

@@ -79,7 +79,7 @@ pub(super) fn check_reply(
 }
 
 pub(super) fn random(buf: &mut [u8]) -> Result<(), WebRtcError> {
-    getrandom::fill(buf).map_err(|e| WebRtcError::Engine(format!("no randomness from the OS: {e}")))
+    crate::rand::fill(buf).map_err(|e| WebRtcError::Engine(e.to_string()))
 }
 
 pub(super) fn random_u32() -> Result<u32, WebRtcError> {
