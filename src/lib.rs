@@ -2,7 +2,7 @@
 //!
 //! Browsers log in with a loginByToken token minted by their CRM; callgate decrypts it, registers
 //! with the SIP provider on the agent's behalf and bridges calls. Modules follow one call:
-//! `api` → `token` → `account` (→ `sip` → `media`, to come).
+//! `api` → `session` → {`config`, `sip`, `token`} → `media`.
 
 pub mod account;
 pub mod api;
@@ -17,5 +17,6 @@ pub mod rand;
 pub mod sdnotify;
 pub mod secret;
 pub mod server;
+pub mod session;
 pub mod sip;
 pub mod token;

@@ -166,15 +166,15 @@ impl Bound {
             env!("CARGO_PKG_VERSION"),
         );
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::default());
-        let credentials = std::sync::Arc::new(api::auth::Credentials::new(
+        let credentials = std::sync::Arc::new(crate::session::credentials::Credentials::new(
             self.config
                 .apps
                 .iter()
                 .flat_map(|(name, app)| app.api_keys.iter().map(move |k| (*k, name.clone()))),
             self.config.admin_keys.iter().copied(),
         ));
-        let apps = api::apps::LiveApps::new(&self.config, credentials.clone());
-        let state = api::http::AppState {
+        let apps = crate::config::live::LiveApps::new(&self.config, credentials.clone());
+        let state = api::http::AppState(std::sync::Arc::new(crate::session::context::Context {
             apps: apps.clone(),
             sip: self.sip.clone(),
             webrtc: self.webrtc.clone(),
@@ -185,19 +185,19 @@ impl Bound {
                 .media
                 .public_ip
                 .unwrap_or(self.config.media.listen_ip),
-            bad_tokens: std::sync::Arc::new(api::ws::BadTokens::default()),
+            bad_tokens: crate::session::limits::BadTokens::default(),
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
             accept_refer: self.config.sip.accept_refer,
-            sessions: std::sync::Arc::new(api::ws::Sessions::default()),
+            sessions: crate::session::registry::Registry::default(),
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,
-            hub: std::sync::Arc::new(api::events::Hub::new(self.config.events)),
+            hub: std::sync::Arc::new(crate::session::hub::Hub::new(self.config.events)),
             cdr: self.cdr.clone(),
             recordings_dir: self.config.storage.recordings_dir.clone(),
             credentials: credentials.clone(),
             metrics: metrics.clone(),
-        };
+        }));
         let sip = self.sip.clone();
         let drain = self.config.drain;
         // On the signal: stop taking logins and calls, let calls go on for up to `drain`, then

@@ -220,10 +220,25 @@ async fn chromium_answers_an_incoming_call() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let gw = Gateway::start().await;
     let kam_port = gw.kam.port;
-    // The caller (sipp as 1002, echoing RTP) dials 1001 once the page is registered: start it
-    // shortly after the driver, which needs about a second to launch and log in.
+    // The caller (sipp as 1002, echoing RTP) dials 1001 once the page is registered (callgate's
+    // /metrics says so; Chromium takes one to several seconds to launch and log in).
+    let http = gw
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
     let caller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            let addr = http.clone();
+            let m = tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+                .await
+                .unwrap();
+            if m.contains("callgate_registrations{state=\"registered\"} 1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let mut c = Sipp::uac_with(kam_port, "1001", "uac_answered_long.xml", &["-rtp_echo"]);
         tokio::task::spawn_blocking(move || c.wait(Duration::from_secs(30)))
             .await

@@ -1659,21 +1659,37 @@ async fn silent_far_end_is_hung_up_after_the_media_timeout() {
     let mut srv = server_with("", "timeout_secs = 2").await;
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let (page, _call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    let (page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     let started = tokio::time::Instant::now();
-    let mut established_at = None;
+    let mut established = false;
     let ended = loop {
         let ev = next(&mut ws, &mut seen).await;
-        if ev["state"] == "established" {
-            established_at = Some(tokio::time::Instant::now());
-        }
+        established |= ev["state"] == "established";
         if ev["state"] == "ended" {
             break ev;
         }
     };
-    let established_at = established_at.expect("the call was answered first");
+    assert!(established, "the call was answered first");
     assert_eq!(ended["endReason"], "media_timeout", "{ended}");
-    let silent_for = established_at.elapsed();
+    // Silence is measured from the answer as callgate saw it (the call's history row): the
+    // page may read `established` late (here: while its own WebRTC connection comes up).
+    let token = api_token_of(&seen);
+    let mut row = Value::Null;
+    for _ in 0..20 {
+        let r = common::sse::Sse::open(
+            srv.addr,
+            &format!("/api/v1/calls/{call_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+        if r.status == 200 {
+            row = r.body().await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let silent_for = Duration::from_millis(row["durationMs"].as_u64().expect("a history row"));
     assert!(
         silent_for >= Duration::from_millis(1900) && started.elapsed() < Duration::from_secs(8),
         "hung up {silent_for:?} after the answer"
@@ -2009,4 +2025,65 @@ async fn next_within(ws: &mut Ws, seen: &mut Vec<String>, limit: Duration) -> Va
             return serde_json::from_str(t.as_str()).expect("JSON");
         }
     }
+}
+
+/// A `resume` while the session's old socket is still open (a second tab, or a reconnect before
+/// the old socket's end was noticed) takes the session over: the old socket is closed with 4001
+/// `resumed elsewhere`, the new one gets the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_takes_over_a_session_whose_old_socket_is_open() {
+    let kam = Kamailio::start(free_udp_port());
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut old = logged_in(&srv, kam.port, &mut seen).await;
+    let session_id = seen
+        .iter()
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .find(|v| v["type"] == "connected")
+        .and_then(|v| v["sessionId"].as_str().map(str::to_owned))
+        .expect("connected with a session id");
+    let mut new = open(srv.addr).await;
+    new.send(Message::text(
+        json!({"type": "resume", "id": 1, "sessionId": session_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut new, &mut seen).await,
+        json!({"type": "reply", "id": 1, "ok": true})
+    );
+    assert_eq!(next(&mut new, &mut seen).await["type"], "connected");
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), old.next())
+            .await
+            .expect("the old socket hears in time")
+        {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    let frame = closed.expect("a close code");
+    assert_eq!(
+        (u16::from(frame.code), frame.reason.as_str()),
+        (4001, "resumed elsewhere")
+    );
+    // The new socket is the session's page now.
+    new.send(Message::text(
+        json!({"type": "logout", "id": 2}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = loop {
+        let ev = next(&mut new, &mut seen).await;
+        if ev["type"] == "reply" {
+            break ev;
+        }
+    };
+    assert_eq!(
+        (reply["id"].as_u64(), reply["ok"].as_bool()),
+        (Some(2), Some(true))
+    );
+    drop((old, new));
+    srv.shut_down().await;
 }

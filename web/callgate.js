@@ -198,7 +198,9 @@ export class Callgate extends Emitter {
       ws.onclose = ev => {
         if (ws !== this.ws) return;
         clearInterval(this._alive);
-        if (ev.code === 4000) this._closing = true; // logged out
+        // 4000: logged out; 4001: another tab or connection took the session over (taking it
+        // back would only start a tug of war).
+        if (ev.code === 4000 || ev.code === 4001) this._closing = true;
         for (const [, p] of this._pending) p.reject(new CallgateError('connection_closed', 'connection to callgate closed'));
         this._pending.clear();
         if (this._reconnecting) return; // the retry loop goes on

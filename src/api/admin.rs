@@ -15,10 +15,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::apps::ReloadError;
-use super::auth::Denied;
-use super::crm::{Admin, denied, refuse};
-use super::http::AppState;
+use super::auth::{Admin, denied, refuse};
+use super::state::AppState;
+use crate::config::live::ReloadError;
+use crate::session::credentials::Denied;
 
 /// A key's fingerprint: `fp:` and the first 16 hex digits of the SHA-256 of its bytes.
 pub fn fingerprint(hex_key: &str) -> String {

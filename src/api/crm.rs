@@ -3,7 +3,6 @@
 //! `{"error": {"code", "message"}}`.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -12,74 +11,10 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
-use super::auth::{Caller, Denied};
-use super::events::{Channel, Hub, Item, SubscribeError};
-use super::http::AppState;
-
-/// A JSON error response.
-pub fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
-    (status, Json(body)).into_response()
-}
-
-/// The response for a refused credential or resource.
-pub fn denied(d: Denied) -> Response {
-    let (status, code) = match d {
-        Denied::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-        Denied::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
-        Denied::NotRegistered => (StatusCode::FORBIDDEN, "not_registered"),
-        Denied::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-    };
-    let mut r = refuse(status, code, &d.to_string());
-    if d == Denied::Unauthorized {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-    }
-    r
-}
-
-/// The caller of a request.
-pub fn caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Denied> {
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    state.credentials.identify(auth)
-}
-
-/// The authenticated caller of an API request: a handler taking it is only reached with a
-/// known credential (401 otherwise).
-pub struct Auth(pub Caller);
-
-impl axum::extract::FromRequestParts<AppState> for Auth {
-    type Rejection = Response;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &AppState,
-    ) -> Result<Self, Response> {
-        caller(state, &parts.headers).map(Auth).map_err(denied)
-    }
-}
-
-/// An admin caller: 401 without a credential, 403 with any other one.
-pub struct Admin;
-
-impl axum::extract::FromRequestParts<AppState> for Admin {
-    type Rejection = Response;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &AppState,
-    ) -> Result<Self, Response> {
-        match caller(state, &parts.headers) {
-            Ok(Caller::Admin) => Ok(Admin),
-            Ok(_) => Err(denied(Denied::Forbidden)),
-            Err(d) => Err(denied(d)),
-        }
-    }
-}
+use super::auth::{Auth, denied, refuse};
+use super::state::AppState;
+use crate::session::credentials::{Caller, Denied};
+use crate::session::hub::{Item, SubscribeError};
 
 /// `GET /api/v1/agents/{agent}/events`: the agent's events as they happen, after the
 /// `Last-Event-ID` the subscriber saw last (a `gap` event first if some are lost). An app or
@@ -139,44 +74,6 @@ pub async fn agent_events(
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
-}
-
-/// Where a session's events go: its page (through the session task) and, once logged in, the
-/// agent's channel for CRM subscribers.
-#[derive(Clone)]
-pub struct EventSink {
-    tx: tokio::sync::mpsc::Sender<super::ws::Outgoing>,
-    channel: Option<(Arc<Hub>, Arc<Channel>)>,
-}
-
-impl EventSink {
-    /// Events for the page only (not logged in yet).
-    pub(crate) fn new(tx: tokio::sync::mpsc::Sender<super::ws::Outgoing>) -> EventSink {
-        EventSink { tx, channel: None }
-    }
-
-    /// From now on also to the agent's channel.
-    pub(crate) fn with_channel(self, hub: Arc<Hub>, channel: Arc<Channel>) -> EventSink {
-        EventSink {
-            tx: self.tx,
-            channel: Some((hub, channel)),
-        }
-    }
-
-    /// Publishes `ev` on the agent's channel (if it is an event CRMs get).
-    pub(crate) fn publish(&self, ev: &super::ws::Outgoing) {
-        if let (Some((hub, ch)), true) = (&self.channel, ev.for_crm()) {
-            if let Ok(json) = serde_json::to_string(ev) {
-                hub.publish(ch, json.into());
-            }
-        }
-    }
-
-    /// Publishes `ev` and queues it for the page.
-    pub(crate) async fn send(&self, ev: super::ws::Outgoing) -> Result<(), ()> {
-        self.publish(&ev);
-        self.tx.send(ev).await.map_err(|_| ())
-    }
 }
 
 /// A query string's parameters (percent-decoded, `+` as space); only `allowed` names, each at
@@ -486,7 +383,17 @@ pub async fn get_recording(
             return r;
         }
     };
-    let body = futures_util::stream::unfold((Some(file), start), move |(file, pos)| async move {
+    let body = file_stream(file, start, end);
+    recording_response(body, status, (start, end, len))
+}
+
+/// The bytes [`start`, `end`) of `file`, read in 64 KiB blocks off the runtime's threads.
+fn file_stream(
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+) -> impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> {
+    futures_util::stream::unfold((Some(file), start), move |(file, pos)| async move {
         let file = file?;
         if pos >= end {
             return None;
@@ -510,7 +417,15 @@ pub async fn get_recording(
             Ok(Err(e)) => Some((Err(e), (None, end))),
             _ => None,
         }
-    });
+    })
+}
+
+/// The recording's response: WAV, ranges accepted, the part's length and range.
+fn recording_response(
+    body: impl futures_util::Stream<Item = Result<axum::body::Bytes, std::io::Error>> + Send + 'static,
+    status: StatusCode,
+    (start, end, len): (u64, u64, u64),
+) -> Response {
     let mut r = Response::new(axum::body::Body::from_stream(body));
     *r.status_mut() = status;
     let h = r.headers_mut();

@@ -6,58 +6,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 
-use crate::sip::endpoint::Endpoint;
-
-/// What the handlers share: immutable configuration and handles to the tasks that own state.
-#[derive(Clone)]
-pub struct AppState {
-    /// The apps in force (token keys, origins, dial plans, recording), reloadable.
-    pub apps: super::apps::LiveApps,
-    /// The SIP endpoint.
-    pub sip: Endpoint,
-    /// The WebRTC engine (browser media).
-    pub webrtc: std::sync::Arc<crate::media::webrtc::Engine>,
-    /// RTP port pairs for the SIP side.
-    pub rtp_ports: crate::media::rtp_leg::PortPool,
-    /// IP the RTP sockets bind to.
-    pub rtp_bind_ip: std::net::IpAddr,
-    /// IP announced in SDP toward SIP peers (the public one behind NAT).
-    pub rtp_public_ip: std::net::IpAddr,
-    /// Bad-token counter per source address.
-    pub bad_tokens: std::sync::Arc<super::ws::BadTokens>,
-    /// How DTMF from the page is sent.
-    pub dtmf: crate::config::DtmfMode,
-    /// Hang-up after this long without SIP-side RTP (`None`: never).
-    pub media_timeout: Option<std::time::Duration>,
-    /// Follow the far end's REFER (checked against the app's dial plan).
-    pub accept_refer: bool,
-    /// Sessions waiting for their page to resume them.
-    pub sessions: std::sync::Arc<super::ws::Sessions>,
-    /// How long they wait (`None`: sessions end with their socket).
-    pub resume: Option<std::time::Duration>,
-    /// WebSocket ping interval; three without an answer close the socket.
-    pub heartbeat: std::time::Duration,
-    /// Call history.
-    pub cdr: crate::cdr::CdrStore,
-    /// Where recordings go.
-    pub recordings_dir: std::path::PathBuf,
-    /// Per-agent event channels (SSE).
-    pub hub: std::sync::Arc<super::events::Hub>,
-    /// Who may call the HTTP API.
-    pub credentials: std::sync::Arc<super::auth::Credentials>,
-    /// Counters for /metrics, and the draining flag.
-    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
-}
-
-impl AppState {
-    /// Where call `call_id` of `app` is recorded, if that app records.
-    pub fn recording_path(&self, app: &str, call_id: &str) -> Option<std::path::PathBuf> {
-        if !self.apps.get().record.contains(app) {
-            return None;
-        }
-        crate::media::recorder::file_name(call_id).map(|f| self.recordings_dir.join(f))
-    }
-}
+pub use super::state::AppState;
 
 /// The HTTP routes.
 pub fn router(state: AppState) -> Router {

@@ -2,9 +2,8 @@
 //! HTTP API (per-agent events over SSE) with its credentials.
 
 pub mod admin;
-pub mod apps;
 pub mod auth;
 pub mod crm;
-pub mod events;
 pub mod http;
+pub mod state;
 pub mod ws;

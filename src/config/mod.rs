@@ -4,6 +4,7 @@
 //! With no file, the copies of `conf/callgate.toml` and `conf/apps.toml` compiled into the binary
 //! are used, so `callgate run` works out of the box on a laptop.
 
+pub mod live;
 mod raw;
 
 use std::collections::BTreeMap;
@@ -219,7 +220,7 @@ pub struct Config {
     /// SHA-256 digests of the admin keys (apps.toml `admin_keys`).
     pub admin_keys: Vec<[u8; 32]>,
     /// Limits of the per-agent event channels.
-    pub events: crate::api::events::Limits,
+    pub events: crate::session::hub::Limits,
     keyring: Keyring,
 }
 
@@ -505,7 +506,7 @@ impl Config {
             600,
             "seconds",
         );
-        let events = crate::api::events::Limits {
+        let events = crate::session::hub::Limits {
             max_channels: range(
                 "events.max_channels",
                 raw.events.max_channels,

@@ -228,6 +228,10 @@ impl Steering {
 }
 
 /// A connected pair of [`Steering`] (for the call's owner) and [`Controls`] (for [`run`]).
+///
+/// Both queues are unbounded by construction: orders come from the call's one owner, at most a
+/// few per page request or SIP event it handled (and a page's DTMF is capped per request), and
+/// heard digits are at most one per RFC 4733 event the far end sent, each reported once.
 pub fn controls() -> (Steering, Controls) {
     let (control_tx, control) = mpsc::unbounded_channel();
     let (heard, heard_rx) = mpsc::unbounded_channel();

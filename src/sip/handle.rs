@@ -416,6 +416,17 @@ impl CallControl {
     pub fn complete_transfer(&self, consult: &CallControl) {
         self.act(CallAction::CompleteTransfer(consult.id));
     }
+
+    /// The endpoint's id of the call (to name it as another call's consultation).
+    pub(crate) fn endpoint_id(&self) -> u64 {
+        self.id
+    }
+
+    /// [`complete_transfer`](Self::complete_transfer) with the consultation's
+    /// [`endpoint_id`](Self::endpoint_id).
+    pub(crate) fn complete_transfer_to(&self, consult: u64) {
+        self.act(CallAction::CompleteTransfer(consult));
+    }
 }
 
 /// What the media side of a call may ask of it (see [`CallControl::commander`]).

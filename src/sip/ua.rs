@@ -82,7 +82,8 @@ struct Entry {
     /// is offered no incoming call (a binding the registrar never took cannot be called
     /// legitimately).
     accepted: bool,
-    /// One queue per live handle, newest last.
+    /// One queue per live handle, newest last (unbounded by construction: at most the calls
+    /// the UA admits, `MAX_CALLS`).
     incoming: Vec<mpsc::UnboundedSender<IncomingCall>>,
 }
 
@@ -94,6 +95,8 @@ struct CallEntry {
     reg_key: RegKey,
     /// Attended transfer in progress: the consultation call to end with this one.
     consult: Option<u64>,
+    /// To the call's owner (unbounded by construction: a few events per SIP message of the
+    /// call, which the transaction layer rate-bounds).
     events: Option<mpsc::UnboundedSender<CallEvent>>,
     /// The registration key, until the Incoming event is delivered.
     deliver_to: Option<RegKey>,

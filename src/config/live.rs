@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use super::auth::Credentials;
-use crate::config::{Config, ConfigError, Source};
+use super::{Config, ConfigError, Source};
 use crate::dialplan::DialPlan;
+use crate::session::credentials::Credentials;
 use crate::token::Keyring;
 
 /// One configuration's apps.

@@ -1,0 +1,163 @@
+//! Starting a session (`connect` with a token) and attaching a page to a live one (`resume`
+//! with its session id): the checks both make, and the link the page's socket keeps.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::mpsc;
+
+use super::agent::{Control, Ident, PAGE_QUEUE, Session};
+use super::context::Context;
+use super::control::ToPage;
+use super::error::ApiError;
+use super::event::Event;
+use crate::sip::registration::Status;
+
+/// Controls queued for a session (requests of one page, one at a time, and attach/detach).
+const CONTROL_QUEUE: usize = 64;
+
+/// Who is on the other end of a WebSocket.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The client's address (see the WebSocket handler for proxies).
+    pub ip: std::net::IpAddr,
+    /// The page's `Origin` header, lower-cased.
+    pub origin: Option<String>,
+}
+
+/// A page's link to its session: requests in, events (replies included) out. When the session
+/// ends, `events` closes.
+pub struct Link {
+    /// To the session.
+    pub(crate) control: mpsc::Sender<Control>,
+    /// From the session.
+    pub(crate) events: mpsc::Receiver<ToPage>,
+}
+
+impl Link {
+    /// Hands a request to the session; `false` if it is gone.
+    pub(crate) async fn request(&self, req: super::request::Request) -> bool {
+        self.control.send(Control::Request(req)).await.is_ok()
+    }
+
+    /// The page's socket closed (the session waits for a resume, or ends).
+    pub(crate) fn detach(&self) {
+        let _ = self.control.try_send(Control::Detach);
+    }
+}
+
+/// Whether `app` lets a page from `origin` in (`allowed_origins`, none: any).
+fn origin_allowed(ctx: &Context, app: &str, origin: Option<&String>) -> bool {
+    let apps = ctx.apps.get();
+    let allowed = apps.origins.get(app).map_or(&[][..], Vec::as_slice);
+    allowed.is_empty() || origin.is_some_and(|o| allowed.contains(o))
+}
+
+/// `connect`: checks the token and the page's origin, registers the agent, and starts its
+/// session, whose first events (the reply, `connected`, the registration's state) are the
+/// link's first.
+pub(crate) async fn connect(
+    ctx: &Arc<Context>,
+    peer: &Peer,
+    id: u64,
+    token: &str,
+) -> Result<Link, ApiError> {
+    if ctx.metrics.is_draining() {
+        return Err(ApiError::Unavailable);
+    }
+    if ctx.bad_tokens.blocked(peer.ip) {
+        return Err(ApiError::RateLimited);
+    }
+    let apps = ctx.apps.get();
+    let verified = apps.keyring.verify(token, SystemTime::now()).map_err(|e| {
+        ctx.bad_tokens.record(peer.ip);
+        ctx.metrics.token_failure(&e.code());
+        tracing::info!(code = %e.code(), "token refused");
+        ApiError::Token(e)
+    })?;
+    let app = verified.app().to_owned();
+    if !origin_allowed(ctx, &app, peer.origin.as_ref()) {
+        tracing::info!(%app, "login refused: page origin not allowed");
+        return Err(ApiError::OriginNotAllowed);
+    }
+    let plan = apps.dial_plans.get(&app).cloned().unwrap_or_default();
+    let account = verified.into_account();
+    let agent = account.aor();
+    // Bearer credentials (128 random bits each) before anything is registered: without the OS
+    // generator there is no login, never a predictable one.
+    let session_id = format!("s-{}", crate::rand::hex::<16>()?);
+    let api_token = ctx.credentials.issue(&app, &agent)?;
+    let reg = match ctx.sip.register_for(&app, account).await {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.credentials.revoke(&api_token);
+            return Err(e.into());
+        }
+    };
+    tracing::info!(%agent, %app, "agent connected");
+    if matches!(reg.status(), Status::Registered { .. }) {
+        // Joined a live registration with the same credentials.
+        ctx.credentials.activate(&api_token);
+    }
+    ctx.metrics.agent(1);
+    let channel = ctx.hub.login(&agent, &app);
+    let first = vec![
+        Event::ok(id),
+        Event::Connected {
+            agent: agent.clone(),
+            session_id: session_id.clone(),
+            api_token: api_token.clone(),
+        },
+        Event::registration(&reg.status()),
+    ];
+    let ident = Ident {
+        session_id,
+        agent,
+        app,
+        channel,
+        api_token,
+    };
+    Ok(start(ctx, ident, reg, plan, first))
+}
+
+fn start(
+    ctx: &Arc<Context>,
+    ident: Ident,
+    reg: crate::sip::endpoint::RegistrationHandle,
+    plan: crate::dialplan::DialPlan,
+    first: Vec<Event>,
+) -> Link {
+    let (page, events) = mpsc::channel(PAGE_QUEUE);
+    let (control, controls) = mpsc::channel(CONTROL_QUEUE);
+    ctx.sessions
+        .insert(&ident.session_id, &ident.app, control.clone());
+    let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, page);
+    tokio::spawn(session.run(first, controls, updates));
+    Link { control, events }
+}
+
+/// `resume`: attaches the page to live session `session_id` if the session's app allows the
+/// page's origin. Unknown ids count as bad tokens (they are bearer credentials).
+pub(crate) async fn resume(
+    ctx: &Arc<Context>,
+    peer: &Peer,
+    id: u64,
+    session_id: &str,
+) -> Result<Link, ApiError> {
+    if ctx.bad_tokens.blocked(peer.ip) {
+        return Err(ApiError::RateLimited);
+    }
+    let Some((app, control)) = ctx.sessions.get(session_id) else {
+        ctx.bad_tokens.record(peer.ip);
+        return Err(ApiError::UnknownSession);
+    };
+    if !origin_allowed(ctx, &app, peer.origin.as_ref()) {
+        return Err(ApiError::OriginNotAllowed);
+    }
+    let (page, events) = mpsc::channel(PAGE_QUEUE);
+    control
+        .send(Control::Attach { page, id })
+        .await
+        .map_err(|_| ApiError::UnknownSession)?;
+    Ok(Link { control, events })
+}
