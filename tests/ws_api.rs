@@ -787,12 +787,7 @@ async fn page_resumes_its_session_and_call() {
     let mut srv = server_with_tables("", "resume_secs = 3", "", "").await;
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let session_id = seen
-        .iter()
-        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
-        .find(|v| v["type"] == "connected")
-        .and_then(|v| v["sessionId"].as_str().map(str::to_owned))
-        .expect("connected with a session id");
+    let session_id = connected_field(&seen, "sessionId");
     assert!(session_id.len() >= 34, "128 random bits: {session_id}");
     let (mut page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
     loop {
@@ -1090,12 +1085,7 @@ async fn crm_subscribers_share_the_agents_events_and_replay_what_they_missed() {
     let mut srv = server_with_tables("", "", "", "[events]\nmax_subscribers = 3").await;
     let mut seen = Vec::new();
     let mut ws = logged_in(&srv, kam.port, &mut seen).await;
-    let api_token = seen
-        .iter()
-        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
-        .find(|v| v["type"] == "connected")
-        .and_then(|v| v["apiToken"].as_str().map(str::to_owned))
-        .expect("connected with an API token");
+    let api_token = api_token_of(&seen);
     let path = "/api/v1/agents/1001@127.0.0.1/events";
     let mut crm = Sse::open(srv.addr, path, Some(CRM_API_KEY), None).await;
     let mut own = Sse::open(srv.addr, path, Some(&api_token), None).await;
@@ -1852,11 +1842,16 @@ async fn shutdown_drains_calls_then_hangs_up() {
 
 /// The `apiToken` of the `connected` event among `seen` frames.
 fn api_token_of(seen: &[String]) -> String {
+    connected_field(seen, "apiToken")
+}
+
+/// Field `name` of the `connected` event among `seen` frames.
+fn connected_field(seen: &[String], name: &str) -> String {
     seen.iter()
         .filter_map(|f| serde_json::from_str::<Value>(f).ok())
         .find(|v| v["type"] == "connected")
-        .and_then(|v| v["apiToken"].as_str().map(str::to_owned))
-        .expect("connected with an API token")
+        .and_then(|v| v[name].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("connected with {name}"))
 }
 
 /// Registration identity: another app's token naming crm's live agent 1001 with a wrong password
@@ -2036,12 +2031,7 @@ async fn resume_takes_over_a_session_whose_old_socket_is_open() {
     let mut srv = server().await;
     let mut seen = Vec::new();
     let mut old = logged_in(&srv, kam.port, &mut seen).await;
-    let session_id = seen
-        .iter()
-        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
-        .find(|v| v["type"] == "connected")
-        .and_then(|v| v["sessionId"].as_str().map(str::to_owned))
-        .expect("connected with a session id");
+    let session_id = connected_field(&seen, "sessionId");
     let mut new = open(srv.addr).await;
     new.send(Message::text(
         json!({"type": "resume", "id": 1, "sessionId": session_id}).to_string(),

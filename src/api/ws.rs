@@ -152,7 +152,7 @@ async fn pump(mut socket: WebSocket, state: AppState, peer: Peer) {
             }
         }
     }
-    if let Some(l) = &link {
+    if let Some(l) = link {
         l.detach();
     }
     state.metrics.websocket(-1);
@@ -171,11 +171,12 @@ async fn frame(
         (Err(e), _) => Event::refused(None, e),
         (Ok(Request::Ping { id }), _) => Event::ok(id),
         (Ok(req), Some(l)) => {
-            return if l.request(req).await {
-                After::Go
-            } else {
-                After::Stop
-            };
+            let id = request_id(&req);
+            match l.request(req) {
+                Ok(true) => return After::Go,
+                Ok(false) => return After::Stop,
+                Err(e) => Event::refused(Some(id), e),
+            }
         }
         (Ok(Request::Connect { id, token }), None) => {
             match login::connect(&state.0, peer, id, &token).await {

@@ -1,16 +1,15 @@
 //! The bridge: browser (WebRTC leg) ⇄ SIP (RTP leg), one task per call. Each direction goes
 //! through a [`Rewriter`], so each side sees one continuous stream with its own payload types.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::dtmf::{self, Scheduled};
-use super::rewrite::{PtMap, Rewriter};
+mod core;
+use self::core::BridgeCore;
+
+use super::rewrite::PtMap;
 use super::rtp::RtpPacket;
 use super::rtp_leg::{MAX_DATAGRAM, RtpLeg};
 use super::stats::ReceiveStats;
@@ -130,33 +129,18 @@ pub enum Flow {
     Stop,
 }
 
-/// When the SIP side last sent media, for the inactivity hang-up (read by the call's owner,
-/// which knows whether silence is expected, e.g. on hold).
-#[derive(Debug)]
-pub struct Activity {
-    base: Instant,
-    last_sip_ms: AtomicU64,
-}
-
-impl Activity {
-    /// Starts counting now.
-    pub fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            base: Instant::now(),
-            last_sip_ms: AtomicU64::new(0),
-        })
-    }
-
-    fn touch(&self, now: Instant) {
-        let ms = now.saturating_duration_since(self.base).as_millis() as u64;
-        self.last_sip_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// How long since the SIP side's last RTP packet (or since the bridge started).
-    pub fn sip_idle(&self, now: Instant) -> Duration {
-        let last = self.base + Duration::from_millis(self.last_sip_ms.load(Ordering::Relaxed));
-        now.saturating_duration_since(last)
-    }
+/// Whether the SIP side sends media, for the inactivity hang-up (the call's owner knows
+/// whether silence is expected, e.g. on hold): reported when it stops and when it starts again,
+/// never per packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaActivity {
+    /// No SIP-side packet since `since` (the last one, or the bridge's start or retarget).
+    Silent {
+        /// When the silence began.
+        since: Instant,
+    },
+    /// Packets come again.
+    Flowing,
 }
 
 /// What a call's owner tells its bridge, in order, on one channel (the bridge polls one
@@ -182,8 +166,8 @@ pub struct Controls {
     control: mpsc::UnboundedReceiver<Control>,
     /// Digits the SIP side sent as telephone-events (each reported once).
     pub heard: mpsc::UnboundedSender<char>,
-    /// Updated on each SIP-side packet.
-    pub activity: Arc<Activity>,
+    /// When the SIP side's media stops and starts again.
+    pub activity: mpsc::UnboundedSender<MediaActivity>,
     /// Where both sides' decoded audio goes when the call is recorded.
     pub tap: Option<super::recorder::Tap>,
     /// How often an RTCP report goes to the SIP side.
@@ -198,7 +182,7 @@ pub struct Steering {
     /// Digits heard from the SIP side.
     pub heard: mpsc::UnboundedReceiver<char>,
     /// The SIP side's media activity.
-    pub activity: Arc<Activity>,
+    pub activity: mpsc::UnboundedReceiver<MediaActivity>,
 }
 
 impl Steering {
@@ -231,16 +215,17 @@ impl Steering {
 ///
 /// Both queues are unbounded by construction: orders come from the call's one owner, at most a
 /// few per page request or SIP event it handled (and a page's DTMF is capped per request), and
-/// heard digits are at most one per RFC 4733 event the far end sent, each reported once.
+/// heard digits are at most one per RFC 4733 event the far end sent, each reported once, and
+/// activity changes at most two per silence threshold.
 pub fn controls() -> (Steering, Controls) {
     let (control_tx, control) = mpsc::unbounded_channel();
     let (heard, heard_rx) = mpsc::unbounded_channel();
-    let activity = Activity::new();
+    let (activity, activity_rx) = mpsc::unbounded_channel();
     (
         Steering {
             control: control_tx,
             heard: heard_rx,
-            activity: activity.clone(),
+            activity: activity_rx,
         },
         Controls {
             control,
@@ -252,28 +237,10 @@ pub fn controls() -> (Steering, Controls) {
     )
 }
 
-/// Length of one DTMF digit we send, and the pause before the next.
-const DIGIT_MS: u32 = 120;
-const DIGIT_GAP: Duration = Duration::from_millis(80);
-
-/// The telephone-event we are sending: its packets, the next one, and the event's timestamp.
-struct Sending {
-    started: Instant,
-    timestamp: u32,
-    packets: Vec<Scheduled>,
-    next: usize,
-}
-
-impl Sending {
-    fn due(&self) -> Option<Instant> {
-        let p = self.packets.get(self.next)?;
-        Some(self.started + Duration::from_millis(u64::from(p.at_ms)))
-    }
-}
-
-/// Runs until told [`Flow::Stop`] (or the [`Steering`] is dropped); returns the statistics. When the browser leg closes
-/// (the page went away) the SIP side's audio is dropped until a new leg arrives by `rebrowse`
-/// (the page came back) or the call ends.
+/// Runs until told [`Flow::Stop`] (or the [`Steering`] is dropped); returns the statistics.
+/// When the browser leg closes (the page went away) the SIP side's audio is dropped until a new
+/// leg arrives by `rebrowse` (the page came back) or the call ends. The decisions are
+/// [`BridgeCore`]'s; this shell moves packets, orders and time.
 pub async fn run(
     mut browser: Leg,
     mut sip: RtpLeg,
@@ -290,209 +257,56 @@ pub async fn run(
             "browser audio from before the bridge discarded"
         );
     }
-    let mut sip_te = mapping.sip_telephone_event;
-    let mut voice = mapping.voice;
-    // RTCP: our reports every interval; what the SIP side says of our stream.
-    let mut rtcp_tick = tokio::time::interval_at(
-        (start + ctl.rtcp_interval).into(),
-        ctl.rtcp_interval.max(Duration::from_millis(100)),
-    );
+    let mut core = BridgeCore::new(start, mapping, ssrc, ctl.rtcp_interval, ctl.tap.take());
     let mut rtcp_buf = vec![0u8; 1500];
     let rtcp_socket = sip.rtcp_socket();
-    let mut octets_to_sip: u64 = 0;
-    let mut sip_ssrc: Option<u32> = None;
-    // The middle bits of the SIP side's last SR and when it came (for LSR / DLSR).
-    let mut last_sr: Option<(u32, Instant)> = None;
-    // Decoded audio of one side for the recorder (a full recorder queue drops audio rather
-    // than slow the call down).
-    let record = |tap: &Option<super::recorder::Tap>, side, alaw: bool, payload: &[u8]| {
-        if let Some(t) = tap {
-            let decode = if alaw {
-                super::g711::alaw_decode
-            } else {
-                super::g711::ulaw_decode
-            };
-            let _ = t.try_send((side, payload.iter().map(|b| decode(*b)).collect()));
-        }
-    };
-    let mut to_sip = Rewriter::new(ssrc, 8000, mapping.to_sip);
-    let mut to_browser = Rewriter::new(ssrc ^ 0x5555_5555, 8000, mapping.to_browser);
-    let mut stats = BridgeStats::default();
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut held = false;
-    let mut digits: VecDeque<char> = VecDeque::new();
-    let mut sending: Option<Sending> = None;
-    let mut next_digit_at = start;
-    let mut heard = dtmf::Receiver::default();
-    let mut browser_open = true;
-    ctl.activity.touch(start);
     loop {
-        // The next telephone-event packet to send, or the next digit to start.
-        let wake = match &sending {
-            Some(s) => s.due(),
-            None if !digits.is_empty() => Some(next_digit_at),
-            None => None,
-        };
         // Biased: orders first (a stop is never starved), then the two media sources.
         tokio::select! {
             biased;
             c = ctl.control.recv() => match c {
                 None | Some(Control::Flow(Flow::Stop)) => break,
-                Some(Control::Flow(Flow::Hold)) => held = true,
-                Some(Control::Flow(Flow::Forward)) => {
-                    if held {
-                        held = false;
-                        to_sip.rebase();
-                        to_browser.rebase();
-                    }
-                }
-                Some(Control::Dtmf(d)) => {
-                    if sip_te.is_some() {
-                        digits.push_back(d);
-                    }
-                }
-                Some(Control::Rebrowse(b)) => {
-                    let (mut leg, m) = *b;
-                    tracing::debug!(mapping = ?m, "browser leg replaced");
-                    leg.discard_pending();
-                    let old = std::mem::replace(&mut browser, leg);
-                    old.close().await;
-                    browser_open = true;
-                    (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
-                }
-                Some(Control::Retarget(r)) => {
-                    let (addr, m) = *r;
-                    // Same streams for both sides, continued from where they are (the
-                    // Rewriters take the new source's numbering as a source change).
-                    tracing::debug!(remote = %addr, mapping = ?m, "SIP side retargeted");
-                    sip.set_remote(addr);
-                    (sip_te, voice) = remap(&mut to_sip, &mut to_browser, m);
-                    heard = dtmf::Receiver::default();
-                    sending = None;
-                    ctl.activity.touch(Instant::now());
-                }
+                Some(order) => steer(order, &mut core, &mut browser, &mut sip).await,
             },
             n = sip.recv(&mut buf) => {
                 let Ok(n) = n else { break };
-                let Ok(p) = RtpPacket::parse(buf.get(..n).unwrap_or_default()) else { continue };
-                let now = Instant::now();
-                ctl.activity.touch(now);
-                sip_ssrc = Some(p.ssrc);
-                let arrival = now.saturating_duration_since(start).as_millis() as u64 * 8;
-                stats.sip_in.on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
-                if held || !browser_open {
-                    continue;
-                }
-                if Some(p.payload_type) == sip_te {
-                    if let Some(d) = heard.on_packet(p.timestamp, p.payload) {
-                        let _ = ctl.heard.send(d);
-                    }
-                } else if p.payload_type == voice.1 {
-                    record(&ctl.tap, super::recorder::Side::Far, voice.2, p.payload);
-                }
-                if let Some(out) = to_browser.rewrite(now, &p).and_then(|b| RtpPacket::parse(b).ok()) {
+                let out = core.handle_sip_rtp(Instant::now(), buf.get(..n).unwrap_or_default());
+                if let Some(out) = out.and_then(|b| RtpPacket::parse(b).ok()) {
                     if browser.send_rtp(&out).await.is_ok() {
-                        stats.to_browser += 1;
+                        core.sent_to_browser();
                     }
                 }
+                report(&mut core, &ctl);
             }
-            pkt = browser.recv_rtp(), if browser_open => {
+            pkt = browser.recv_rtp(), if core.browser_open() => {
                 let Some(pkt) = pkt else {
                     tracing::debug!("browser leg gone; waiting for the page to come back");
-                    browser_open = false;
+                    core.browser_gone();
                     continue;
                 };
                 let p = pkt.packet();
-                // While we send a telephone-event, the browser's audio waits (RFC 4733 §2.5.1.1).
-                if held || sending.is_some() {
-                    continue;
-                }
-                if p.payload_type == voice.0 {
-                    record(&ctl.tap, super::recorder::Side::Agent, voice.2, p.payload);
-                }
-                if let Some(out) = to_sip.rewrite(Instant::now(), &p) {
+                if let Some(out) = core.handle_browser_rtp(Instant::now(), &p) {
                     if sip.send(out).await {
-                        stats.to_sip += 1;
-                        octets_to_sip += p.payload.len() as u64;
+                        core.sent_to_sip(p.payload.len());
                     }
                 }
             }
-            () = sleep_until(wake), if wake.is_some() => {
-                let now = Instant::now();
-                let Some(pt) = sip_te else { digits.clear(); sending = None; continue };
-                if sending.is_none() {
-                    let Some(packets) = digits.pop_front().and_then(|d| dtmf::digit_schedule(d, DIGIT_MS)) else { continue };
-                    sending = Some(Sending { started: now, timestamp: to_sip.timestamp_at(now), packets, next: 0 });
-                }
-                let Some(s) = sending.as_mut() else { continue };
-                // Send what is due (several end packets share one instant).
-                while let Some(p) = s.packets.get(s.next).copied() {
-                    if s.started + Duration::from_millis(u64::from(p.at_ms)) > now {
-                        break;
-                    }
-                    s.next += 1;
-                    if held {
-                        continue;
-                    }
-                    let bytes = to_sip.inject(s.started, p.marker, pt, s.timestamp, &p.event.to_bytes());
-                    if sip.send(bytes).await {
-                        stats.to_sip += 1;
-                    }
-                }
-                if s.next >= s.packets.len() {
-                    sending = None;
-                    next_digit_at = now + DIGIT_GAP;
-                }
+            () = sleep_until(core.poll_timeout()) => {
+                core.handle_timeout(Instant::now(), std::time::SystemTime::now());
+                transmit(&mut core, &mut sip).await;
+                report(&mut core, &ctl);
             }
             r = rtcp_socket.recv_from(&mut rtcp_buf) => {
                 let Ok((n, from)) = r else { continue };
-                if !sip.accept_rtcp(from) {
-                    continue;
+                if sip.accept_rtcp(from) {
+                    core.handle_sip_rtcp(Instant::now(), rtcp_buf.get(..n).unwrap_or_default());
                 }
-                if let Some(inc) = rtcp_buf.get(..n).and_then(super::rtcp::parse) {
-                    if let Some((_, lsr)) = inc.sender {
-                        last_sr = Some((lsr, Instant::now()));
-                    }
-                    if let Some(b) = inc.blocks.iter().find(|b| b.ssrc == ssrc) {
-                        stats.far_end = Some(*b);
-                    }
-                }
-            }
-            _ = rtcp_tick.tick() => {
-                let now = Instant::now();
-                let block = sip_ssrc.map(|s| {
-                    let (fraction_lost, cumulative_lost) = stats.sip_in.report_loss();
-                    let (lsr, dlsr) = last_sr.map_or((0, 0), |(lsr, at)| {
-                        let d = now.saturating_duration_since(at);
-                        (lsr, (d.as_secs_f64() * 65536.0) as u32)
-                    });
-                    super::rtcp::ReportBlock {
-                        ssrc: s,
-                        fraction_lost,
-                        cumulative_lost,
-                        highest_seq: stats.sip_in.extended_max(),
-                        jitter: u32::try_from(stats.sip_in.jitter()).unwrap_or(u32::MAX),
-                        lsr,
-                        dlsr,
-                    }
-                });
-                let sent = super::rtcp::Sent {
-                    ssrc,
-                    rtp_timestamp: to_sip.timestamp_at(now),
-                    packets: stats.to_sip as u32,
-                    octets: octets_to_sip as u32,
-                };
-                let packet = super::rtcp::compound(
-                    super::rtcp::ntp(std::time::SystemTime::now()),
-                    sent,
-                    block,
-                    "callgate",
-                );
-                let _ = sip.send_rtcp(&packet).await;
             }
         }
     }
     browser.close().await;
+    let stats = core.into_stats();
     tracing::debug!(
         to_sip = stats.to_sip,
         to_browser = stats.to_browser,
@@ -503,18 +317,58 @@ pub async fn run(
     stats
 }
 
-/// Puts a new negotiation's payload types in force on both rewriters, each stream continuing
-/// from where it is; returns the SIP side's telephone-event PT and the voice codec.
-fn remap(
-    to_sip: &mut Rewriter,
-    to_browser: &mut Rewriter,
-    m: Mapping,
-) -> (Option<u8>, (u8, u8, bool)) {
-    to_sip.set_map(m.to_sip);
-    to_browser.set_map(m.to_browser);
-    to_sip.rebase();
-    to_browser.rebase();
-    (m.sip_telephone_event, m.voice)
+/// An order of the call's owner (all but stop).
+async fn steer(order: Control, core: &mut BridgeCore, browser: &mut Leg, sip: &mut RtpLeg) {
+    match order {
+        Control::Flow(f) => core.flow(f),
+        Control::Dtmf(d) => {
+            if !core.queue_digit(d) {
+                tracing::debug!("digit not sent: no telephone-event, or too many queued");
+            }
+        }
+        Control::Rebrowse(b) => {
+            let (mut leg, m) = *b;
+            tracing::debug!(mapping = ?m, "browser leg replaced");
+            leg.discard_pending();
+            let old = std::mem::replace(browser, leg);
+            old.close().await;
+            core.remap_browser(m);
+        }
+        Control::Retarget(r) => {
+            let (addr, m) = *r;
+            // Same streams for both sides, continued from where they are (the Rewriters take
+            // the new source's numbering as a source change).
+            tracing::debug!(remote = %addr, mapping = ?m, "SIP side retargeted");
+            sip.set_remote(addr);
+            core.remap_peer(Instant::now(), m);
+        }
+    }
+}
+
+/// Tells the owner what the core heard and saw.
+fn report(core: &mut BridgeCore, ctl: &Controls) {
+    while let Some(d) = core.poll_digit() {
+        let _ = ctl.heard.send(d);
+    }
+    while let Some(a) = core.poll_activity() {
+        let _ = ctl.activity.send(a);
+    }
+}
+
+/// Sends the core's digits and reports to the SIP side.
+async fn transmit(core: &mut BridgeCore, sip: &mut RtpLeg) {
+    while let Some(t) = core.poll_transmit() {
+        match t {
+            self::core::Transmit::Rtp(bytes) => {
+                if sip.send(&bytes).await {
+                    core.sent_to_sip(0);
+                }
+            }
+            self::core::Transmit::Rtcp(packet) => {
+                let _ = sip.send_rtcp(&packet).await;
+            }
+        }
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -59,10 +59,15 @@ pub(crate) struct Session {
     reg: RegistrationHandle,
     plan: DialPlan,
     page: Option<mpsc::Sender<ToPage>>,
+    /// The id of the page attached last.
+    page_id: u64,
     calls: HashMap<String, CallLink>,
     /// The page's attachment, and what a resuming page is told.
     presence: Presence,
     updates: mpsc::Sender<CallUpdate>,
+    /// The page's queue closed under a send (its socket's task is gone): handled as a
+    /// detach after the current input.
+    page_lost: bool,
 }
 
 /// Whether the session goes on after an input.
@@ -78,7 +83,7 @@ impl Session {
         ident: Ident,
         reg: RegistrationHandle,
         plan: DialPlan,
-        page: mpsc::Sender<ToPage>,
+        (page, page_id): (mpsc::Sender<ToPage>, u64),
     ) -> (Session, mpsc::Receiver<CallUpdate>) {
         let (updates, updates_rx) = mpsc::channel(PAGE_QUEUE);
         let s = Session {
@@ -87,9 +92,11 @@ impl Session {
             reg,
             plan,
             page: Some(page),
+            page_id,
             calls: HashMap::new(),
             presence: Presence::default(),
             updates,
+            page_lost: false,
         };
         (s, updates_rx)
     }
@@ -132,6 +139,10 @@ impl Session {
                         Next::Continue
                     }
                 }
+            };
+            let next = match next {
+                Next::Continue if std::mem::take(&mut self.page_lost) => self.detach(),
+                other => other,
             };
             if matches!(next, Next::End) {
                 break;
@@ -177,6 +188,7 @@ impl Session {
             Some(page) => {
                 if page.send(ToPage::Event(ev)).await.is_err() {
                     self.page = None;
+                    self.page_lost = true;
                 }
             }
             None => self.presence.missed(ev),
@@ -206,11 +218,14 @@ impl Session {
                 self.request(req).await;
                 Next::Continue
             }
-            Control::Attach { page, id } => {
+            Control::Attach { page, id, page_id } => {
+                self.page_id = page_id;
                 self.attach(page, id).await;
                 Next::Continue
             }
-            Control::Detach => self.detach(),
+            // A page that was replaced says goodbye late: not the session's page any more.
+            Control::Detach { page_id } if page_id != self.page_id => Next::Continue,
+            Control::Detach { .. } => self.detach(),
         }
     }
 

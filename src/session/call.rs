@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use super::event::{CallState, Direction, Ending, Event, Progress, SipStatus};
 use crate::config::DtmfMode;
 use crate::dialplan::DialPlan;
-use crate::media::bridge::{Flow, Mapping};
+use crate::media::bridge::{Flow, Mapping, MediaActivity};
 use crate::sip::call::{CallEvent, EndReason};
 use crate::sip::sdp::AudioSdp;
 
@@ -71,8 +71,8 @@ pub enum PageInput {
 pub enum BridgeInput {
     /// The far end sent this RFC 4733 digit.
     Digit(char),
-    /// How long since the SIP side's last media packet, now.
-    SipIdle(Duration),
+    /// The SIP side's media stopped (since when) or flows again.
+    Media(MediaActivity),
 }
 
 /// What the shell must do.
@@ -165,7 +165,8 @@ pub struct CallCore {
     rfc4733: bool,
     /// Media silence counts from here (answer, hold changes, a new peer).
     watch_from: Instant,
-    last_sip_media: Option<Instant>,
+    /// The SIP side sends nothing since then (the bridge said so).
+    silent_since: Option<Instant>,
     timed_out: bool,
     transfer: Option<String>,
     finished: bool,
@@ -202,7 +203,7 @@ impl CallCore {
             caller_offer,
             rfc4733: false,
             watch_from: now,
-            last_sip_media: None,
+            silent_since: None,
             timed_out: false,
             transfer: None,
             finished: false,
@@ -229,18 +230,14 @@ impl CallCore {
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is due: the media watch of an
-    /// established call that nobody holds.
+    /// established call that nobody holds, while its far end is silent.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let limit = self.settings.media_timeout?;
         if !self.watching() {
             return None;
         }
-        let since = match self.last_sip_media {
-            Some(t) => t.max(self.watch_from),
-            None => self.watch_from,
-        };
-        Some(since + limit)
+        Some(self.silent_since?.max(self.watch_from) + limit)
     }
 
     fn watching(&self) -> bool {
@@ -252,8 +249,7 @@ impl CallCore {
             && matches!(self.media, Media::Bridged { .. })
     }
 
-    /// Time passed: a call whose far end sent no media for `media_timeout` is hung up (feed the
-    /// bridge's [`BridgeInput::SipIdle`] first).
+    /// Time passed: a call whose far end sent no media for `media_timeout` is hung up.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(due) = self.poll_timeout() {
             if now >= due {
@@ -271,9 +267,10 @@ impl CallCore {
                 call_id: self.info.call_id.clone(),
                 digit: d.to_string(),
             }),
-            BridgeInput::SipIdle(idle) => {
-                self.last_sip_media = now.checked_sub(idle);
+            BridgeInput::Media(MediaActivity::Silent { since }) => {
+                self.silent_since = Some(since.min(now));
             }
+            BridgeInput::Media(MediaActivity::Flowing) => self.silent_since = None,
         }
     }
 

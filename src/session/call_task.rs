@@ -132,12 +132,8 @@ impl CallTask {
                     None => control = None,
                 },
                 Some(d) = shell.steer.heard.recv() => core.handle_bridge(Instant::now(), BridgeInput::Digit(d)),
-                () = sleep_until(deadline) => {
-                    let now = Instant::now();
-                    let idle = shell.steer.activity.sip_idle(now);
-                    core.handle_bridge(now, BridgeInput::SipIdle(idle));
-                    core.handle_timeout(now);
-                }
+                Some(a) = shell.steer.activity.recv() => core.handle_bridge(Instant::now(), BridgeInput::Media(a)),
+                () = sleep_until(deadline) => core.handle_timeout(Instant::now()),
             }
             shell.apply_all(&mut core).await;
         }

@@ -11,9 +11,14 @@ pub(crate) enum Control {
     /// A request of the attached page.
     Request(Request),
     /// A page resumes the session (request `id`): it becomes the attached page.
-    Attach { page: mpsc::Sender<ToPage>, id: u64 },
-    /// The attached page's socket closed.
-    Detach,
+    Attach {
+        page: mpsc::Sender<ToPage>,
+        id: u64,
+        /// Tells this page's later `Detach` from another's.
+        page_id: u64,
+    },
+    /// Page `page_id`'s socket closed (ignored if another page has taken over since).
+    Detach { page_id: u64 },
 }
 
 /// What a session sends its page's socket.

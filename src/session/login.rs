@@ -32,17 +32,37 @@ pub struct Link {
     pub(crate) control: mpsc::Sender<Control>,
     /// From the session.
     pub(crate) events: mpsc::Receiver<ToPage>,
+    /// This page among the session's successive pages.
+    page_id: u64,
+}
+
+/// A new page's id (unique in the process).
+fn next_page_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Link {
-    /// Hands a request to the session; `false` if it is gone.
-    pub(crate) async fn request(&self, req: super::request::Request) -> bool {
-        self.control.send(Control::Request(req)).await.is_ok()
+    /// Hands a request to the session without waiting: the session may itself be waiting for
+    /// this socket to read its events. `Err` with the refusal when too many are in flight;
+    /// `Ok(false)` when the session is gone.
+    pub(crate) fn request(&self, req: super::request::Request) -> Result<bool, ApiError> {
+        match self.control.try_send(Control::Request(req)) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(ApiError::BadRequest(
+                "too many requests in flight; wait for their replies",
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(false),
+        }
     }
 
-    /// The page's socket closed (the session waits for a resume, or ends).
-    pub(crate) fn detach(&self) {
-        let _ = self.control.try_send(Control::Detach);
+    /// The page's socket closed (the session waits for a resume, or ends). Delivered even
+    /// when the session's queue is full, without holding up the socket's task.
+    pub(crate) fn detach(self) {
+        let (control, page_id) = (self.control, self.page_id);
+        tokio::spawn(async move {
+            let _ = control.send(Control::Detach { page_id }).await;
+        });
     }
 }
 
@@ -131,9 +151,14 @@ fn start(
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
     ctx.sessions
         .insert(&ident.session_id, &ident.app, control.clone());
-    let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, page);
+    let page_id = next_page_id();
+    let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, (page, page_id));
     tokio::spawn(session.run(first, controls, updates));
-    Link { control, events }
+    Link {
+        control,
+        events,
+        page_id,
+    }
 }
 
 /// `resume`: attaches the page to live session `session_id` if the session's app allows the
@@ -155,9 +180,14 @@ pub(crate) async fn resume(
         return Err(ApiError::OriginNotAllowed);
     }
     let (page, events) = mpsc::channel(PAGE_QUEUE);
+    let page_id = next_page_id();
     control
-        .send(Control::Attach { page, id })
+        .send(Control::Attach { page, id, page_id })
         .await
         .map_err(|_| ApiError::UnknownSession)?;
-    Ok(Link { control, events })
+    Ok(Link {
+        control,
+        events,
+        page_id,
+    })
 }

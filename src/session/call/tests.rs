@@ -154,7 +154,13 @@ fn hold_and_resume_both_ways() {
             .any(|o| matches!(o, Output::Retarget { remote, .. } if remote.port() == 7000)),
         "its re-INVITE moved the media: {out:?}"
     );
-    assert_eq!(c.poll_timeout(), Some(t + Duration::from_secs(31)));
+    assert_eq!(c.poll_timeout(), None, "no silence reported");
+    c.handle_bridge(t, BridgeInput::Media(MediaActivity::Silent { since: t0 }));
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t + Duration::from_secs(31)),
+        "counted from the resume"
+    );
 }
 
 #[test]
@@ -162,15 +168,26 @@ fn media_timeout_hangs_up_only_a_silent_unheld_call() {
     let t0 = Instant::now();
     let mut c = answered(t0, FAR_TE);
     let answer = t0 + Duration::from_secs(2);
+    assert_eq!(c.poll_timeout(), None, "media flows: nothing to watch");
+    // The bridge reports silence from before the answer: the watch counts from the answer.
+    c.handle_bridge(
+        answer,
+        BridgeInput::Media(MediaActivity::Silent { since: t0 }),
+    );
     assert_eq!(c.poll_timeout(), Some(answer + Duration::from_secs(30)));
-    // Media flowed until 10 s after the answer: the watch moves with it.
+    // Media came back, then stopped 10 s after the answer: the watch moves with it.
+    c.handle_bridge(answer, BridgeInput::Media(MediaActivity::Flowing));
+    assert_eq!(c.poll_timeout(), None);
+    let stopped = answer + Duration::from_secs(10);
+    c.handle_bridge(
+        stopped + Duration::from_millis(500),
+        BridgeInput::Media(MediaActivity::Silent { since: stopped }),
+    );
     let t = answer + Duration::from_secs(30);
-    c.handle_bridge(t, BridgeInput::SipIdle(Duration::from_secs(20)));
     c.handle_timeout(t);
     assert!(drain(&mut c).is_empty(), "media 20 s ago: not yet");
     assert_eq!(c.poll_timeout(), Some(answer + Duration::from_secs(40)));
     let t = answer + Duration::from_secs(40);
-    c.handle_bridge(t, BridgeInput::SipIdle(Duration::from_secs(30)));
     c.handle_timeout(t);
     let out = drain(&mut c);
     assert!(matches!(out[..], [Output::HangupMediaTimeout]), "{out:?}");
