@@ -68,13 +68,29 @@ impl DialPlan {
         if d.is_empty() || d.len() > 256 || d.chars().any(char::is_control) {
             return Err(DialError::Invalid);
         }
-        if d.contains('@') || d.starts_with("sip:") || d.starts_with("sips:") {
-            return if self.allow_uris {
-                Ok(d.to_owned())
-            } else {
-                Err(DialError::UriNotAllowed)
-            };
+        if let Some(number) = d.strip_prefix("tel:") {
+            // RFC 3966: a number, whatever the scheme says.
+            return self.number(number.split(';').next().unwrap_or(number));
         }
+        if d.contains('@') || d.starts_with("sip:") || d.starts_with("sips:") {
+            if !self.allow_uris {
+                return Err(DialError::UriNotAllowed);
+            }
+            // The provider routes on the user part as it decodes it: `sip:+1900...@provider`
+            // and `sip:%2B1900...@provider` are numbers for the deny list.
+            self.check_uri_user(d)?;
+            return Ok(d.to_owned());
+        }
+        if d.contains('%') {
+            // Escapes belong to URIs; in a number they can only hide digits.
+            return Err(DialError::Invalid);
+        }
+        self.number(d)
+    }
+
+    /// A dial string that is not a URI: an extension or feature code as dialled, or a number in
+    /// E.164 checked against the deny list.
+    fn number(&self, d: &str) -> Result<String, DialError> {
         let digits: String = d.chars().filter(|c| !SEPARATORS.contains(*c)).collect();
         let e164 = if let Some(rest) = digits.strip_prefix('+') {
             rest.to_owned()
@@ -106,21 +122,56 @@ impl DialPlan {
         }
         Ok(format!("{}{e164}", self.e164_prefix))
     }
+
+    /// The user part of a SIP URI, percent-decoded (RFC 3261 §19.1.2), must pass as a number
+    /// if it is one (the deny list); a user that does not decode cleanly is refused.
+    fn check_uri_user(&self, uri: &str) -> Result<(), DialError> {
+        let rest = uri
+            .split_once(':')
+            .filter(|(s, _)| !s.contains('@'))
+            .map_or(uri, |(_, r)| r);
+        let Some((user, _)) = rest.split_once('@') else {
+            return Ok(());
+        };
+        let user = user.split(';').next().unwrap_or(user);
+        let decoded = percent_decode(user).ok_or(DialError::Invalid)?;
+        if decoded.contains('%') || decoded.chars().any(char::is_control) {
+            return Err(DialError::Invalid);
+        }
+        self.number(&decoded).map(|_| ())
+    }
+}
+
+/// `%XX` escapes decoded once; `None` for a broken escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl DialPlan {
     /// Whether the far end may transfer the agent's call to `uri` (an inbound REFER's target,
-    /// called at the agent's expense): its user part must pass the plan as if dialled, so
-    /// `deny_prefixes` apply to numbers however they are written.
+    /// called at the agent's expense): its user part, percent-decoded, must pass the plan as if
+    /// dialled, so `deny_prefixes` apply to numbers however they are written.
     pub fn check_referral(&self, uri: &str) -> Result<(), DialError> {
-        let rest = uri.split_once(':').map_or(uri, |(_, r)| r);
-        match rest.split_once('@') {
-            Some((user, _)) => {
-                let user = user.split(';').next().unwrap_or(user);
-                self.apply(user).map(|_| ())
-            }
-            None => Ok(()),
+        if let Some(number) = uri.strip_prefix("tel:") {
+            return self
+                .number(number.split(';').next().unwrap_or(number))
+                .map(|_| ());
         }
+        // Allowed although the app may refuse URIs typed by agents: a REFER's target is one.
+        self.check_uri_user(uri)
     }
 }
 
@@ -218,6 +269,52 @@ mod tests {
         assert_eq!(
             strict.check_referral("sip:+49301234567@example.com"),
             Ok(())
+        );
+    }
+
+    /// Toll fraud through spelling: `+1900` in a URI the app allows, percent-escaped digits,
+    /// `tel:` URIs. Each is the premium number the provider will dial, so the deny list applies.
+    #[test]
+    fn premium_numbers_are_denied_however_they_are_written() {
+        let p = germany();
+        for premium in [
+            "+19005550100@provider.example",
+            "sip:+19005550100@provider.example",
+            "sip:%2B19005550100@provider.example",
+            "sip:%2b1900%35550100@provider.example;user=phone",
+            "sip:0019005550100@provider.example",
+            "tel:+1-900-555-0100",
+            "tel:+19005550100;phone-context=+1",
+        ] {
+            assert!(
+                matches!(p.apply(premium), Err(DialError::Denied { .. })),
+                "{premium}: {:?}",
+                p.apply(premium)
+            );
+            assert!(
+                matches!(p.check_referral(premium), Err(DialError::Denied { .. })),
+                "REFER to {premium}"
+            );
+        }
+        // Escapes hide digits in a number; a broken or doubled escape hides anything.
+        for bad in [
+            "%2B19005550100",
+            "+1900%35550100",
+            "sip:%2@provider.example",
+            "sip:%252B19005550100@provider.example",
+            "sip:%ff%fe@provider.example",
+        ] {
+            assert_eq!(p.apply(bad), Err(DialError::Invalid), "{bad}");
+        }
+        // Ordinary URIs and numbers still go.
+        assert_eq!(
+            p.apply("sip:alice%20smith@example.com"),
+            Ok("sip:alice%20smith@example.com".into())
+        );
+        assert_eq!(p.apply("tel:+49301234567"), Ok("+49301234567".into()));
+        assert_eq!(
+            p.apply("sip:+49301234567@provider.example"),
+            Ok("sip:+49301234567@provider.example".into())
         );
     }
 
