@@ -192,6 +192,7 @@ impl Bound {
             sessions: crate::session::registry::Registry::default(),
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,
+            trusted_proxies: self.config.http.trusted_proxies.clone(),
             hub: std::sync::Arc::new(crate::session::hub::Hub::new(self.config.events)),
             cdr: self.cdr.clone(),
             recordings_dir: self.config.storage.recordings_dir.clone(),

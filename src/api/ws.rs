@@ -25,15 +25,12 @@ pub async fn handler(
     headers: axum::http::HeaderMap,
 ) -> Response {
     let forwarded = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok());
-    let ip = match forwarded {
-        // Trust X-Forwarded-For only from a proxy on this machine.
-        Some(f) if addr.ip().is_loopback() => f,
-        _ => addr.ip(),
-    };
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let ip = client_ip(addr.ip(), &forwarded, &state.trusted_proxies);
     let origin = headers
         .get("origin")
         .and_then(|v| v.to_str().ok())
@@ -45,6 +42,35 @@ pub async fn handler(
         .max_frame_size(MAX_MESSAGE_BYTES)
         .read_buffer_size(8 * 1024)
         .on_upgrade(move |socket| pump(socket, state, peer))
+}
+
+/// The client behind `peer`: `peer` itself unless it is a trusted proxy; then the right-most
+/// `X-Forwarded-For` address that is not a trusted proxy (each proxy appends the address it
+/// saw, so everything left of that is the client's own claim). A malformed entry stops the
+/// walk at the last address believed.
+fn client_ip(
+    peer: std::net::IpAddr,
+    forwarded: &str,
+    trusted: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    let mut client = peer;
+    if !trusted.contains(&peer) {
+        return client;
+    }
+    for entry in forwarded
+        .rsplit(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let Ok(ip) = entry.parse::<std::net::IpAddr>() else {
+            return client;
+        };
+        client = ip;
+        if !trusted.contains(&ip) {
+            break;
+        }
+    }
+    client
 }
 
 async fn send(socket: &mut WebSocket, msg: &Event) -> bool {
@@ -233,5 +259,37 @@ fn request_id(r: &Request) -> u64 {
         | Request::Consult { id, .. }
         | Request::Ice { id, .. }
         | Request::CompleteTransfer { id, .. } => *id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_the_right_most_address_a_trusted_proxy_added() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let trusted = [ip("127.0.0.1"), ip("10.0.0.5")];
+        // The client claims 6.6.6.6; the proxy appended what it saw.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), "6.6.6.6, 203.0.113.9", &trusted),
+            ip("203.0.113.9")
+        );
+        // Two proxies in a row: the right-most untrusted one.
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), "6.6.6.6, 203.0.113.9, 10.0.0.5", &trusted),
+            ip("203.0.113.9")
+        );
+        // Not from a trusted proxy: the header is the client's own and means nothing.
+        assert_eq!(
+            client_ip(ip("198.51.100.7"), "203.0.113.9", &trusted),
+            ip("198.51.100.7")
+        );
+        // No header, or garbage right of the proxy: the proxy (what we know).
+        assert_eq!(client_ip(ip("127.0.0.1"), "", &trusted), ip("127.0.0.1"));
+        assert_eq!(
+            client_ip(ip("127.0.0.1"), "203.0.113.9, bogus", &trusted),
+            ip("127.0.0.1")
+        );
     }
 }

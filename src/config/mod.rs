@@ -64,6 +64,9 @@ pub struct Http {
     /// callgate pings each page's WebSocket this often; a page silent for three of these is
     /// disconnected (close code 4008).
     pub heartbeat: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (the client is the right-most
+    /// address in it that is not one of these).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// SIP settings.
@@ -397,6 +400,19 @@ impl Config {
             &raw.http.listen,
             "an address:port such as 127.0.0.1:8080",
         );
+        let trusted_proxies: Vec<std::net::IpAddr> = raw
+            .http
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| {
+                c.parse::<std::net::IpAddr>(
+                    &file,
+                    "http.trusted_proxies",
+                    p,
+                    "IP addresses (no ports, no ranges) such as \"127.0.0.1\"",
+                )
+            })
+            .collect();
 
         let sip_listen = c.parse::<SocketAddr>(
             &file,
@@ -726,6 +742,7 @@ impl Config {
                 listen: http_listen,
                 resume: (resume > 0).then(|| Duration::from_secs(resume)),
                 heartbeat: Duration::from_secs(heartbeat),
+                trusted_proxies,
             },
             sip: Sip {
                 listen: sip_listen,

@@ -52,6 +52,7 @@ pub(crate) struct RawHttp {
     pub(crate) listen: String,
     pub(crate) resume_secs: i64,
     pub(crate) heartbeat_secs: i64,
+    pub(crate) trusted_proxies: Vec<String>,
 }
 
 impl Default for RawHttp {
@@ -60,6 +61,7 @@ impl Default for RawHttp {
             listen: "127.0.0.1:8080".into(),
             resume_secs: 30,
             heartbeat_secs: 20,
+            trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
         }
     }
 }

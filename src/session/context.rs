@@ -38,6 +38,8 @@ pub struct Context {
     pub resume: Option<std::time::Duration>,
     /// WebSocket ping interval; three without an answer close the socket.
     pub heartbeat: std::time::Duration,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Call history.
     pub cdr: crate::cdr::CdrStore,
     /// Where recordings go.
