@@ -47,9 +47,11 @@ pub enum TokenError {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// The token's `expires` is in the past (beyond the tolerated clock skew).
+    /// The token's `expires` is in the past (beyond the tolerated clock skew). The message
+    /// never shows `expired_at`: it is decrypted plaintext, and echoing it would make a
+    /// malleable (`ctr`) token a decryption oracle.
     #[error(
-        "token_expired: the token expired at Unix time {expired_at} (now {now}); the CRM must mint a fresh one"
+        "token_expired: the token has expired (callgate's clock says Unix time {now}); the CRM must mint a fresh one"
     )]
     Expired {
         /// The token's `expires`, Unix seconds.

@@ -172,8 +172,10 @@ fn expiry_and_skew() {
     );
     let t = kr.mint("crm", &a, exp(-31), [1; 16]).unwrap();
     match kr.verify(&t, now()) {
-        Err(TokenError::Expired { expired_at, now }) => {
+        Err(e @ TokenError::Expired { expired_at, now }) => {
             assert_eq!((expired_at, now), (NOW as i64 - 31, NOW as i64));
+            // What the page sees says nothing of the decrypted plaintext.
+            assert!(!e.to_string().contains(&expired_at.to_string()), "{e}");
         }
         other => panic!("{other:?}"),
     }
