@@ -34,6 +34,7 @@ async fn agent_with(call_waiting: bool) -> Agent {
     let settings = callgate::sip::endpoint::Settings {
         call_waiting,
         min_session_expires: Duration::from_secs(2),
+        trusted_peers: Vec::new(),
         ..common::agent::settings()
     };
     let (ep, reg) = common::agent::registered_1001(settings, kam.port).await;

@@ -51,6 +51,7 @@ async fn passwords_never_logged() {
         max_registrations: 10,
         call_waiting: true,
         min_session_expires: Duration::from_secs(2),
+        trusted_peers: Vec::new(),
         dns_server: None,
     };
     let ep = Endpoint::bind(settings).await.expect("bind");

@@ -45,6 +45,7 @@ fn settings(expires: u64, grace: Duration, t1: Duration) -> Settings {
         max_registrations: 10,
         call_waiting: true,
         min_session_expires: Duration::from_secs(2),
+        trusted_peers: Vec::new(),
         dns_server: None,
     }
 }

@@ -99,6 +99,8 @@ pub struct Sip {
     /// Follow the far end's REFER (it transfers the agent's call elsewhere), subject to the
     /// app's dial plan; else 603 Decline.
     pub accept_refer: bool,
+    /// Addresses besides the registrar / outbound proxy that may send new INVITEs.
+    pub trusted_peers: Vec<std::net::IpAddr>,
 }
 
 impl Sip {
@@ -120,6 +122,7 @@ impl Sip {
             call_waiting: self.call_waiting,
             min_session_expires: Duration::from_secs(90),
             dns_server: self.dns_server,
+            trusted_peers: self.trusted_peers.clone(),
         }
     }
 }
@@ -400,6 +403,19 @@ impl Config {
             &raw.http.listen,
             "an address:port such as 127.0.0.1:8080",
         );
+        let trusted_peers: Vec<std::net::IpAddr> = raw
+            .sip
+            .trusted_peers
+            .iter()
+            .filter_map(|p| {
+                c.parse::<std::net::IpAddr>(
+                    &file,
+                    "sip.trusted_peers",
+                    p,
+                    "IP addresses (no ports, no ranges) such as \"192.0.2.10\"",
+                )
+            })
+            .collect();
         let trusted_proxies: Vec<std::net::IpAddr> = raw
             .http
             .trusted_proxies
@@ -762,6 +778,7 @@ impl Config {
                 dns_server,
                 call_waiting: raw.sip.call_waiting,
                 accept_refer: raw.sip.accept_refer,
+                trusted_peers,
             },
             media: Media {
                 listen_ip,

@@ -84,6 +84,7 @@ pub(crate) struct RawSip {
     pub(crate) dns_server: String,
     pub(crate) call_waiting: bool,
     pub(crate) accept_refer: bool,
+    pub(crate) trusted_peers: Vec<String>,
 }
 
 impl Default for RawSip {
@@ -103,6 +104,7 @@ impl Default for RawSip {
             max_registrations: 10_000,
             dns_server: String::new(),
             call_waiting: true,
+            trusted_peers: Vec::new(),
             accept_refer: false,
         }
     }

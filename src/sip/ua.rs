@@ -50,6 +50,10 @@ pub struct Settings {
     pub dns_server: Option<SocketAddr>,
     /// RFC 4028 Min-SE: shorter session intervals are refused with 422 (90 s by the RFC).
     pub min_session_expires: Duration,
+    /// Besides each registration's registrar or outbound proxy, the addresses new INVITEs are
+    /// accepted from (a provider's SBC pool). Anything else gets 403: a call from anywhere
+    /// could otherwise reach a registered agent directly, with any P-Asserted-Identity.
+    pub trusted_peers: Vec<std::net::IpAddr>,
 }
 
 /// Counters for metrics.
@@ -965,6 +969,10 @@ impl UserAgent {
         let Some((local, account)) = self.local_for(&key) else {
             return self.respond(now, id, req, 404, "Not Found");
         };
+        if source.ip() != local.target.ip() && !self.settings.trusted_peers.contains(&source.ip()) {
+            tracing::info!(%source, to = %local.aor, "INVITE refused: not from the registrar, the proxy or sip.trusted_peers");
+            return self.respond(now, id, req, 403, "Forbidden");
+        }
         let busy = self
             .calls
             .values()

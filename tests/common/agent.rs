@@ -22,6 +22,7 @@ pub fn settings() -> Settings {
         max_registrations: 10,
         call_waiting: true,
         min_session_expires: Duration::from_secs(90),
+        trusted_peers: Vec::new(),
         dns_server: None,
     }
 }

@@ -20,6 +20,7 @@ fn settings() -> Arc<Settings> {
         call_waiting: true,
         dns_server: None,
         min_session_expires: Duration::from_secs(90),
+        trusted_peers: Vec::new(),
     })
 }
 
@@ -46,9 +47,13 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(settings())
+    }
+
+    fn with(settings: Arc<Settings>) -> Rig {
         let (tx, rx) = mpsc::unbounded_channel();
         Rig {
-            ua: UserAgent::new(settings(), Arc::default(), tx.clone()).unwrap(),
+            ua: UserAgent::new(settings, Arc::default(), tx.clone()).unwrap(),
             now: Instant::now(),
             _cmds: rx,
             cmds_tx: tx,
@@ -62,8 +67,12 @@ impl Rig {
     }
 
     fn receive(&mut self, m: Vec<u8>) {
+        self.receive_from(m, REGISTRAR);
+    }
+
+    fn receive_from(&mut self, m: Vec<u8>, source: &str) {
         self.ua
-            .handle_datagram(self.now, &m, REGISTRAR.parse().unwrap())
+            .handle_datagram(self.now, &m, source.parse().unwrap())
             .unwrap();
     }
 
@@ -118,20 +127,25 @@ impl Rig {
 
     /// An INVITE from the registrar for `contact_user`; the status the UA answered with.
     fn invite_for(&mut self, contact_user: &str) -> u16 {
+        self.invite_from(contact_user, REGISTRAR, "in")
+    }
+
+    /// An INVITE from `source` for `contact_user` (`tag` tells calls apart).
+    fn invite_from(&mut self, contact_user: &str, source: &str, tag: &str) -> u16 {
         let invite = Builder::request("INVITE", &format!("sip:{contact_user}@127.0.0.1:5070"))
             .header(
                 "Via",
-                format!("SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK{contact_user}"),
+                format!("SIP/2.0/UDP {source};branch=z9hG4bK{tag}{contact_user}"),
             )
             .header("From", "<sip:1002@127.0.0.1>;tag=caller")
             .header("To", "<sip:1001@127.0.0.1>")
-            .header("Call-ID", format!("{contact_user}@far"))
+            .header("Call-ID", format!("{tag}{contact_user}@far"))
             .header("CSeq", "1 INVITE")
             .header("Contact", "<sip:1002@127.0.0.1:5060>")
             .header("Max-Forwards", "70")
             .body("application/sdp", SDP.as_bytes().to_vec())
             .build();
-        self.receive(invite);
+        self.receive_from(invite, source);
         self.sent()
             .iter()
             .filter_map(Message::status)
@@ -226,4 +240,20 @@ fn no_incoming_call_for_a_registration_the_registrar_never_accepted() {
     );
     let user = contact_user(&r.ua, &accepted.key);
     assert_eq!(r.invite_for(&user), 180);
+}
+
+/// A new INVITE is taken only from the registration's registrar or proxy, or a configured
+/// trusted peer: anyone else who learnt the Contact gets 403 (and cannot assert an identity).
+#[test]
+fn incoming_calls_come_only_from_the_registrar_or_trusted_peers() {
+    let mut r = Rig::with(Arc::new(Settings {
+        trusted_peers: vec!["192.0.2.10".parse().unwrap()],
+        ..(*settings()).clone()
+    }));
+    let reg = r.acquire("crm", "pass1001");
+    assert_eq!(r.answer_registers(200), 1);
+    let user = contact_user(&r.ua, &reg.key);
+    assert_eq!(r.invite_from(&user, "198.51.100.7:5060", "spoof"), 403);
+    assert_eq!(r.invite_from(&user, "192.0.2.10:5070", "sbc"), 180);
+    assert_eq!(r.invite_from(&user, REGISTRAR, "proxy"), 180);
 }
