@@ -134,30 +134,12 @@ impl DialPlan {
             return Ok(());
         };
         let user = user.split(';').next().unwrap_or(user);
-        let decoded = percent_decode(user).ok_or(DialError::Invalid)?;
+        let decoded = crate::sip::message::percent_decode(user).ok_or(DialError::Invalid)?;
         if decoded.contains('%') || decoded.chars().any(char::is_control) {
             return Err(DialError::Invalid);
         }
         self.number(&decoded).map(|_| ())
     }
-}
-
-/// `%XX` escapes decoded once; `None` for a broken escape or bytes that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(c);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 impl DialPlan {

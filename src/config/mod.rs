@@ -307,6 +307,21 @@ impl Checker {
         });
     }
 
+    /// A list of IP addresses; each bad entry is a problem of its own.
+    fn ip_list(&mut self, file: &str, key: &str, values: &[String]) -> Vec<std::net::IpAddr> {
+        values
+            .iter()
+            .filter_map(|v| {
+                self.parse(
+                    file,
+                    key,
+                    v,
+                    "an IP address (no port, no range) such as \"192.0.2.10\"",
+                )
+            })
+            .collect()
+    }
+
     fn parse<T>(&mut self, file: &str, key: &str, value: &str, expected: &str) -> Option<T>
     where
         T: std::str::FromStr,
@@ -403,32 +418,8 @@ impl Config {
             &raw.http.listen,
             "an address:port such as 127.0.0.1:8080",
         );
-        let trusted_peers: Vec<std::net::IpAddr> = raw
-            .sip
-            .trusted_peers
-            .iter()
-            .filter_map(|p| {
-                c.parse::<std::net::IpAddr>(
-                    &file,
-                    "sip.trusted_peers",
-                    p,
-                    "IP addresses (no ports, no ranges) such as \"192.0.2.10\"",
-                )
-            })
-            .collect();
-        let trusted_proxies: Vec<std::net::IpAddr> = raw
-            .http
-            .trusted_proxies
-            .iter()
-            .filter_map(|p| {
-                c.parse::<std::net::IpAddr>(
-                    &file,
-                    "http.trusted_proxies",
-                    p,
-                    "IP addresses (no ports, no ranges) such as \"127.0.0.1\"",
-                )
-            })
-            .collect();
+        let trusted_peers = c.ip_list(&file, "sip.trusted_peers", &raw.sip.trusted_peers);
+        let trusted_proxies = c.ip_list(&file, "http.trusted_proxies", &raw.http.trusted_proxies);
 
         let sip_listen = c.parse::<SocketAddr>(
             &file,

@@ -276,24 +276,6 @@ struct InboundRefer {
 /// Longest Refer-To we follow.
 const MAX_REFER_TO: usize = 1024;
 
-/// `%XX` decoding of a URI header value (RFC 3261 §19.1.1); `None` if malformed or not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(c);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// A Refer-To value split into the URI to call and its decoded `Replaces` header, if any
 /// (`<sip:b@host?Replaces=id%3Bto-tag%3D1%3Bfrom-tag%3D2>`). Only `sip:` URIs are followed.
 fn parse_refer_to(value: &str) -> Option<(String, Option<String>)> {
@@ -316,7 +298,7 @@ fn parse_refer_to(value: &str) -> Option<(String, Option<String>)> {
     for h in headers.into_iter().flat_map(|h| h.split('&')) {
         if let Some((name, v)) = h.split_once('=') {
             if name.eq_ignore_ascii_case("replaces") {
-                let v = percent_decode(v)?;
+                let v = super::message::percent_decode(v)?;
                 if v.chars().any(char::is_control) {
                     return None;
                 }

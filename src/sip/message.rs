@@ -379,6 +379,25 @@ fn split_head(data: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((data.get(..i)?, data.get(i + 2..)?))
 }
 
+/// `%XX` decoding, once, of a URI part (RFC 3261 §19.1.1-2: a header value, a user part);
+/// `None` if an escape is broken or the bytes are not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Splits a header value at top-level commas (not inside quotes or `<>`).
 pub fn split_list(value: &str) -> Vec<&str> {
     let mut out = Vec::new();

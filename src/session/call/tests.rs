@@ -61,6 +61,16 @@ fn states(out: &[Output]) -> Vec<CallState> {
         .collect()
 }
 
+/// The history row among `out`.
+fn finished_row(out: &[Output]) -> &crate::cdr::CallRecord {
+    out.iter()
+        .find_map(|o| match o {
+            Output::Finished(r) => Some(&**r),
+            _ => None,
+        })
+        .expect("a row")
+}
+
 fn flows(out: &[Output]) -> Vec<Flow> {
     out.iter()
         .filter_map(|o| match o {
@@ -202,13 +212,7 @@ fn media_timeout_hangs_up_only_a_silent_unheld_call() {
         },
     );
     let out = drain(&mut c);
-    let row = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Finished(r) => Some(r),
-            _ => None,
-        })
-        .expect("a row");
+    let row = finished_row(&out);
     assert_eq!(row.end_reason, "media_timeout");
     assert_eq!(row.answered_at, Some(T0_MS + 2_000));
     assert_eq!(row.ended_at, T0_MS + 42_000);
@@ -352,11 +356,7 @@ fn an_incoming_call_bridges_when_the_agent_answers_and_reports_a_caller_who_give
     assert!(matches!(&out[0], Output::Ended(EndReason::Missed)));
     assert!(matches!(&out[1], Output::Event(Event::Missed { from, .. }) if from == "1002"));
     assert_eq!(states(&out), [CallState::Ended]);
-    let row = out.iter().find_map(|o| match o {
-        Output::Finished(r) => Some(r),
-        _ => None,
-    });
-    let row = row.expect("a row");
+    let row = finished_row(&out);
     assert_eq!(
         (row.end_reason.as_str(), row.answered_at, row.sip_status),
         ("missed", None, Some(487))
@@ -442,9 +442,6 @@ fn transfer_progress_reaches_the_page() {
             phrase: String::new(),
         },
     );
-    let row = drain(&mut c).into_iter().find_map(|o| match o {
-        Output::Finished(r) => Some(r),
-        _ => None,
-    });
-    assert_eq!(row.unwrap().transfer.as_deref(), Some("transferred"));
+    let out = drain(&mut c);
+    assert_eq!(finished_row(&out).transfer.as_deref(), Some("transferred"));
 }
