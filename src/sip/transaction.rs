@@ -12,6 +12,13 @@
 //! cookie. What matches no transaction (2xx retransmissions after the INVITE client transaction
 //! ended, ACKs for 2xx) is handed up as [`Event::Stray`] for the dialog layer.
 //!
+//! Floods: out-of-dialog OPTIONS get no transaction at all ([`Event::Stateless`], answered
+//! statelessly as RFC 3261 §8.2.7 allows). Server transactions have a budget per source address
+//! ([`MAX_SERVER_PER_SOURCE`]) and, for sources not marked trusted with
+//! [`TransactionLayer::set_trusted`], in total ([`MAX_UNTRUSTED_SERVER`]), so a flood cannot
+//! take the room the registrar's requests and our own client transactions (REGISTER refreshes,
+//! BYEs) need. Timers sit in one queue ordered by deadline: no datagram walks every transaction.
+//!
 //! [`send_request`]: TransactionLayer::send_request
 //! [`respond`]: TransactionLayer::respond
 //! [`handle_timeout`]: TransactionLayer::handle_timeout
@@ -19,8 +26,9 @@
 //! [`poll_event`]: TransactionLayer::poll_event
 //! [`poll_timeout`]: TransactionLayer::poll_timeout
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::message::{BRANCH_COOKIE, Builder, Message, ParseError, StartLine, response_to};
@@ -157,6 +165,14 @@ pub enum Event {
         /// The transaction.
         id: TxId,
     },
+    /// An out-of-dialog OPTIONS: answer it with [`TransactionLayer::send_stateless`], no
+    /// transaction is kept (its retransmissions are answered again).
+    Stateless {
+        /// The request.
+        request: Message,
+        /// Where the answer goes (RFC 3581 aware).
+        reply_to: SocketAddr,
+    },
     /// A message matching no transaction: ACK for a 2xx, 2xx retransmissions after the client
     /// transaction ended, responses to unknown branches. For the dialog layer.
     Stray {
@@ -191,8 +207,21 @@ pub enum TxError {
     Overloaded,
 }
 
-/// Most live transactions at once; beyond, new requests get a stateless 503.
+/// Most live transactions at once; beyond, new requests get a stateless 503 and
+/// [`TransactionLayer::send_request`] fails with [`TxError::Overloaded`].
 pub const MAX_TRANSACTIONS: usize = 20_000;
+
+/// Most server transactions at once: the rest of [`MAX_TRANSACTIONS`] is kept for our own
+/// requests (REGISTER refreshes, INVITEs, BYEs), whatever peers send.
+pub const MAX_SERVER: usize = 15_000;
+
+/// Most server transactions at once from sources not marked trusted (anything but the
+/// registrars, proxies and `sip.trusted_peers`), all together.
+pub const MAX_UNTRUSTED_SERVER: usize = 5_000;
+
+/// Most server transactions at once from one untrusted source address (about 8 requests a
+/// second for the 32 s a completed non-INVITE transaction lives).
+pub const MAX_SERVER_PER_SOURCE: u32 = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum ServerKey {
@@ -229,9 +258,16 @@ struct Tx {
     interval: Duration,
     client_key: Option<(String, String)>,
     server_key: Option<ServerKey>,
+    /// Server transactions: the source address it is counted against, and whether trusted.
+    budget: Option<(IpAddr, bool)>,
+    /// The deadline of this transaction's live entry in the layer's queue.
+    queued: Option<Instant>,
 }
 
 impl Tx {
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers.iter().map(|(_, at)| *at).min()
+    }
     fn set(&mut self, t: Timer, at: Instant) {
         self.timers.retain(|(x, _)| *x != t);
         self.timers.push((t, at));
@@ -248,10 +284,19 @@ pub struct TransactionLayer {
     txs: HashMap<TxId, Tx>,
     client_index: HashMap<(String, String), TxId>,
     server_index: HashMap<ServerKey, TxId>,
+    /// Deadlines: each change of a transaction's timers pushes its earliest one. Entries of
+    /// transactions gone or rescheduled are skipped when popped.
+    queue: BinaryHeap<Reverse<(Instant, TxId)>>,
+    servers: usize,
+    untrusted_servers: usize,
+    per_source: HashMap<IpAddr, u32>,
+    trusted: HashSet<IpAddr>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_id: u64,
     to_tag_seed: u64,
+    /// Keys [`stateless_tag`](Self::stateless_tag) (fixed for the process).
+    stateless_seed: u64,
 }
 
 fn server_key(msg: &Message) -> Option<ServerKey> {
@@ -288,10 +333,16 @@ impl TransactionLayer {
             txs: HashMap::new(),
             client_index: HashMap::new(),
             server_index: HashMap::new(),
+            queue: BinaryHeap::new(),
+            servers: 0,
+            untrusted_servers: 0,
+            per_source: HashMap::new(),
+            trusted: HashSet::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_id: 1,
             to_tag_seed: tag_seed,
+            stateless_seed: tag_seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15,
         }
     }
 
@@ -313,6 +364,58 @@ impl TransactionLayer {
     /// The state of a live transaction.
     pub fn state(&self, id: TxId) -> Option<State> {
         self.txs.get(&id).map(|t| t.state)
+    }
+
+    /// The sources whose requests count against [`MAX_SERVER`] only, not the untrusted
+    /// budgets (registrars, outbound proxies, `sip.trusted_peers`).
+    pub fn set_trusted(&mut self, trusted: HashSet<IpAddr>) {
+        self.trusted = trusted;
+    }
+
+    /// Queues a response built for an [`Event::Stateless`] request.
+    pub fn send_stateless(&mut self, dest: SocketAddr, response: Vec<u8>) {
+        self.transmits.push_back(Transmit {
+            dest,
+            data: response,
+        });
+    }
+
+    /// The To tag for a stateless response to `req`: the same for its retransmissions
+    /// (RFC 3261 §8.2.7), different per request and per process.
+    pub fn stateless_tag(&self, req: &Message) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.stateless_seed.hash(&mut h);
+        req.call_id().hash(&mut h);
+        req.from_tag().hash(&mut h);
+        req.top_via().and_then(|v| v.branch).hash(&mut h);
+        req.cseq().map(|(n, _)| n).hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
+    /// Puts transaction `id`'s earliest deadline in the queue (after any change of its timers).
+    fn schedule(&mut self, id: TxId) {
+        let Some(tx) = self.txs.get_mut(&id) else {
+            return;
+        };
+        let next = tx.next_deadline();
+        if next != tx.queued {
+            if let Some(at) = next {
+                self.queue.push(Reverse((at, id)));
+            }
+            tx.queued = next;
+        }
+    }
+
+    /// Whether a new server transaction from `source` fits its budgets, and whether trusted.
+    fn admit(&self, source: IpAddr) -> Option<bool> {
+        let trusted = self.trusted.contains(&source);
+        let room = self.txs.len() < MAX_TRANSACTIONS
+            && self.servers < MAX_SERVER
+            && (trusted
+                || (self.untrusted_servers < MAX_UNTRUSTED_SERVER
+                    && self.per_source.get(&source).copied().unwrap_or(0) < MAX_SERVER_PER_SOURCE));
+        room.then_some(trusted)
     }
 
     fn alloc(&mut self) -> TxId {
@@ -364,6 +467,8 @@ impl TransactionLayer {
             interval: t1,
             client_key: Some(key.clone()),
             server_key: None,
+            budget: None,
+            queued: None,
         };
         if invite {
             tx.set(Timer::A, now + t1);
@@ -378,6 +483,7 @@ impl TransactionLayer {
         });
         self.client_index.insert(key, id);
         self.txs.insert(id, tx);
+        self.schedule(id);
         Ok(id)
     }
 
@@ -423,6 +529,7 @@ impl TransactionLayer {
                 tx.set(Timer::J, now + timers.sixty_four_t1());
             }
         }
+        self.schedule(id);
         Ok(())
     }
 
@@ -515,6 +622,7 @@ impl TransactionLayer {
             // Retransmissions of what we already have: absorbed.
             _ => {}
         }
+        self.schedule(id);
     }
 
     fn handle_request(&mut self, now: Instant, msg: Message, source: SocketAddr) {
@@ -543,6 +651,7 @@ impl TransactionLayer {
                 // Trying (no response yet), Confirmed, Accepted: absorb.
                 _ => {}
             }
+            self.schedule(id);
             return;
         }
         if msg.method() == "ACK" {
@@ -554,7 +663,14 @@ impl TransactionLayer {
             return;
         }
         let peer = response_destination(&msg, source);
-        if self.txs.len() >= MAX_TRANSACTIONS {
+        if msg.method() == "OPTIONS" && msg.to_tag().is_none() {
+            self.events.push_back(Event::Stateless {
+                request: msg,
+                reply_to: peer,
+            });
+            return;
+        }
+        let Some(trusted) = self.admit(source.ip()) else {
             let resp = response_to(&msg, 503, "Service Unavailable", None)
                 .header("Retry-After", "5")
                 .build();
@@ -563,7 +679,7 @@ impl TransactionLayer {
                 data: resp,
             });
             return;
-        }
+        };
         let invite = msg.method() == "INVITE";
         let id = self.alloc();
         let mut tx = Tx {
@@ -586,6 +702,8 @@ impl TransactionLayer {
             interval: self.timers.t1,
             client_key: None,
             server_key: Some(key.clone()),
+            budget: Some((source.ip(), trusted)),
+            queued: None,
         };
         if invite {
             // §17.2.1: 100 Trying at once, so the client stops retransmitting.
@@ -598,6 +716,11 @@ impl TransactionLayer {
         }
         self.server_index.insert(key, id);
         self.txs.insert(id, tx);
+        self.servers += 1;
+        if !trusted {
+            self.untrusted_servers += 1;
+            *self.per_source.entry(source.ip()).or_default() += 1;
+        }
         self.events.push_back(Event::Request {
             id,
             request: msg,
@@ -607,18 +730,31 @@ impl TransactionLayer {
 
     /// Fires every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<(TxId, Timer)> = self
-            .txs
-            .iter()
-            .flat_map(|(id, tx)| {
-                tx.timers
-                    .iter()
-                    .filter(|(_, at)| *at <= now)
-                    .map(move |(t, _)| (*id, *t))
-            })
-            .collect();
-        for (id, timer) in due {
-            self.fire(now, id, timer);
+        while let Some(&Reverse((at, id))) = self.queue.peek() {
+            if at > now {
+                break;
+            }
+            self.queue.pop();
+            let Some(tx) = self.txs.get(&id) else {
+                continue;
+            };
+            // A stale entry (the timers changed since): the current deadline has its own.
+            if tx.queued != Some(at) {
+                continue;
+            }
+            let due: Vec<Timer> = tx
+                .timers
+                .iter()
+                .filter(|(_, t)| *t <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            if let Some(tx) = self.txs.get_mut(&id) {
+                tx.queued = None;
+            }
+            for timer in due {
+                self.fire(now, id, timer);
+            }
+            self.schedule(id);
         }
     }
 
@@ -681,6 +817,18 @@ impl TransactionLayer {
 
     fn remove(&mut self, id: TxId) {
         if let Some(tx) = self.txs.remove(&id) {
+            if let Some((source, trusted)) = tx.budget {
+                self.servers -= 1;
+                if !trusted {
+                    self.untrusted_servers -= 1;
+                    if let Some(n) = self.per_source.get_mut(&source) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.per_source.remove(&source);
+                        }
+                    }
+                }
+            }
             if let Some(k) = tx.client_key {
                 self.client_index.remove(&k);
             }
@@ -710,10 +858,8 @@ impl TransactionLayer {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.txs
-            .values()
-            .flat_map(|t| t.timers.iter().map(|(_, at)| *at))
-            .min()
+        // May be a stale entry's (earlier than needed): an early wake-up that skips it.
+        self.queue.peek().map(|Reverse((at, _))| *at)
     }
 
     /// A fresh To tag for a response that creates a dialog (unique within this process).

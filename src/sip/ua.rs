@@ -67,6 +67,9 @@ pub struct Stats {
     pub sent: AtomicU64,
 }
 
+/// The methods we answer (in 200s to OPTIONS and in 501s).
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE";
+
 /// Most calls at once per endpoint.
 pub const MAX_CALLS: usize = 10_000;
 
@@ -146,6 +149,11 @@ pub(crate) struct UserAgent {
     ids: IdGen,
     /// Keys the password digests in [`RegKey`]s.
     key_secret: [u8; 32],
+    /// Contact user part → registration, for incoming INVITEs.
+    contacts: HashMap<String, RegKey>,
+    /// Registrar / outbound proxy addresses → how many registrations use them: with
+    /// `trusted_peers`, the sources the transaction layer's flood budgets trust.
+    targets: HashMap<std::net::IpAddr, usize>,
 }
 
 impl UserAgent {
@@ -156,8 +164,10 @@ impl UserAgent {
         stats: Arc<Stats>,
         cmds: mpsc::UnboundedSender<Command>,
     ) -> Result<UserAgent, crate::rand::GetRandomFailed> {
+        let mut layer = TransactionLayer::new(settings.timers, crate::rand::u64()?);
+        layer.set_trusted(settings.trusted_peers.iter().copied().collect());
         Ok(UserAgent {
-            layer: TransactionLayer::new(settings.timers, crate::rand::u64()?),
+            layer,
             regs: HashMap::new(),
             calls: HashMap::new(),
             dialogs: HashMap::new(),
@@ -171,6 +181,8 @@ impl UserAgent {
             aliases: HashMap::new(),
             ids: IdGen::new(crate::rand::u64()?),
             key_secret: crate::rand::bytes()?,
+            contacts: HashMap::new(),
+            targets: HashMap::new(),
         })
     }
 
@@ -222,7 +234,7 @@ impl UserAgent {
                 if let Some(e) = self.regs.get_mut(&key) {
                     e.refs += 1;
                     e.release_at = None;
-                    e.target = target;
+                    let old = std::mem::replace(&mut e.target, target);
                     e.incoming.push(in_tx);
                     e.reg.update_account(account);
                     if matches!(
@@ -241,6 +253,10 @@ impl UserAgent {
                         status: e.status.subscribe(),
                         incoming: in_rx,
                     }));
+                    if old.ip() != target.ip() {
+                        self.count_target(old, false);
+                        self.count_target(target, true);
+                    }
                     return;
                 }
                 if self.regs.len() >= self.settings.max_registrations {
@@ -265,6 +281,9 @@ impl UserAgent {
                 );
                 reg.start(now);
                 let (status, rx) = watch::channel(reg.status().clone());
+                self.contacts
+                    .insert(reg.contact_user().to_owned(), key.clone());
+                self.count_target(target, true);
                 self.regs.insert(
                     key.clone(),
                     Entry {
@@ -672,10 +691,20 @@ impl UserAgent {
             }
         }
         // Registrations nobody holds that are done, and finished calls: forget them.
-        self.regs
-            .retain(|_, e| !(e.refs == 0 && e.release_at.is_none() && e.reg.is_finished()));
-        if self.shutdown.is_some() {
-            self.regs.retain(|_, e| !e.reg.is_finished());
+        let shutdown = self.shutdown.is_some();
+        let done: Vec<RegKey> = self
+            .regs
+            .iter()
+            .filter(|(_, e)| {
+                e.reg.is_finished() && (shutdown || (e.refs == 0 && e.release_at.is_none()))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in done {
+            if let Some(e) = self.regs.remove(&key) {
+                self.contacts.remove(e.reg.contact_user());
+                self.count_target(e.target, false);
+            }
         }
         let finished: Vec<u64> = self
             .calls
@@ -693,6 +722,26 @@ impl UserAgent {
         while let Some(t) = self.layer.poll_transmit() {
             self.sends.push_back((t.dest, t.data));
         }
+    }
+
+    /// One more (or one fewer) registration uses `target`; the layer's trusted set follows.
+    fn count_target(&mut self, target: SocketAddr, add: bool) {
+        let ip = target.ip();
+        if add {
+            *self.targets.entry(ip).or_default() += 1;
+        } else if let Some(n) = self.targets.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.targets.remove(&ip);
+            }
+        }
+        let trusted = self
+            .targets
+            .keys()
+            .chain(&self.settings.trusted_peers)
+            .copied()
+            .collect();
+        self.layer.set_trusted(trusted);
     }
 
     fn pump_calls(&mut self, now: Instant) -> bool {
@@ -865,6 +914,7 @@ impl UserAgent {
                 request,
                 source,
             } => self.request(now, id, &request, source),
+            Event::Stateless { request, reply_to } => self.stateless(&request, reply_to),
             Event::Stray { message, .. } => self.stray(&message),
             Event::AckTimeout { .. } => {}
         }
@@ -894,14 +944,19 @@ impl UserAgent {
         }
     }
 
+    /// An out-of-dialog OPTIONS (a keepalive or a capability query): 200 with what we allow,
+    /// no transaction kept.
+    fn stateless(&mut self, req: &Message, reply_to: SocketAddr) {
+        let tag = self.layer.stateless_tag(req);
+        let b = response_to(req, 200, "OK", Some(&tag)).header("Allow", ALLOW);
+        self.layer.send_stateless(reply_to, b.build());
+    }
+
     fn respond(&mut self, now: Instant, id: TxId, req: &Message, code: u16, reason: &str) {
         let tag = self.layer.new_tag();
         let mut b = response_to(req, code, reason, Some(&tag));
         if code == 200 || code == 501 {
-            b = b.header(
-                "Allow",
-                "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE",
-            );
+            b = b.header("Allow", ALLOW);
         }
         if let Err(e) = self.layer.respond(now, id, b.build()) {
             tracing::debug!("cannot answer: {e}");
@@ -954,12 +1009,10 @@ impl UserAgent {
                 .map(|(u, _)| u.to_owned()),
             StartLine::Response { .. } => None,
         };
-        let key = user.and_then(|u| {
-            self.regs
-                .iter()
-                .find(|(_, e)| e.accepted && e.reg.contact_user() == u)
-                .map(|(k, _)| k.clone())
-        });
+        let key = user
+            .and_then(|u| self.contacts.get(&u))
+            .filter(|k| self.regs.get(*k).is_some_and(|e| e.accepted))
+            .cloned();
         let Some(key) = key else {
             return self.respond(now, id, req, 404, "Not Found");
         };

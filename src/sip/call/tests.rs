@@ -365,12 +365,12 @@ fn inbound_ring_answer_retransmit_ack_remote_bye() {
 #[allow(non_snake_case)]
 fn TxId_for_test() -> TxId {
     let mut layer = TransactionLayer::new(Timers::default(), 1);
-    let req = Builder::request("OPTIONS", "sip:x@127.0.0.1")
+    let req = Builder::request("INFO", "sip:x@127.0.0.1")
         .header("Via", "SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bKt")
         .header("From", "<sip:a@b>;tag=1")
         .header("To", "<sip:a@b>")
         .header("Call-ID", "t")
-        .header("CSeq", "1 OPTIONS")
+        .header("CSeq", "1 INFO")
         .build();
     layer
         .handle_datagram(Instant::now(), &req, "127.0.0.1:9".parse().unwrap())

@@ -329,7 +329,7 @@ fn invite_server_accepted_timer_l() {
 #[test]
 fn non_invite_server_j() {
     let mut h = Harness::new();
-    let req = request("OPTIONS", "z9hG4bKi");
+    let req = request("INFO", "z9hG4bKi");
     h.feed(&req);
     h.feed(&req);
     assert_eq!(h.events.len(), 1);
@@ -350,7 +350,7 @@ fn non_invite_server_j() {
 #[test]
 fn rfc2543_matching() {
     let mut h = Harness::new();
-    let req = request("OPTIONS", "oldstyle1");
+    let req = request("INFO", "oldstyle1");
     h.feed(&req);
     h.feed(&req);
     assert_eq!(h.events.len(), 1);
@@ -394,4 +394,144 @@ fn rport_and_received_decide_where_responses_go() {
         response_destination(&plain, src),
         "192.0.2.7:5062".parse::<std::net::SocketAddr>().unwrap()
     );
+}
+
+fn request_from(method: &str, branch: &str, source: SocketAddr) -> Vec<u8> {
+    Builder::request(method, "sip:1002@127.0.0.1")
+        .header("Via", format!("SIP/2.0/UDP {source};branch={branch};rport"))
+        .header("Max-Forwards", "70")
+        .header("From", format!("<sip:x@{}>;tag={branch}", source.ip()))
+        .header("To", "<sip:1002@127.0.0.1>")
+        .header("Call-ID", format!("flood-{branch}"))
+        .header("CSeq", format!("1 {method}"))
+        .build()
+}
+
+impl Harness {
+    /// Feeds `n` requests with distinct branches, the i-th from `source(i)`, and answers each
+    /// that became a transaction with a final response, as the UA does; returns how many did.
+    fn flood(&mut self, method: &str, n: usize, source: impl Fn(usize) -> SocketAddr) -> usize {
+        let before = self.events.len();
+        for i in 0..n {
+            let src = source(i);
+            let req = request_from(method, &format!("z9hG4bKflood{method}{i}"), src);
+            self.layer.handle_datagram(self.now, &req, src).unwrap();
+            self.drain();
+        }
+        let admitted: Vec<(TxId, Message)> = self.events[before..]
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::Request { id, request, .. } => Some((*id, request.clone())),
+                _ => None,
+            })
+            .collect();
+        for (id, req) in &admitted {
+            let resp = response_to(req, 405, "Method Not Allowed", Some("t")).build();
+            self.layer.respond(self.now, *id, resp).unwrap();
+        }
+        self.drain();
+        admitted.len()
+    }
+
+    fn client_request_fits(&mut self) -> bool {
+        let branch = format!("z9hG4bKours{}", self.layer.len());
+        self.layer
+            .send_request(self.now, request("REGISTER", &branch), peer())
+            .is_ok()
+    }
+}
+
+/// Issue 15 item 1: 625 OPTIONS a second with fresh branches used to fill the whole table for
+/// Timer J's 32 s, and every REGISTER refresh, INVITE and BYE then failed with `Overloaded`.
+#[test]
+fn out_of_dialog_options_are_answered_without_a_transaction() {
+    let mut h = Harness::new();
+    let attacker: SocketAddr = "127.0.0.9:5060".parse().unwrap();
+    assert_eq!(
+        h.flood("OPTIONS", MAX_TRANSACTIONS + 5_000, |_| attacker),
+        0
+    );
+    assert!(h.layer.is_empty());
+    let stateless = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::Stateless { reply_to, .. } if *reply_to == attacker))
+        .count();
+    assert_eq!(stateless, MAX_TRANSACTIONS + 5_000);
+    assert!(h.client_request_fits());
+    // In a dialog (a To tag), OPTIONS is the dialog's business: a transaction as usual.
+    let in_dialog = String::from_utf8(request("OPTIONS", "z9hG4bKdlg"))
+        .unwrap()
+        .replace(
+            "To: <sip:1002@127.0.0.1>",
+            "To: <sip:1002@127.0.0.1>;tag=ours",
+        );
+    h.feed(in_dialog.as_bytes());
+    assert!(matches!(h.events.last(), Some((_, Event::Request { .. }))));
+}
+
+#[test]
+fn one_source_gets_its_budget_of_server_transactions_and_no_more() {
+    let mut h = Harness::new();
+    let attacker: SocketAddr = "127.0.0.9:5060".parse().unwrap();
+    let admitted = h.flood("INFO", MAX_TRANSACTIONS, |_| attacker);
+    assert_eq!(admitted, MAX_SERVER_PER_SOURCE as usize);
+    let refused = h.sent_times("SIP/2.0 503").len();
+    assert_eq!(h.sent_times("SIP/2.0 405").len(), admitted);
+    assert_eq!(refused, MAX_TRANSACTIONS - admitted);
+    // Another source, our own requests: untouched.
+    let other: SocketAddr = "127.0.0.10:5060".parse().unwrap();
+    assert_eq!(h.flood("BYE", 3, |_| other), 3);
+    assert!(h.client_request_fits());
+    // Timer J frees the attacker's room again.
+    h.run_until(Duration::from_secs(33));
+    assert_eq!(h.flood("INFO", 1, |_| attacker), 1);
+}
+
+/// Spoofed sources (one request from each of many addresses) fill only the untrusted share:
+/// the registrar's requests and ours still fit.
+#[test]
+fn many_sources_fill_only_the_untrusted_share() {
+    let mut h = Harness::new();
+    let registrar: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+    h.layer.set_trusted([registrar.ip()].into_iter().collect());
+    let spoofed = |i: usize| {
+        let [_, a, b, c] = (i as u32 + 0x7f01_0000).to_be_bytes();
+        SocketAddr::from(([127, a, b, c], 5060))
+    };
+    assert_eq!(
+        h.flood("INFO", MAX_TRANSACTIONS, spoofed),
+        MAX_UNTRUSTED_SERVER
+    );
+    assert_eq!(h.flood("INVITE", 100, |_| registrar), 100);
+    for _ in 0..1_000 {
+        assert!(h.client_request_fits());
+    }
+    // Trusted sources too have a ceiling below the table's size: room stays for our requests.
+    let trusted_flood = h.flood("INFO", MAX_TRANSACTIONS, |_| registrar);
+    assert_eq!(trusted_flood, MAX_SERVER - MAX_UNTRUSTED_SERVER - 100);
+    assert!(h.client_request_fits());
+}
+
+/// Retransmissions do not grow the timer queue: one live entry per transaction.
+#[test]
+fn retransmissions_leave_one_queue_entry_per_transaction() {
+    let mut h = Harness::new();
+    let req = request("INVITE", "z9hG4bKq");
+    h.feed(&req);
+    let Some((_, Event::Request { id, .. })) = h.events.first().cloned() else {
+        panic!("no request event")
+    };
+    h.layer.respond(h.now, id, reply(&req, 486)).unwrap();
+    for _ in 0..10_000 {
+        h.feed(&req);
+    }
+    assert!(
+        h.layer.queue.len() <= 2,
+        "{} queue entries",
+        h.layer.queue.len()
+    );
+    h.run_until(Duration::from_secs(40));
+    assert!(h.layer.is_empty());
+    assert!(h.layer.queue.is_empty());
 }

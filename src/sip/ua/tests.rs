@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::account::account_from_cli;
 use crate::sip::message::{Builder, response_to};
+use crate::sip::transaction::MAX_SERVER_PER_SOURCE;
 
 const REGISTRAR: &str = "127.0.0.1:5060";
 const SDP: &str = "v=0\r\no=x 1 1 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
@@ -256,4 +257,77 @@ fn incoming_calls_come_only_from_the_registrar_or_trusted_peers() {
     assert_eq!(r.invite_from(&user, "198.51.100.7:5060", "spoof"), 403);
     assert_eq!(r.invite_from(&user, "192.0.2.10:5070", "sbc"), 180);
     assert_eq!(r.invite_from(&user, REGISTRAR, "proxy"), 180);
+}
+
+/// Issue 15 item 1, at the UA: an outsider's flood of OPTIONS (answered statelessly) and of
+/// other requests (its budget, then 503) leaves the registrar's INVITEs and our REGISTER
+/// refreshes working. Before, ~20,000 requests with fresh branches filled the one table and
+/// every refresh failed with `Overloaded` for 32 s.
+#[test]
+fn an_outsiders_request_flood_leaves_registrations_and_calls_working() {
+    let mut rig = Rig::new();
+    let acq = rig.acquire("app", "pass1001");
+    assert_eq!(rig.answer_registers(200), 1);
+    let user = contact_user(&rig.ua, &acq.key);
+    let outsider = "127.0.0.9:5099";
+    let mut statuses = HashMap::<(String, u16), usize>::new();
+    for (method, n) in [("OPTIONS", 21_000), ("INFO", 1_000)] {
+        for i in 0..n {
+            let req = Builder::request(method, "sip:1001@127.0.0.1:5070")
+                .header("Via", format!("SIP/2.0/UDP {outsider};branch=z9hG4bKf{i}"))
+                .header("From", "<sip:x@127.0.0.9>;tag=x")
+                .header("To", "<sip:1001@127.0.0.1>")
+                .header("Call-ID", format!("flood{i}"))
+                .header("CSeq", format!("1 {method}"))
+                .build();
+            rig.receive_from(req, outsider);
+            for m in rig.sent() {
+                let key = (m.method().to_owned(), m.status().unwrap_or(0));
+                if key == ("OPTIONS".to_owned(), 200) {
+                    assert!(m.header("Allow").is_some_and(|a| a.contains("INVITE")));
+                }
+                *statuses.entry(key).or_default() += 1;
+            }
+        }
+    }
+    let count = |m: &str, s: u16| statuses.get(&(m.to_owned(), s)).copied().unwrap_or(0);
+    assert_eq!(count("OPTIONS", 200), 21_000);
+    assert_eq!(count("INFO", 405), MAX_SERVER_PER_SOURCE as usize);
+    assert_eq!(count("INFO", 503), 1_000 - MAX_SERVER_PER_SOURCE as usize);
+    // A stateless answer's To tag is the same for a retransmission.
+    let options = Builder::request("OPTIONS", "sip:1001@127.0.0.1:5070")
+        .header("Via", format!("SIP/2.0/UDP {outsider};branch=z9hG4bKagain"))
+        .header("From", "<sip:x@127.0.0.9>;tag=x")
+        .header("To", "<sip:1001@127.0.0.1>")
+        .header("Call-ID", "again")
+        .header("CSeq", "1 OPTIONS")
+        .build();
+    let tags: Vec<String> = (0..2)
+        .map(|_| {
+            rig.receive_from(options.clone(), outsider);
+            rig.sent()[0].to_tag().unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert_eq!(tags[0], tags[1]);
+    assert!(!tags[0].is_empty());
+    // The registrar's INVITE still rings the agent.
+    assert_eq!(rig.invite_for(&user), 180);
+    // And the refresh goes out when due.
+    let mut refreshed = false;
+    for _ in 0..1_000 {
+        let Some(t) = rig.ua.poll_timeout() else {
+            break;
+        };
+        rig.now = rig.now.max(t);
+        rig.ua.handle_timeout(rig.now);
+        if rig
+            .sent()
+            .iter()
+            .any(|m| m.is_request() && m.method() == "REGISTER")
+        {
+            refreshed = true;
+            break;
+        }
+    }
+    assert!(refreshed, "no REGISTER refresh");
 }
