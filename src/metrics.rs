@@ -24,6 +24,8 @@ pub struct SipSnapshot {
     pub sent: u64,
     /// SIP datagrams dropped as malformed.
     pub malformed: u64,
+    /// SIP inputs dropped because handling them panicked (a bug; SIP carries on).
+    pub panics: u64,
 }
 
 /// The service's counters.
@@ -333,6 +335,12 @@ impl Metrics {
             "counter",
             "SIP datagrams dropped as malformed.",
             &one(sip.malformed.to_string()),
+        );
+        metric(
+            "callgate_sip_panics_total",
+            "counter",
+            "SIP inputs dropped because handling them panicked (a bug: please report it).",
+            &one(sip.panics.to_string()),
         );
         o
     }

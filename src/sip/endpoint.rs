@@ -249,7 +249,9 @@ async fn run(
                         let line = data.split(|b| *b == b'\r').next().unwrap_or_default();
                         tracing::debug!(%src, "SIP in: {}", String::from_utf8_lossy(line));
                     }
-                    if let Err(e) = ua.handle_datagram(std::time::Instant::now(), data, src) {
+                    let now = std::time::Instant::now();
+                    let handled = guarded(&stats, "a datagram", || ua.handle_datagram(now, data, src));
+                    if let Some(Err(e)) = handled {
                         if e != super::message::ParseError::Keepalive {
                             stats.malformed.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%src, error = e.code(), "dropped malformed SIP datagram: {e}");
@@ -259,14 +261,36 @@ async fn run(
                 Err(e) => tracing::debug!("SIP socket receive error: {e}"),
             },
             cmd = cmds.recv(), if cmds_open => match cmd {
-                Some(c) => ua.handle_command(std::time::Instant::now(), c),
+                Some(c) => {
+                    guarded(&stats, "a command", || ua.handle_command(std::time::Instant::now(), c));
+                }
                 None => {
                     // Every Endpoint and handle is gone: unregister and stop.
                     cmds_open = false;
                     ua.begin_shutdown(std::time::Instant::now());
                 }
             },
-            () = sleep_until(deadline) => ua.handle_timeout(std::time::Instant::now()),
+            () = sleep_until(deadline) => {
+                guarded(&stats, "timers", || ua.handle_timeout(std::time::Instant::now()));
+            }
+        }
+    }
+}
+
+/// Runs one step of the UA. A panic there is a bug; it costs that input (a datagram, a command
+/// or one timer run), not every registration and call of the process, which is what ending the
+/// task would. The UA stays consistent enough to carry on: each step leaves its cores between
+/// inputs, and what a half-done step queued is sent or retried like any other output.
+fn guarded<T>(stats: &Stats, what: &str, step: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                "SIP endpoint: handling {what} panicked (a bug, see the panic message above); \
+                 dropped it and carrying on"
+            );
+            None
         }
     }
 }
@@ -290,5 +314,53 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 15 item 10: a panic while handling one datagram used to end the endpoint's task,
+    /// and with it every registration and call of the process. Now that input is dropped,
+    /// counted, and the next datagram is answered.
+    #[tokio::test]
+    async fn a_panic_costs_one_datagram_not_all_sip() {
+        let settings = Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            public_address: None,
+            timers: Default::default(),
+            registration: Default::default(),
+            grace: Duration::from_secs(1),
+            max_registrations: 1,
+            call_waiting: true,
+            dns_server: None,
+            min_session_expires: Duration::from_secs(90),
+            trusted_peers: Vec::new(),
+        };
+        let ep = Endpoint::bind(settings).await.unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let me = peer.local_addr().unwrap();
+        let options = super::super::message::Builder::request("OPTIONS", "sip:x@127.0.0.1")
+            .header("Via", format!("SIP/2.0/UDP {me};branch=z9hG4bKprobe"))
+            .header("From", "<sip:t@127.0.0.1>;tag=t")
+            .header("To", "<sip:x@127.0.0.1>")
+            .header("Call-ID", "probe")
+            .header("CSeq", "1 OPTIONS")
+            .build();
+        let mut buf = [0u8; 4096];
+        for round in 0..2 {
+            peer.send_to(super::super::ua::PANIC_PROBE, ep.local_addr())
+                .await
+                .unwrap();
+            peer.send_to(&options, ep.local_addr()).await.unwrap();
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), peer.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no answer after panic {}", round + 1))
+                .unwrap();
+            assert!(buf[..n].starts_with(b"SIP/2.0 200"));
+        }
+        assert_eq!(ep.stats().panics.load(Ordering::Relaxed), 2);
+        assert_eq!(ep.snapshot().await.panics, 2);
     }
 }

@@ -1,4 +1,18 @@
 //! SIP: messages, digest authentication, transactions, registration, UDP transport.
+//!
+//! Nothing here may panic on input: indexing, `unwrap`, `expect` and `panic!` are refused by
+//! the lints below (tests excepted), arithmetic on peer-given times is clamped, and the
+//! endpoint's shell contains what slips through (`endpoint::guarded`).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable
+    )
+)]
 
 pub mod call;
 pub mod digest;

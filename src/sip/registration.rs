@@ -24,6 +24,9 @@ use crate::account::SipAccount;
 /// Most challenges answered in one chain (guards against endless `stale=true`).
 const MAX_AUTH_ROUNDS: u32 = 4;
 
+/// Longest wait between refreshes, whatever expiry the registrar grants (one day).
+const MAX_REFRESH_SECS: u64 = 86_400;
+
 /// Registration settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -516,8 +519,10 @@ impl Registration {
             expires: granted32,
             count,
         });
-        // Refresh well before expiry: at 80 %, and at least 5 s early when the binding is long.
-        let g = Duration::from_secs(granted);
+        // Refresh well before expiry: at 80 %, and at least 5 s early when the binding is long;
+        // at least daily, whatever the registrar says (`Expires: 18446744073709551615` used to
+        // overflow the clock and panic the endpoint).
+        let g = Duration::from_secs(granted.min(MAX_REFRESH_SECS));
         let lead = (g / 5).max(Duration::from_secs(5).min(g / 2));
         self.refresh_at = Some(now + g.saturating_sub(lead));
         self.arm_keepalive(now);

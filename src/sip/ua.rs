@@ -65,7 +65,14 @@ pub struct Stats {
     pub malformed: AtomicU64,
     /// Datagrams sent.
     pub sent: AtomicU64,
+    /// Inputs (datagrams, commands, timer runs) dropped because handling them panicked: a
+    /// bug, contained by the shell so that SIP carries on.
+    pub panics: AtomicU64,
 }
+
+/// A datagram that makes the UA panic, in unit tests only: the shell must contain it.
+#[cfg(test)]
+pub(crate) const PANIC_PROBE: &[u8] = b"callgate test: panic now";
 
 /// The methods we answer (in 200s to OPTIONS and in 501s).
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REFER, NOTIFY, UPDATE";
@@ -378,6 +385,7 @@ impl UserAgent {
                     received: self.stats.received.load(Ordering::Relaxed),
                     sent: self.stats.sent.load(Ordering::Relaxed),
                     malformed: self.stats.malformed.load(Ordering::Relaxed),
+                    panics: self.stats.panics.load(Ordering::Relaxed),
                     ..Default::default()
                 };
                 for e in self.regs.values() {
@@ -613,6 +621,10 @@ impl UserAgent {
         data: &[u8],
         source: SocketAddr,
     ) -> Result<(), ParseError> {
+        #[cfg(test)]
+        if data == PANIC_PROBE {
+            panic!("the test's panic probe");
+        }
         let parsed = self.layer.handle_datagram(now, data, source);
         self.drive(now);
         parsed

@@ -452,3 +452,32 @@ fn received_and_rport_fix_the_contact() {
             .contains("198.51.100.4:40001")
     );
 }
+
+/// A registrar's absurd expiry (u64::MAX seconds) used to overflow `Instant` and panic the
+/// SIP endpoint, taking every registration and call down: now the refresh is at most a day off.
+#[test]
+fn an_absurd_granted_expiry_refreshes_within_a_day() {
+    let t0 = Instant::now();
+    let mut settings = settings();
+    settings.keepalive = None;
+    let mut r = reg();
+    r.settings = settings;
+    r.start(t0);
+    let req = sent(&mut r);
+    for expires in ["18446744073709551615", "4294967296"] {
+        r.handle_response(t0, Purpose::Register, &ok(&req, &[("Expires", expires)]));
+        let due = r.poll_timeout().expect("a refresh");
+        assert!(
+            due <= t0 + Duration::from_secs(MAX_REFRESH_SECS),
+            "{expires}"
+        );
+        assert!(due > t0 + Duration::from_secs(MAX_REFRESH_SECS / 2));
+    }
+    assert!(matches!(
+        events(&mut r).last(),
+        Some(Status::Registered {
+            expires: u32::MAX,
+            ..
+        })
+    ));
+}
