@@ -58,7 +58,7 @@ async fn browser_audio_goes_through_a_real_call_and_back() {
         }
     };
     rtp.set_remote(std::net::SocketAddr::new(answer.addr, answer.port));
-    let (mut steer, ctl) = bridge::controls();
+    let (mut steer, ctl) = bridge::controls(Default::default());
     // The payload types of both negotiations, paired by name (the engine's own SDP parsed).
     let browser_audio = AudioSdp::parse(browser_sdp.as_bytes()).expect("the WebRTC answer parses");
     let mapping = Mapping::negotiate(&browser_audio, &answer).expect("bridgeable");

@@ -30,7 +30,7 @@ async fn short_calls_leave_nothing_behind() {
         let rtp = RtpLeg::open(&pool, "127.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        let (steer, ctl) = bridge::controls();
+        let (steer, ctl) = bridge::controls(Default::default());
         let mapping = Mapping {
             to_sip: vec![PtMap { from: 0, to: 0 }],
             to_browser: vec![PtMap { from: 0, to: 0 }],

@@ -44,7 +44,7 @@ async fn reports_go_both_ways() {
     let callgate_rtcp = std::net::SocketAddr::from(([127, 0, 0, 1], rtp.port() + 1));
     let (peer_rtp, peer_rtcp) = pair().await;
     rtp.set_remote(peer_rtp.local_addr().unwrap());
-    let (steer, mut ctl) = bridge::controls();
+    let (steer, mut ctl) = bridge::controls(Default::default());
     ctl.rtcp_interval = Duration::from_millis(300);
     let mapping = Mapping {
         to_sip: vec![PtMap { from: 0, to: 0 }],

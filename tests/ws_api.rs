@@ -174,6 +174,16 @@ async fn next(ws: &mut Ws, seen: &mut Vec<String>) -> Value {
     }
 }
 
+/// The next frame that is not a heard digit.
+async fn next_skipping_dtmf(ws: &mut Ws, seen: &mut Vec<String>) -> Value {
+    loop {
+        let v = next(ws, seen).await;
+        if v["type"] != "dtmf" {
+            return v;
+        }
+    }
+}
+
 /// The page places a call to `to` (request `id`) with a fresh WebRTC peer's offer; callgate must
 /// accept it. Returns the peer, connected to callgate's answer, and the call id.
 async fn place_call(
@@ -426,6 +436,39 @@ async fn page_calls_and_hears_the_far_end() {
         vec![1, 2, 11],
         "telephone-event end packets at the page"
     );
+    // Issue 15 item 8: 64 digits may wait (12.8 s of paused audio); a request that would pass
+    // that is refused whole with a code, where before its digits were silently dropped.
+    ws.send(Message::text(
+        json!({"type": "dtmf", "id": 6, "callId": call_id, "digits": "1".repeat(64)}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_skipping_dtmf(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 6, "ok": true})
+    );
+    ws.send(Message::text(
+        json!({"type": "dtmf", "id": 7, "callId": call_id, "digits": "2"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let full = next_skipping_dtmf(&mut ws, &mut seen).await;
+    assert_eq!(
+        (full["id"].as_u64(), full["error"]["code"].as_str()),
+        (Some(7), Some("dtmf_queue_full")),
+        "{full}"
+    );
+    // Room comes back as digits are sent (200 ms each).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    ws.send(Message::text(
+        json!({"type": "dtmf", "id": 8, "callId": call_id, "digits": "2"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_skipping_dtmf(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 8, "ok": true})
+    );
 
     ws.send(Message::text(
         json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
@@ -433,10 +476,10 @@ async fn page_calls_and_hears_the_far_end() {
     .await
     .unwrap();
     assert_eq!(
-        next(&mut ws, &mut seen).await,
+        next_skipping_dtmf(&mut ws, &mut seen).await,
         json!({"type": "reply", "id": 3, "ok": true})
     );
-    let ended = next(&mut ws, &mut seen).await;
+    let ended = next_skipping_dtmf(&mut ws, &mut seen).await;
     assert_eq!(
         (ended["state"].as_str(), ended["endReason"].as_str()),
         (Some("ended"), Some("local_hangup")),

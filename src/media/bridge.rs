@@ -172,6 +172,8 @@ pub struct Controls {
     pub tap: Option<super::recorder::Tap>,
     /// How often an RTCP report goes to the SIP side.
     pub rtcp_interval: Duration,
+    /// The call's digits waiting: freed here as each ends.
+    pub digits: super::dtmf::DigitQueue,
 }
 
 /// The owner's ends of a bridge's [`Controls`]. Orders to a bridge that has ended are dropped
@@ -217,7 +219,7 @@ impl Steering {
 /// few per page request or SIP event it handled (and a page's DTMF is capped per request), and
 /// heard digits are at most one per RFC 4733 event the far end sent, each reported once, and
 /// activity changes at most two per silence threshold.
-pub fn controls() -> (Steering, Controls) {
+pub fn controls(digits: super::dtmf::DigitQueue) -> (Steering, Controls) {
     let (control_tx, control) = mpsc::unbounded_channel();
     let (heard, heard_rx) = mpsc::unbounded_channel();
     let (activity, activity_rx) = mpsc::unbounded_channel();
@@ -233,6 +235,7 @@ pub fn controls() -> (Steering, Controls) {
             activity,
             tap: None,
             rtcp_interval: Duration::from_secs(5),
+            digits,
         },
     )
 }
@@ -267,7 +270,10 @@ pub async fn run(
             biased;
             c = ctl.control.recv() => match c {
                 None | Some(Control::Flow(Flow::Stop)) => break,
-                Some(order) => steer(order, &mut core, &mut browser, &mut sip).await,
+                Some(order) => {
+                    steer(order, &mut core, &mut browser, &mut sip).await;
+                    report(&mut core, &ctl);
+                }
             },
             n = sip.recv(&mut buf) => {
                 let Ok(n) = n else { break };
@@ -347,6 +353,7 @@ async fn steer(order: Control, core: &mut BridgeCore, browser: &mut Leg, sip: &m
 
 /// Tells the owner what the core heard and saw.
 fn report(core: &mut BridgeCore, ctl: &Controls) {
+    ctl.digits.release(core.take_finished_digits());
     while let Some(d) = core.poll_digit() {
         let _ = ctl.heard.send(d);
     }

@@ -1,6 +1,49 @@
 //! RFC 4733 telephone-events: the 4-byte payload, a sender schedule for one digit, and a receiver
 //! that reports each digit once despite the redundant end packets.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Digits one call may have waiting to be sent as telephone-events (each takes 200 ms and
+/// pauses the agent's audio): a page's `dtmf` beyond is refused with `dtmf_queue_full`.
+pub const MAX_QUEUED_DIGITS: usize = 64;
+
+/// How many digits a call has waiting to be sent as telephone-events. Shared by the session,
+/// which reserves room before it accepts a page's `dtmf`, and the bridge, which frees it as
+/// each digit ends or is dropped; so the page is told when digits would be dropped.
+#[derive(Debug, Clone, Default)]
+pub struct DigitQueue(Arc<AtomicUsize>);
+
+impl DigitQueue {
+    /// Takes room for `n` digits, or none if that would exceed [`MAX_QUEUED_DIGITS`].
+    pub fn try_reserve(&self, n: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                cur.checked_add(n).filter(|t| *t <= MAX_QUEUED_DIGITS)
+            })
+            .is_ok()
+    }
+
+    /// Frees the room of `n` digits (sent, dropped, or handed to SIP INFO).
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                Some(cur.saturating_sub(n))
+            });
+    }
+
+    /// Digits waiting now.
+    pub fn len(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One telephone-event payload (RFC 4733 §2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TelephoneEvent {

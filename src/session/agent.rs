@@ -21,6 +21,7 @@ use super::media::{BrowserMedia, browser_leg, unix_ms};
 use super::presence::Presence;
 use super::request::{Request, check_candidate, check_digits};
 use crate::dialplan::DialPlan;
+use crate::media::dtmf::DigitQueue;
 use crate::media::rtp_leg::RtpLeg;
 use crate::media::webrtc::Leg;
 use crate::sip::endpoint::{CallHandle, IncomingCall, RegistrationEvent, RegistrationHandle};
@@ -50,6 +51,8 @@ struct CallLink {
     endpoint_id: u64,
     /// Until the agent answers: the caller's offer.
     ringing: Option<Option<AudioSdp>>,
+    /// Its telephone-event digits waiting to be sent.
+    digits: DigitQueue,
 }
 
 /// The session task's state.
@@ -367,6 +370,7 @@ impl Session {
         );
         let (control, sip_events) = handle.split();
         let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+        let digits = DigitQueue::default();
         let endpoint_id = control.endpoint_id();
         tokio::spawn(
             CallTask {
@@ -379,6 +383,7 @@ impl Session {
                 store: self.ctx.cdr.clone(),
                 record,
                 metrics: self.ctx.metrics.clone(),
+                digits: digits.clone(),
             }
             .run(),
         );
@@ -388,6 +393,7 @@ impl Session {
                 commands: commands_tx,
                 endpoint_id,
                 ringing: None,
+                digits,
             },
         );
         if direction == Direction::Outbound {
@@ -593,9 +599,14 @@ impl Session {
     }
 
     fn dtmf(&mut self, id: u64, call_id: &str, digits: String) -> Result<Event, ApiError> {
-        self.live_call(call_id)?;
+        let queue = self.live_call(call_id)?.digits.clone();
         check_digits(&digits)?;
-        self.command(call_id, CallCommand::Dtmf(digits))?;
+        if !queue.try_reserve(digits.len()) {
+            return Err(ApiError::DtmfQueueFull(queue.len()));
+        }
+        let n = digits.len();
+        self.command(call_id, CallCommand::Dtmf(digits))
+            .inspect_err(|_| queue.release(n))?;
         Ok(Event::ok(id))
     }
 

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use super::call::{BridgeInput, CallCore, Output, PageInput};
 use super::event::Event;
 use crate::media::bridge::{self, BridgeStats, Controls, Steering};
+use crate::media::dtmf::DigitQueue;
 use crate::media::rtp_leg::RtpLeg;
 use crate::media::webrtc::Leg;
 use crate::sip::call::CallEvent;
@@ -68,6 +69,8 @@ pub(crate) struct CallTask {
     /// Where to record the call, if its app records.
     pub(crate) record: Option<PathBuf>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// The call's telephone-event digits waiting (the session reserves, the bridge frees).
+    pub(crate) digits: DigitQueue,
 }
 
 /// The shell's own state beside the core.
@@ -84,6 +87,7 @@ struct Shell {
     recording: Option<String>,
     metrics: Arc<crate::metrics::Metrics>,
     row: Option<Box<crate::cdr::CallRecord>>,
+    digits: DigitQueue,
 }
 
 impl CallTask {
@@ -99,10 +103,11 @@ impl CallTask {
             store,
             record,
             metrics,
+            digits,
         } = self;
         // The row is written when the call ends; shutdown waits for it.
         let _pending = store.track();
-        let (steer, ctl) = bridge::controls();
+        let (steer, ctl) = bridge::controls(digits.clone());
         let mut shell = Shell {
             commander: control.commander(),
             updates,
@@ -116,6 +121,7 @@ impl CallTask {
             recording: None,
             metrics,
             row: None,
+            digits,
         };
         let mut control = Some(control);
         shell.apply_all(&mut core).await;
@@ -220,7 +226,11 @@ impl Shell {
             }
             Output::Flow(f) => self.steer.flow(f),
             Output::BridgeDtmf(d) => self.steer.dtmf(d),
-            Output::SipInfo(digits) => self.commander.dtmf_info(&digits),
+            Output::SipInfo(digits) => {
+                // SIP INFO does not pause the agent's audio: no room held for these.
+                self.digits.release(digits.len());
+                self.commander.dtmf_info(&digits);
+            }
             Output::FollowRefer(accept) => self.commander.follow_refer(accept),
             Output::HangupMediaTimeout => self.commander.hangup_media_timeout(),
             Output::Ended(reason) => self.metrics.call_ended(reason.code()),

@@ -85,6 +85,11 @@ pub enum ApiError {
     /// The RTP port range is exhausted.
     #[error("{0}")]
     NoMediaPorts(String),
+    /// The call has this many digits waiting to be sent already; these would pass the limit.
+    #[error(
+        "{0} digits of this call are still waiting to be sent (at most 64, each takes 200 ms); send these later"
+    )]
+    DtmfQueueFull(usize),
 }
 
 /// The codes of [`ApiError`] apart from the token's own (docs/TOKENS.md), as docs/API.md lists
@@ -111,6 +116,7 @@ pub const CODES: &[&str] = &[
     "uri_not_allowed",
     "destination_denied",
     "no_media_ports",
+    "dtmf_queue_full",
 ];
 
 impl ApiError {
@@ -139,6 +145,7 @@ impl ApiError {
             ApiError::UriNotAllowed(_) => "uri_not_allowed",
             ApiError::DestinationDenied(_) => "destination_denied",
             ApiError::NoMediaPorts(_) => "no_media_ports",
+            ApiError::DtmfQueueFull(_) => "dtmf_queue_full",
         })
     }
 }
@@ -226,6 +233,7 @@ mod tests {
             ApiError::UriNotAllowed("x".into()),
             ApiError::DestinationDenied("x".into()),
             ApiError::NoMediaPorts("x".into()),
+            ApiError::DtmfQueueFull(64),
         ];
         for e in &all {
             match e {
@@ -250,7 +258,8 @@ mod tests {
                 | ApiError::BadDestination(_)
                 | ApiError::UriNotAllowed(_)
                 | ApiError::DestinationDenied(_)
-                | ApiError::NoMediaPorts(_) => {}
+                | ApiError::NoMediaPorts(_)
+                | ApiError::DtmfQueueFull(_) => {}
             }
         }
         all

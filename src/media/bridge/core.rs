@@ -24,8 +24,7 @@ use super::{BridgeStats, Flow, Mapping, MediaActivity};
 /// Length of one DTMF digit we send, and the pause before the next.
 const DIGIT_MS: u32 = 120;
 const DIGIT_GAP: Duration = Duration::from_millis(80);
-/// Digits waiting to be sent at most (each takes 200 ms; more are dropped).
-pub(crate) const MAX_QUEUED_DIGITS: usize = 64;
+pub(crate) use super::super::dtmf::MAX_QUEUED_DIGITS;
 /// The shortest RTCP interval.
 const MIN_RTCP_INTERVAL: Duration = Duration::from_millis(100);
 /// SIP-side silence this long is reported (as from its start): well under any media timeout.
@@ -71,6 +70,8 @@ pub(crate) struct BridgeCore {
     last_sr: Option<(u32, Instant)>,
     held: bool,
     digits: VecDeque<char>,
+    /// Digits ended (sent or dropped) since [`take_finished_digits`](Self::take_finished_digits).
+    finished_digits: usize,
     sending: Option<Sending>,
     next_digit_at: Instant,
     heard: dtmf::Receiver,
@@ -110,6 +111,7 @@ impl BridgeCore {
             last_sr: None,
             held: false,
             digits: VecDeque::new(),
+            finished_digits: 0,
             sending: None,
             next_digit_at: now,
             heard: dtmf::Receiver::default(),
@@ -139,13 +141,21 @@ impl BridgeCore {
     }
 
     /// A digit to send as a telephone-event (dropped when the far end negotiated none, or
-    /// [`MAX_QUEUED_DIGITS`] wait already).
+    /// [`MAX_QUEUED_DIGITS`] wait already: the session's [`DigitQueue`] keeps pages below).
+    ///
+    /// [`DigitQueue`]: super::super::dtmf::DigitQueue
     pub(crate) fn queue_digit(&mut self, d: char) -> bool {
         if self.sip_te.is_none() || self.digits.len() >= MAX_QUEUED_DIGITS {
+            self.finished_digits += 1;
             return false;
         }
         self.digits.push_back(d);
         true
+    }
+
+    /// How many digits ended (were sent or dropped) since the last call.
+    pub(crate) fn take_finished_digits(&mut self) -> usize {
+        std::mem::take(&mut self.finished_digits)
     }
 
     /// New payload types; each stream continues from where it is.
@@ -301,16 +311,17 @@ impl BridgeCore {
 
     fn send_digits(&mut self, now: Instant) {
         let Some(pt) = self.sip_te else {
+            self.finished_digits += self.digits.len() + usize::from(self.sending.is_some());
             self.digits.clear();
             self.sending = None;
             return;
         };
         if self.sending.is_none() {
-            let Some(packets) = self
-                .digits
-                .pop_front()
-                .and_then(|d| dtmf::digit_schedule(d, DIGIT_MS))
-            else {
+            let Some(digit) = self.digits.pop_front() else {
+                return;
+            };
+            let Some(packets) = dtmf::digit_schedule(digit, DIGIT_MS) else {
+                self.finished_digits += 1;
                 return;
             };
             self.sending = Some(Sending {
@@ -339,6 +350,7 @@ impl BridgeCore {
         }
         if s.next >= s.packets.len() {
             self.sending = None;
+            self.finished_digits += 1;
             self.next_digit_at = now + DIGIT_GAP;
         }
     }

@@ -149,6 +149,51 @@ fn digits_are_bounded_and_need_telephone_event() {
         !c.queue_digit('1'),
         "a flood of digits is not queued without bound"
     );
+    assert_eq!(
+        none.take_finished_digits(),
+        1,
+        "a dropped digit is finished"
+    );
+    assert_eq!(c.take_finished_digits(), 1);
+}
+
+/// Each digit is counted finished once it has been sent, so the session's queue frees its room
+/// at the pace the far end hears them: 200 ms a digit.
+#[test]
+fn digits_are_counted_finished_as_they_are_sent() {
+    let t0 = Instant::now();
+    let mut c = BridgeCore::new(t0, mapping(true), 7, Duration::from_secs(5), None);
+    for d in "123".chars() {
+        assert!(c.queue_digit(d));
+    }
+    let mut finished = Vec::new();
+    while let Some(now) = c
+        .poll_timeout()
+        .filter(|d| *d < t0 + Duration::from_secs(1))
+    {
+        c.handle_timeout(now, SystemTime::now());
+        let _ = transmits(&mut c);
+        for _ in 0..c.take_finished_digits() {
+            finished.push(now.duration_since(t0).as_millis());
+        }
+    }
+    assert_eq!(finished, [100, 280, 460]);
+    assert_eq!(c.take_finished_digits(), 0);
+}
+
+#[test]
+fn the_session_digit_queue_refuses_what_would_pass_the_limit() {
+    let q = crate::media::dtmf::DigitQueue::default();
+    assert!(q.try_reserve(60));
+    assert!(!q.try_reserve(5), "all or nothing");
+    assert_eq!(q.len(), 60);
+    assert!(q.try_reserve(4));
+    assert!(!q.try_reserve(1));
+    q.release(3);
+    assert!(q.try_reserve(3));
+    q.release(usize::MAX);
+    assert!(q.is_empty());
+    assert!(!q.try_reserve(usize::MAX), "no overflow");
 }
 
 #[test]
