@@ -1,6 +1,7 @@
-//! The RTP leg toward the SIP side: one even/odd UDP port pair per call from the configured range,
-//! symmetric RTP (we send to where the peer's packets come from, which is what NAT'd providers
-//! need), and the destination from the peer's SDP until the first packet arrives.
+//! The RTP leg toward the SIP side: one even/odd UDP port pair per call, picked at random from
+//! the configured range (a stranger cannot guess the next call's port from the last), and
+//! symmetric RTP through a [`Latch`] (we send to where the far end's packets come from, which
+//! is what NAT'd providers need, and a second source cannot take a live stream).
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::UdpSocket;
 
+use super::latch::{Latch, Verdict};
 use super::rtp::{RtpPacket, is_rtcp};
 
 /// Largest datagram accepted on a media socket.
@@ -26,7 +28,6 @@ pub struct PortPool {
 struct PoolState {
     min: u16,
     max: u16,
-    next: u16,
     in_use: BTreeSet<u16>,
 }
 
@@ -54,24 +55,27 @@ impl PortPool {
             inner: Arc::new(Mutex::new(PoolState {
                 min,
                 max,
-                next: min,
                 in_use: BTreeSet::new(),
             })),
         }
     }
 
+    /// A free pair at a random place in the range (the first free one from a random start).
     fn take_candidate(&self) -> Option<u16> {
+        // Unguessable is better, but a failing OS generator must not stop calls: then in order.
+        let start = crate::rand::u64().unwrap_or(0);
         let mut s = self.inner.lock().ok()?;
-        let pairs = usize::from(s.max.saturating_sub(s.min).div_ceil(2));
-        for _ in 0..pairs {
-            let p = s.next;
-            s.next = if p.saturating_add(2) > s.max.saturating_sub(1) {
-                s.min
-            } else {
-                p + 2
+        // Pairs p, p+1 with p even and p + 1 <= max.
+        let pairs = u64::from(s.max.saturating_sub(s.min).saturating_add(1) / 2);
+        if pairs == 0 {
+            return None;
+        }
+        for i in 0..pairs {
+            let index = (start.wrapping_add(i)) % pairs;
+            let Ok(p) = u16::try_from(u64::from(s.min) + 2 * index) else {
+                continue;
             };
-            if !s.in_use.contains(&p) {
-                s.in_use.insert(p);
+            if s.in_use.insert(p) {
                 return Some(p);
             }
         }
@@ -101,12 +105,8 @@ pub struct RtpLeg {
     rtcp: std::sync::Arc<UdpSocket>,
     port: u16,
     pool: PortPool,
-    /// From the peer's SDP.
-    remote: Option<SocketAddr>,
-    /// Where the peer's packets actually come from (symmetric RTP).
-    latched: Option<SocketAddr>,
-    /// Where the peer's RTCP actually comes from.
-    rtcp_latched: Option<SocketAddr>,
+    /// Which source is the far end, and where we send.
+    latch: Latch,
 }
 
 impl RtpLeg {
@@ -130,9 +130,7 @@ impl RtpLeg {
                         rtcp: std::sync::Arc::new(rtcp),
                         port,
                         pool: pool.clone(),
-                        remote: None,
-                        latched: None,
-                        rtcp_latched: None,
+                        latch: Latch::default(),
                     });
                 }
                 // Taken by something else on this machine: try the next pair.
@@ -149,16 +147,18 @@ impl RtpLeg {
 
     /// The peer's address from its SDP (re-INVITEs may change it: latching starts over).
     pub fn set_remote(&mut self, addr: SocketAddr) {
-        if self.remote != Some(addr) {
-            self.remote = Some(addr);
-            self.latched = None;
-            self.rtcp_latched = None;
-        }
+        self.latch.set_remote(addr);
     }
 
     /// Where we send: the latched source if any, else the SDP address.
     pub fn destination(&self) -> Option<SocketAddr> {
-        self.latched.or(self.remote)
+        self.latch.destination()
+    }
+
+    /// Packets refused as not the far end's (strangers, or a second source while the first
+    /// is live).
+    pub fn refused(&self) -> u64 {
+        self.latch.refused()
     }
 
     /// Sends one RTP packet; `false` when no destination is known yet.
@@ -169,24 +169,30 @@ impl RtpLeg {
         }
     }
 
-    /// Receives the next RTP packet into `buf` (RTCP on the RTP port is skipped), latching onto
-    /// its source. Returns the packet length.
+    /// Receives the next RTP packet of the far end into `buf` (RTCP on the RTP port and what
+    /// the [`Latch`] refuses are skipped). Returns the packet length.
     pub async fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         loop {
             let (n, from) = self.rtp.recv_from(buf).await?;
             let data = buf.get(..n).unwrap_or_default();
-            if is_rtcp(data) || RtpPacket::parse(data).is_err() {
+            if is_rtcp(data) {
                 continue;
             }
-            // Latch only onto a source at the SDP's IP, or any source when the SDP address is
-            // private/unspecified (the provider is behind NAT): a stranger cannot steal media.
-            let acceptable = match self.remote {
-                Some(r) => r.ip() == from.ip() || !is_public(r.ip()),
-                None => true,
+            let Ok(packet) = RtpPacket::parse(data) else {
+                continue;
             };
-            if acceptable {
-                self.latched = Some(from);
-                return Ok(n);
+            match self
+                .latch
+                .handle_rtp(std::time::Instant::now(), from, packet.ssrc)
+            {
+                Verdict::Accept => return Ok(n),
+                Verdict::Latched { previous } => {
+                    if let Some(previous) = previous {
+                        tracing::info!(%previous, now = %from, "far end's RTP moved after its silence");
+                    }
+                    return Ok(n);
+                }
+                Verdict::Refuse => {}
             }
         }
     }
@@ -199,11 +205,7 @@ impl RtpLeg {
     /// Sends an RTCP packet: to where the peer's RTCP comes from, else to the RTP destination's
     /// port + 1 (RFC 3550 §11); `false` when no destination is known yet.
     pub async fn send_rtcp(&self, packet: &[u8]) -> bool {
-        let dest = self.rtcp_latched.or_else(|| {
-            self.destination()
-                .map(|d| SocketAddr::new(d.ip(), d.port().wrapping_add(1)))
-        });
-        match dest {
+        match self.latch.rtcp_destination() {
             Some(d) => self.rtcp.send_to(packet, d).await.is_ok(),
             None => false,
         }
@@ -214,28 +216,10 @@ impl RtpLeg {
         self.rtcp.clone()
     }
 
-    /// Whether RTCP from `from` is the peer's (as for RTP: its SDP IP, or anyone when that is
-    /// private); if so, later reports go back there (symmetric RTCP).
+    /// Whether RTCP from `from` is the far end's (see [`Latch::handle_rtcp`]); if so, later
+    /// reports go back there (symmetric RTCP).
     pub fn accept_rtcp(&mut self, from: SocketAddr) -> bool {
-        let ok = match self.remote {
-            Some(r) => r.ip() == from.ip() || !is_public(r.ip()),
-            None => false,
-        };
-        if ok {
-            self.rtcp_latched = Some(from);
-        }
-        ok
-    }
-}
-
-fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            !(v4.is_private() || v4.is_loopback() || v4.is_link_local() || v4.is_unspecified())
-        }
-        IpAddr::V6(v6) => {
-            !(v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xfe00) == 0xfc00)
-        }
+        self.latch.handle_rtcp(from)
     }
 }
 
@@ -274,6 +258,36 @@ mod tests {
         );
     }
 
+    /// Issue 15 item 6: ports were handed out in order, so a stranger who saw one call's
+    /// port knew the next one's.
+    #[test]
+    fn pairs_are_picked_at_random_and_all_used_before_refusing() {
+        let pool = PortPool::new(40000, 40999);
+        let picks: Vec<u16> = (0..500).map_while(|_| pool.take_candidate()).collect();
+        assert_eq!(picks.len(), 500, "every pair of the range");
+        assert!(
+            picks
+                .iter()
+                .all(|p| p % 2 == 0 && (40000..=40998).contains(p))
+        );
+        let mut unique = picks.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), 500);
+        assert_eq!(pool.take_candidate(), None);
+        let in_order = picks.windows(2).filter(|w| w[1] == w[0] + 2).count();
+        assert!(
+            in_order < 250,
+            "{in_order} of 499 picks followed the previous one"
+        );
+        pool.release(40500);
+        assert_eq!(pool.take_candidate(), Some(40500));
+        // An odd range end leaves no half pair.
+        let tiny = PortPool::new(41001, 41003);
+        assert_eq!(tiny.take_candidate(), Some(41002));
+        assert_eq!(tiny.take_candidate(), None);
+    }
+
     #[tokio::test]
     async fn latches_onto_the_real_source() {
         let base = 46000 + (std::process::id() % 500) as u16 * 4;
@@ -305,5 +319,16 @@ mod tests {
         let mut back = [0u8; 200];
         let (n, _) = peer.recv_from(&mut back).await.unwrap();
         assert_eq!(&back[..n], &pkt[..]);
+        // A stranger's packet (127.0.0.1 is private, so its IP is plausible) is skipped, and
+        // our audio keeps going to the peer.
+        let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        stranger
+            .send_to(&pkt[..20], ("127.0.0.1", leg.port()))
+            .await
+            .unwrap();
+        peer.send_to(&pkt, ("127.0.0.1", leg.port())).await.unwrap();
+        assert_eq!(leg.recv(&mut buf).await.unwrap(), pkt.len());
+        assert_eq!(leg.destination(), Some(peer.local_addr().unwrap()));
+        assert_eq!(leg.refused(), 1);
     }
 }

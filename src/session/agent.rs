@@ -641,7 +641,7 @@ fn answer_command(sip_answer: String, leg: Leg, rtp: RtpLeg, browser: AudioSdp) 
     CallCommand::Answer {
         sip_answer,
         leg,
-        rtp,
+        rtp: Box::new(rtp),
         browser,
     }
 }

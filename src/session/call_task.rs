@@ -33,7 +33,7 @@ pub(crate) enum CallCommand {
     Answer {
         sip_answer: String,
         leg: Leg,
-        rtp: RtpLeg,
+        rtp: Box<RtpLeg>,
         browser: AudioSdp,
     },
     /// Hold (true) or resume.
@@ -169,7 +169,7 @@ impl Shell {
                 browser,
             } => {
                 control.answer(sip_answer);
-                self.legs = Some((leg, rtp));
+                self.legs = Some((leg, *rtp));
                 core.handle_page(now, PageInput::Answered { browser });
             }
             CallCommand::Hold(true) => control.hold(),
