@@ -27,9 +27,6 @@ pub enum RunError {
         /// What to do about it.
         hint: &'static str,
     },
-    /// The HTTP server failed.
-    #[error("HTTP server failed: {0}")]
-    Http(std::io::Error),
     /// The media engine could not start.
     #[error("media engine failed to start: {0}")]
     Media(String),
@@ -190,6 +187,7 @@ impl Bound {
             media_timeout: self.config.media.timeout,
             accept_refer: self.config.sip.accept_refer,
             sessions: crate::session::registry::Registry::default(),
+            max_sessions_per_agent: self.config.http.max_sessions_per_agent,
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,
             trusted_proxies: self.config.http.trusted_proxies.clone(),
@@ -272,17 +270,17 @@ impl Bound {
             });
         }
         crate::sdnotify::notify("READY=1");
-        let served = axum::serve(
-            self.http,
-            api::http::router(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(drained)
-        .await;
+        let limits = api::serve::ConnLimits::new(
+            self.config.http.max_connections,
+            self.config.http.max_connections_per_ip,
+            self.config.http.trusted_proxies.clone(),
+            self.config.http.header_timeout,
+        );
+        api::serve::serve(self.http, api::http::router(state), limits, drained).await;
         // Remove every registration before leaving (bounded by Timer F).
         self.sip.shutdown().await;
         // Every call ended above: let their history rows reach the disk.
         self.cdr.flush(std::time::Duration::from_secs(5)).await;
-        served.map_err(RunError::Http)?;
         tracing::info!("callgate stopped");
         Ok(())
     }

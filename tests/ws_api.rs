@@ -2120,3 +2120,161 @@ async fn resume_takes_over_a_session_whose_old_socket_is_open() {
     drop((old, new));
     srv.shut_down().await;
 }
+
+/// What a raw TCP client reads until the server closes (or 5 s pass).
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let started = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// `connect` with `token` on a new socket; the reply's error code, or "ok".
+async fn connect_code(srv: &Server, token: &str, seen: &mut Vec<String>) -> (Ws, String) {
+    let mut ws = open(srv.addr).await;
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, seen).await;
+    let code = reply["error"]["code"].as_str().unwrap_or("ok").to_owned();
+    (ws, code)
+}
+
+/// Slow-loris and flooding clients: a header that trickles is cut off at
+/// `http.header_timeout_secs`; connections past `http.max_connections_per_ip` get 503
+/// `too_many_connections` and the place comes back when one closes; an agent's sessions past
+/// `http.max_sessions_per_agent` get `too_many_sessions`, and the place comes back at logout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_session_limits_refuse_with_their_codes() {
+    use tokio::io::AsyncWriteExt;
+    let mut srv = server_with_tables(
+        "",
+        "trusted_proxies = []\nheader_timeout_secs = 1\nmax_connections_per_ip = 3\nmax_sessions_per_agent = 2",
+        "",
+        "",
+    )
+    .await;
+    let mut seen = Vec::new();
+
+    // A header never finished: closed after about a second, unanswered.
+    let mut slow = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (got, took) = read_until_closed(&mut slow).await;
+    assert!(
+        took < Duration::from_secs(4) && took >= Duration::from_millis(800),
+        "a trickling header was cut off after {took:?}: {got:?}"
+    );
+    assert!(!got.contains("200 OK"), "{got}");
+    drop(slow);
+
+    // Two sessions of agent 1001 (no registrar needed: the limit holds before registering).
+    let good = token(&srv.config, free_udp_port(), "pass1001", 600);
+    let (mut first, code) = connect_code(&srv, &good, &mut seen).await;
+    assert_eq!(code, "ok");
+    let (_second, code) = connect_code(&srv, &good, &mut seen).await;
+    assert_eq!(code, "ok");
+    let (mut third, code) = connect_code(&srv, &good, &mut seen).await;
+    assert_eq!(code, "too_many_sessions", "{seen:?}");
+
+    // Three sockets open from 127.0.0.1: the fourth connection is refused.
+    let mut fourth = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, _) = read_until_closed(&mut fourth).await;
+    assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+    assert!(got.to_ascii_lowercase().contains("retry-after: 5"), "{got}");
+    assert!(got.contains("\"too_many_connections\""), "{got}");
+
+    // The first page logs out: its session's place and its socket's are given back.
+    first
+        .send(Message::text(
+            json!({"type": "logout", "id": 2}).to_string(),
+        ))
+        .await
+        .unwrap();
+    while first.next().await.is_some_and(|m| m.is_ok()) {}
+    drop(first);
+    let mut freed = false;
+    for i in 0..50 {
+        third
+            .send(Message::text(
+                json!({"type": "connect", "id": 10 + i, "token": good}).to_string(),
+            ))
+            .await
+            .unwrap();
+        let reply = next(&mut third, &mut seen).await;
+        if reply["ok"] == true {
+            freed = true;
+            break;
+        }
+        assert_eq!(reply["error"]["code"], "too_many_sessions");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "the logged-out session's place never came back");
+    let addr = srv.addr.to_string();
+    let health = tokio::task::spawn_blocking(move || common::http_get(&addr, "/healthz"))
+        .await
+        .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    srv.shut_down().await;
+}
+
+/// A page that sends but never reads: once its socket cannot take more, the frame in
+/// progress times out and callgate closes the socket instead of holding its task forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_never_reads_is_let_go() {
+    let mut srv = server().await;
+    let addr = srv.addr.to_string();
+    let websockets = || {
+        let addr = addr.clone();
+        async move {
+            let m = tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+                .await
+                .unwrap();
+            m.lines()
+                .find_map(|l| l.strip_prefix("callgate_websocket_sessions "))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        }
+    };
+    // A small receive window, so that replies back up quickly.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(srv.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", srv.addr), tcp)
+        .await
+        .unwrap();
+    assert_eq!(websockets().await, "1");
+    // Pings whose replies are never read, until callgate stops taking them (its replies
+    // filled both buffers) or 20 s pass.
+    let ping = json!({"type": "ping", "id": 1}).to_string();
+    let flood = async {
+        loop {
+            if ws.send(Message::text(ping.clone())).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(20), flood).await;
+    let mut closed = false;
+    for _ in 0..300 {
+        if websockets().await == "0" {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed, "a socket that is never read stayed open");
+    drop(ws);
+    srv.shut_down().await;
+}

@@ -5,5 +5,6 @@ pub mod admin;
 pub mod auth;
 pub mod crm;
 pub mod http;
+pub mod serve;
 pub mod state;
 pub mod ws;

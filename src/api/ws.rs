@@ -73,9 +73,21 @@ fn client_ip(
     client
 }
 
+/// Longest a frame may take to leave: a page that stops reading (its TCP window closed) has
+/// its socket closed rather than holding this task, and its session's events, forever.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends `msg` within [`SEND_TIMEOUT`]; `false` if the socket is gone or stalled.
+async fn send_frame(socket: &mut WebSocket, msg: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn send(socket: &mut WebSocket, msg: &Event) -> bool {
     match serde_json::to_string(msg) {
-        Ok(text) => socket.send(Message::Text(text.into())).await.is_ok(),
+        Ok(text) => send_frame(socket, Message::Text(text.into())).await,
         Err(_) => false,
     }
 }
@@ -88,7 +100,7 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
         code,
         reason: reason.into(),
     };
-    if socket.send(Message::Close(Some(frame))).await.is_err() {
+    if !send_frame(socket, Message::Close(Some(frame))).await {
         return;
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
@@ -133,7 +145,7 @@ async fn pump(mut socket: WebSocket, state: AppState, peer: Peer) {
                     close(&mut socket, CLOSE_HEARTBEAT, "heartbeat timeout").await;
                     break;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if !send_frame(&mut socket, Message::Ping(Default::default())).await {
                     break;
                 }
             }

@@ -67,6 +67,14 @@ pub struct Http {
     /// Reverse proxies whose `X-Forwarded-For` is believed (the client is the right-most
     /// address in it that is not one of these).
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Longest time a request's header may take to arrive (slow clients are cut off).
+    pub header_timeout: Duration,
+    /// Most open connections (HTTP and WebSocket) in all.
+    pub max_connections: usize,
+    /// Most open connections from one address (trusted proxies excepted).
+    pub max_connections_per_ip: usize,
+    /// Most sessions one agent (app and SIP identity) may have at once.
+    pub max_sessions_per_agent: usize,
 }
 
 /// SIP settings.
@@ -529,6 +537,34 @@ impl Config {
             600,
             "seconds",
         );
+        let header_timeout = range(
+            "http.header_timeout_secs",
+            raw.http.header_timeout_secs,
+            1,
+            300,
+            "seconds",
+        );
+        let max_connections = range(
+            "http.max_connections",
+            raw.http.max_connections,
+            1,
+            1_000_000,
+            "connections",
+        );
+        let max_connections_per_ip = range(
+            "http.max_connections_per_ip",
+            raw.http.max_connections_per_ip,
+            1,
+            1_000_000,
+            "connections",
+        );
+        let max_sessions_per_agent = range(
+            "http.max_sessions_per_agent",
+            raw.http.max_sessions_per_agent,
+            1,
+            1_000,
+            "sessions",
+        );
         let events = crate::session::hub::Limits {
             max_channels: range(
                 "events.max_channels",
@@ -750,6 +786,10 @@ impl Config {
                 resume: (resume > 0).then(|| Duration::from_secs(resume)),
                 heartbeat: Duration::from_secs(heartbeat),
                 trusted_proxies,
+                header_timeout: Duration::from_secs(header_timeout),
+                max_connections: max_connections as usize,
+                max_connections_per_ip: max_connections_per_ip as usize,
+                max_sessions_per_agent: max_sessions_per_agent as usize,
             },
             sip: Sip {
                 listen: sip_listen,

@@ -53,6 +53,10 @@ pub(crate) struct RawHttp {
     pub(crate) resume_secs: i64,
     pub(crate) heartbeat_secs: i64,
     pub(crate) trusted_proxies: Vec<String>,
+    pub(crate) header_timeout_secs: i64,
+    pub(crate) max_connections: i64,
+    pub(crate) max_connections_per_ip: i64,
+    pub(crate) max_sessions_per_agent: i64,
 }
 
 impl Default for RawHttp {
@@ -62,6 +66,10 @@ impl Default for RawHttp {
             resume_secs: 30,
             heartbeat_secs: 20,
             trusted_proxies: vec!["127.0.0.1".into(), "::1".into()],
+            header_timeout_secs: 10,
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
+            max_sessions_per_agent: 8,
         }
     }
 }

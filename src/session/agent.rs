@@ -43,6 +43,8 @@ pub(crate) struct Ident {
     pub(crate) channel: Arc<Channel>,
     /// The page's credential for the HTTP API.
     pub(crate) api_token: String,
+    /// Its place among the agent's sessions, held until the session ends.
+    pub(crate) _slot: super::registry::AgentSlot,
 }
 
 /// A call of this session, as the session sees it.
@@ -187,14 +189,25 @@ impl Session {
                 self.ctx.hub.publish(&self.ident.channel, json.into());
             }
         }
-        match &self.page {
-            Some(page) => {
-                if page.send(ToPage::Event(ev)).await.is_err() {
-                    self.page = None;
-                    self.page_lost = true;
-                }
+        let Some(page) = &self.page else {
+            self.presence.missed(ev);
+            return;
+        };
+        // Never waits for the page: one that stops reading (its socket stalled, its tab
+        // frozen) must not hold up the calls. Its queue full, it is let go as if its socket
+        // had closed; the page resumes and is told what it missed.
+        match page.try_send(ToPage::Event(ev)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(ToPage::Event(ev))) => {
+                tracing::info!(agent = %self.ident.agent, "page not reading its events: detached");
+                self.page = None;
+                self.page_lost = true;
+                self.presence.missed(ev);
             }
-            None => self.presence.missed(ev),
+            Err(_) => {
+                self.page = None;
+                self.page_lost = true;
+            }
         }
     }
 

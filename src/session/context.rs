@@ -33,6 +33,8 @@ pub struct Context {
     pub accept_refer: bool,
     /// Live sessions.
     pub sessions: Registry,
+    /// Most live sessions of one agent.
+    pub max_sessions_per_agent: usize,
     /// How long a session waits for its page to come back (`None`: sessions end with their
     /// socket).
     pub resume: Option<std::time::Duration>,

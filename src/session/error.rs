@@ -90,6 +90,11 @@ pub enum ApiError {
         "{0} digits of this call are still waiting to be sent (at most 64, each takes 200 ms); send these later"
     )]
     DtmfQueueFull(usize),
+    /// The agent has this many sessions open already, the limit.
+    #[error(
+        "this agent has {0} sessions open, the limit (http.max_sessions_per_agent): close another page of this agent or wait for it to end"
+    )]
+    TooManySessions(usize),
 }
 
 /// The codes of [`ApiError`] apart from the token's own (docs/TOKENS.md), as docs/API.md lists
@@ -117,6 +122,7 @@ pub const CODES: &[&str] = &[
     "destination_denied",
     "no_media_ports",
     "dtmf_queue_full",
+    "too_many_sessions",
 ];
 
 impl ApiError {
@@ -146,6 +152,7 @@ impl ApiError {
             ApiError::DestinationDenied(_) => "destination_denied",
             ApiError::NoMediaPorts(_) => "no_media_ports",
             ApiError::DtmfQueueFull(_) => "dtmf_queue_full",
+            ApiError::TooManySessions(_) => "too_many_sessions",
         })
     }
 }
@@ -234,6 +241,7 @@ mod tests {
             ApiError::DestinationDenied("x".into()),
             ApiError::NoMediaPorts("x".into()),
             ApiError::DtmfQueueFull(64),
+            ApiError::TooManySessions(8),
         ];
         for e in &all {
             match e {
@@ -259,7 +267,8 @@ mod tests {
                 | ApiError::UriNotAllowed(_)
                 | ApiError::DestinationDenied(_)
                 | ApiError::NoMediaPorts(_)
-                | ApiError::DtmfQueueFull(_) => {}
+                | ApiError::DtmfQueueFull(_)
+                | ApiError::TooManySessions(_) => {}
             }
         }
         all

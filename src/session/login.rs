@@ -103,6 +103,13 @@ pub(crate) async fn connect(
     let plan = apps.dial_plans.get(&app).cloned().unwrap_or_default();
     let account = verified.into_account();
     let agent = account.aor();
+    let slot = ctx
+        .sessions
+        .claim(&app, &agent, ctx.max_sessions_per_agent)
+        .map_err(|max| {
+            tracing::info!(%agent, %app, max, "login refused: too many sessions of this agent");
+            ApiError::TooManySessions(max)
+        })?;
     // Bearer credentials (128 random bits each) before anything is registered: without the OS
     // generator there is no login, never a predictable one.
     let session_id = format!("s-{}", crate::rand::hex::<16>()?);
@@ -136,6 +143,7 @@ pub(crate) async fn connect(
         app,
         channel,
         api_token,
+        _slot: slot,
     };
     Ok(start(ctx, ident, reg, plan, first))
 }
