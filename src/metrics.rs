@@ -151,7 +151,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(&self, sip: &SipSnapshot, sse_subscribers: usize) -> String {
+    pub fn render(
+        &self,
+        sip: &SipSnapshot,
+        sse_subscribers: usize,
+        insecure_apps: usize,
+    ) -> String {
         let mut o = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
@@ -166,6 +171,12 @@ impl Metrics {
             "gauge",
             "1 while shutting down (no new logins or calls).",
             &one(u8::from(self.is_draining()).to_string()),
+        );
+        metric(
+            "callgate_apps_insecure",
+            "gauge",
+            "Apps whose tokens use mode \"ctr\" (no integrity, keystream reused): move them to \"ctr-hmac\".",
+            &one(insecure_apps.to_string()),
         );
         metric(
             "callgate_websocket_sessions",
@@ -377,7 +388,7 @@ mod tests {
             ..Default::default()
         };
         sip.registrations.insert("registered", 1);
-        let text = m.render(&sip, 3);
+        let text = m.render(&sip, 3, 2);
         for line in [
             "# TYPE callgate_token_failures_total counter",
             "callgate_token_failures_total{code=\"bad_mac\"} 2",
@@ -390,6 +401,7 @@ mod tests {
             "callgate_call_setup_seconds_sum 0.3",
             "callgate_media_packets_lost_total 1",
             "callgate_draining 0",
+            "callgate_apps_insecure 2",
             "callgate_calls{state=\"ringing\"} 0",
             "callgate_calls{state=\"established\"} 1",
         ] {

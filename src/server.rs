@@ -183,6 +183,7 @@ impl Bound {
                 .public_ip
                 .unwrap_or(self.config.media.listen_ip),
             bad_tokens: crate::session::limits::BadTokens::default(),
+            used_tokens: Default::default(),
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
             accept_refer: self.config.sip.accept_refer,
@@ -258,8 +259,8 @@ impl Bound {
                 while hup.recv().await.is_some() {
                     let _one = live.writing.lock().await;
                     match live.reload() {
-                        Ok(n) => tracing::info!(
-                            apps = n,
+                        Ok(done) => tracing::info!(
+                            apps = done.apps,
                             "configuration reloaded (SIGHUP): apps and API keys in force; other settings need a restart"
                         ),
                         Err(e) => {

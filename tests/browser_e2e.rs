@@ -301,6 +301,31 @@ async fn chromium_shows_why_a_token_is_refused() {
     }
 }
 
+/// A CRM that opens the page with `?token=` in its address: the page logs in with it and takes
+/// it out of the address at once (the other parameters and the fragment stay, no history entry
+/// keeps it), and a reload, with no token left to read, resumes the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_takes_the_token_out_of_its_address() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let token = gw.token(600);
+    let report = gw
+        .drive(vec!["urltoken".into(), gw.url.clone(), token.clone()])
+        .await;
+    assert!(report.get("error").is_none(), "{report:#}");
+    assert_eq!(report["registered"], true, "{report:#}");
+    let want = format!("{}?lang=x&autoconnect=1#dialer", gw.url);
+    assert_eq!(report["href"], want.as_str(), "{report:#}");
+    assert_eq!(
+        report["href_before"], "about:blank",
+        "no entry with the token: {report:#}"
+    );
+    assert_eq!(report["registered_after_reload"], true, "{report:#}");
+    assert_eq!(report["href_after_reload"], want.as_str(), "{report:#}");
+    let hex = token.split(':').nth(1).unwrap_or_default().to_owned();
+    assert!(!report.to_string().contains(&hex), "{report:#}");
+}
+
 /// Hold, resume and DTMF from the page's buttons; sipp checks the re-INVITE directions and the
 /// INFO digits, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2278,3 +2278,93 @@ async fn a_page_that_never_reads_is_let_go() {
     drop(ws);
     srv.shut_down().await;
 }
+
+/// Captured tokens: an app with `single_use` takes each token once (`token_replayed` after,
+/// and the replay counts toward the bad-token limit), and one with `max_lifetime_secs` refuses
+/// tokens minted to live longer. An app kept in mode `ctr` is counted by /metrics and named in
+/// the admin API's warnings at each reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_tokens_do_not_log_in_again() {
+    use common::sse::request;
+    let mut srv = server_with_app_options(&format!(
+        "single_use = true\nmax_lifetime_secs = 900\n[apps.old]\nkeys = [\"{KEY}\"]\nmode = \"ctr\"\n"
+    ))
+    .await;
+    let mut seen = Vec::new();
+    let port = free_udp_port();
+
+    let once = token(&srv.config, port, "pass1001", 600);
+    let (first, code) = connect_code(&srv, &once, &mut seen).await;
+    assert_eq!(code, "ok", "{seen:?}");
+    drop(first);
+    // Again, while the first session lives and after it is gone: refused both times.
+    let (_ws, code) = connect_code(&srv, &once, &mut seen).await;
+    assert_eq!(code, "token_replayed", "{seen:?}");
+    // (The helper mints with a fixed IV: another expiry makes another token.)
+    let fresh = token(&srv.config, port, "pass1001", 599);
+    let (_ws, code) = connect_code(&srv, &fresh, &mut seen).await;
+    assert_eq!(code, "ok", "a fresh token logs in: {seen:?}");
+
+    // Minted for an hour where the app allows 15 minutes.
+    let long = token(&srv.config, port, "pass1001", 3600);
+    let (_ws, code) = connect_code(&srv, &long, &mut seen).await;
+    assert_eq!(code, "invalid_field:expires", "{seen:?}");
+    assert!(
+        !seen.iter().any(|f| f.contains("pass1001")),
+        "no password in any reply: {seen:?}"
+    );
+
+    let addr = srv.addr.to_string();
+    let metrics = tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "callgate_apps_insecure 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "callgate_token_failures_total{code=\"token_replayed\"} 1"),
+        "{metrics}"
+    );
+
+    // Rotating the ctr app's key through the admin API: the reload warns about its mode.
+    let (status, old) = request(
+        srv.addr,
+        "GET",
+        "/api/v1/admin/apps/old",
+        Some(ADMIN_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{old}");
+    let (status, put) = request(
+        srv.addr,
+        "PUT",
+        "/api/v1/admin/apps/old",
+        Some(ADMIN_KEY),
+        Some(&json!({"keys": old["keys"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{put}");
+    let warnings = put["warnings"].to_string();
+    assert!(
+        warnings.contains("\\\"old\\\" uses mode \\\"ctr\\\""),
+        "{put}"
+    );
+    let (_, crm) = request(
+        srv.addr,
+        "GET",
+        "/api/v1/admin/apps/crm",
+        Some(ADMIN_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (crm["singleUse"].clone(), crm["maxLifetimeSecs"].clone()),
+        (json!(true), json!(900)),
+        "{crm}"
+    );
+    srv.shut_down().await;
+}

@@ -58,6 +58,8 @@ fn summary(name: &str, app: &toml::Value) -> serde_json::Value {
         "apiKeys": strings("api_keys").len(),
         "allowedOrigins": strings("allowed_origins"),
         "record": app.get("record").and_then(toml::Value::as_bool).unwrap_or(false),
+        "singleUse": app.get("single_use").and_then(toml::Value::as_bool).unwrap_or(false),
+        "maxLifetimeSecs": app.get("max_lifetime_secs").and_then(toml::Value::as_integer),
     })
 }
 
@@ -249,14 +251,15 @@ async fn change(
         );
     }
     match state.apps.reload() {
-        Ok(n) => {
-            tracing::info!(app, apps = n, "apps changed through the admin API");
-            // What was written and is now in force.
-            let current = apps_table(&doc)
+        Ok(done) => {
+            tracing::info!(app, apps = done.apps, "apps changed through the admin API");
+            // What was written and is now in force, with what should still be fixed.
+            let mut current = apps_table(&doc)
                 .and_then(|t| t.get(app))
-                .map(|a| summary(app, a));
-            Json(current.unwrap_or_else(|| serde_json::json!({"app": app, "deleted": true})))
-                .into_response()
+                .map(|a| summary(app, a))
+                .unwrap_or_else(|| serde_json::json!({"app": app, "deleted": true}));
+            current["warnings"] = done.warnings.into();
+            Json(current).into_response()
         }
         Err(e) => {
             let _ = write_atomically(&path, &old_text);

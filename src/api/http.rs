@@ -64,12 +64,21 @@ async fn metrics(
     State(state): State<AppState>,
 ) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     let sip = state.sip.snapshot().await;
+    let insecure = state
+        .apps
+        .get()
+        .keyring
+        .apps()
+        .filter(|(_, keys)| keys.mode() == crate::token::Mode::Ctr)
+        .count();
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&sip, state.hub.subscribers()),
+        state
+            .metrics
+            .render(&sip, state.hub.subscribers(), insecure),
     )
 }
 

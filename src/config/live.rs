@@ -103,10 +103,15 @@ impl LiveApps {
     }
 
     /// Reads the configuration from disk again and puts its apps and API keys in force.
-    /// Returns how many apps there are now. Other settings need a restart.
-    pub fn reload(&self) -> Result<usize, ReloadError> {
+    /// Returns how many apps there are now and the configuration's warnings (logged too).
+    /// Other settings need a restart.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
         let path = self.config_file.as_ref().ok_or(ReloadError::Embedded)?;
         let config = Config::load(path).map_err(ReloadError::Invalid)?;
+        // On every reload, not only at start: an app kept in `ctr` stays in the log.
+        for w in config.warnings() {
+            tracing::warn!("{w}");
+        }
         let apps = Apps::from_config(&config);
         self.credentials.set_keys(
             config
@@ -116,6 +121,18 @@ impl LiveApps {
             config.admin_keys.iter().copied(),
         );
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(apps);
-        Ok(config.apps.len())
+        Ok(Reloaded {
+            apps: config.apps.len(),
+            warnings: config.warnings(),
+        })
     }
+}
+
+/// What a reload put in force.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// How many apps there are.
+    pub apps: usize,
+    /// What should be fixed in the configuration (an app in `ctr` mode, the demo key...).
+    pub warnings: Vec<String>,
 }

@@ -989,8 +989,28 @@ fn check_apps(
         }
         let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
         let api_keys = check_api_keys(c, file, &at("api_keys"), &app.api_keys);
+        let max_lifetime = match app.max_lifetime_secs {
+            None => None,
+            Some(s @ 60..=31_536_000) => Some(Duration::from_secs(s.unsigned_abs())),
+            Some(_) => {
+                c.add(
+                    file,
+                    at("max_lifetime_secs"),
+                    "must be 60 to 31536000 seconds (a year); tokens are best minted for minutes",
+                );
+                None
+            }
+        };
+        if app.single_use && !app.require_expires && max_lifetime.is_none() {
+            c.add(
+                file,
+                at("single_use"),
+                "needs tokens that expire (each is remembered until then): keep require_expires = true or set max_lifetime_secs",
+            );
+        }
         match AppKeys::new(mode, keys, iv, app.require_expires) {
             Ok(k) => {
+                let k = k.with_replay_limits(max_lifetime, app.single_use);
                 keyrings.insert(name.clone(), k);
             }
             Err(e) => c.add(

@@ -217,6 +217,10 @@ pub(crate) struct RawApp {
     #[serde(default = "yes")]
     pub(crate) require_expires: bool,
     #[serde(default)]
+    pub(crate) max_lifetime_secs: Option<i64>,
+    #[serde(default)]
+    pub(crate) single_use: bool,
+    #[serde(default)]
     pub(crate) allowed_origins: Vec<String>,
     #[serde(default)]
     pub(crate) api_keys: Vec<String>,

@@ -127,6 +127,18 @@ iv = "00"
 keys = ["000102030405060708090a0b0c0d0e0f"]
 mode = "ctr"
 iv = "0011"
+[apps.f]
+keys = ["000102030405060708090a0b0c0d0e0f"]
+max_lifetime_secs = 59
+[apps.g]
+keys = ["000102030405060708090a0b0c0d0e0f"]
+require_expires = false
+single_use = true
+[apps.h]
+keys = ["000102030405060708090a0b0c0d0e0f"]
+require_expires = false
+single_use = true
+max_lifetime_secs = 600
 "#;
     let got = problems("", apps);
     for want in [
@@ -137,12 +149,18 @@ iv = "0011"
         "apps.c.mode: \"ecb\" is not",
         "apps.d.iv: is only used with mode \"ctr\"",
         "apps.e.iv: must be 32 hex digits",
+        "apps.f.max_lifetime_secs: must be 60 to 31536000",
+        "apps.g.single_use: needs tokens that expire",
     ] {
         assert!(
             got.iter().any(|p| p.starts_with(want)),
             "{want:?} not in {got:#?}"
         );
     }
+    assert!(
+        !got.iter().any(|p| p.starts_with("apps.h")),
+        "single use with a lifetime cap is fine: {got:#?}"
+    );
 }
 
 #[test]

@@ -25,6 +25,9 @@ pub struct Context {
     pub rtp_public_ip: std::net::IpAddr,
     /// Bad-token counter per source address.
     pub bad_tokens: BadTokens,
+    /// Single-use tokens that logged in, until they expire (STYLE.md §3: a std `Mutex`, held
+    /// to look up and insert one entry, never across an `.await`).
+    pub used_tokens: std::sync::Mutex<crate::token::replay::UsedTokens>,
     /// How DTMF from the page is sent.
     pub dtmf: crate::config::DtmfMode,
     /// Hang-up after this long without SIP-side RTP (`None`: never).

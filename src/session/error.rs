@@ -12,6 +12,7 @@ use crate::media::webrtc::WebRtcError;
 use crate::rand::GetRandomFailed;
 use crate::sip::endpoint::EndpointError;
 use crate::token::TokenError;
+use crate::token::replay::Reuse;
 
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +96,9 @@ pub enum ApiError {
         "this agent has {0} sessions open, the limit (http.max_sessions_per_agent): close another page of this agent or wait for it to end"
     )]
     TooManySessions(usize),
+    /// A single-use token logged in before (or too many live ones are remembered).
+    #[error("{0}")]
+    TokenReused(Reuse),
 }
 
 /// The codes of [`ApiError`] apart from the token's own (docs/TOKENS.md), as docs/API.md lists
@@ -123,6 +127,8 @@ pub const CODES: &[&str] = &[
     "no_media_ports",
     "dtmf_queue_full",
     "too_many_sessions",
+    "token_replayed",
+    "too_many_live_tokens",
 ];
 
 impl ApiError {
@@ -153,6 +159,8 @@ impl ApiError {
             ApiError::NoMediaPorts(_) => "no_media_ports",
             ApiError::DtmfQueueFull(_) => "dtmf_queue_full",
             ApiError::TooManySessions(_) => "too_many_sessions",
+            ApiError::TokenReused(Reuse::Replayed) => "token_replayed",
+            ApiError::TokenReused(Reuse::Full) => "too_many_live_tokens",
         })
     }
 }
@@ -242,6 +250,8 @@ mod tests {
             ApiError::NoMediaPorts("x".into()),
             ApiError::DtmfQueueFull(64),
             ApiError::TooManySessions(8),
+            ApiError::TokenReused(Reuse::Replayed),
+            ApiError::TokenReused(Reuse::Full),
         ];
         for e in &all {
             match e {
@@ -268,7 +278,8 @@ mod tests {
                 | ApiError::DestinationDenied(_)
                 | ApiError::NoMediaPorts(_)
                 | ApiError::DtmfQueueFull(_)
-                | ApiError::TooManySessions(_) => {}
+                | ApiError::TooManySessions(_)
+                | ApiError::TokenReused(_) => {}
             }
         }
         all

@@ -101,6 +101,7 @@ pub(crate) async fn connect(
         return Err(ApiError::OriginNotAllowed);
     }
     let plan = apps.dial_plans.get(&app).cloned().unwrap_or_default();
+    let single_use = verified.single_use();
     let account = verified.into_account();
     let agent = account.aor();
     let slot = ctx
@@ -110,6 +111,9 @@ pub(crate) async fn connect(
             tracing::info!(%agent, %app, max, "login refused: too many sessions of this agent");
             ApiError::TooManySessions(max)
         })?;
+    if let Some((fingerprint, until)) = single_use {
+        take_once(ctx, peer, fingerprint, until)?;
+    }
     // Bearer credentials (128 random bits each) before anything is registered: without the OS
     // generator there is no login, never a predictable one.
     let session_id = format!("s-{}", crate::rand::hex::<16>()?);
@@ -146,6 +150,33 @@ pub(crate) async fn connect(
         _slot: slot,
     };
     Ok(start(ctx, ident, reg, plan, first))
+}
+
+/// Marks a single-use token used; refuses one used before (counted as a bad token: a replay
+/// is an attack or a leak).
+fn take_once(
+    ctx: &Context,
+    peer: &Peer,
+    fingerprint: [u8; 32],
+    until: i64,
+) -> Result<(), ApiError> {
+    let now = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let taken = ctx
+        .used_tokens
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take(fingerprint, until, now);
+    taken.map_err(|reuse| {
+        let e = ApiError::TokenReused(reuse);
+        if reuse == crate::token::replay::Reuse::Replayed {
+            ctx.bad_tokens.record(peer.ip);
+        }
+        ctx.metrics.token_failure(&e.code());
+        tracing::warn!(code = %e.code(), "single-use token refused");
+        e
+    })
 }
 
 fn start(

@@ -128,6 +128,17 @@ impl DerivedKeys {
     }
 }
 
+/// The tag of a sealed `iv || ct || tag` (all zeros if it is too short to hold one, which
+/// [`DerivedKeys::open`] refuses anyway).
+pub fn tag_of(sealed: &[u8]) -> [u8; TAG_LEN] {
+    sealed
+        .len()
+        .checked_sub(TAG_LEN)
+        .and_then(|start| sealed.get(start..))
+        .and_then(|t| <[u8; TAG_LEN]>::try_from(t).ok())
+        .unwrap_or([0; TAG_LEN])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 pub mod cipher;
 mod error;
+pub mod replay;
 mod xml;
 
 use std::collections::BTreeMap;
@@ -73,6 +74,10 @@ pub struct AppKeys {
     keys: Vec<AppKey>,
     iv: [u8; IV_LEN],
     require_expires: bool,
+    /// Tokens may not expire later than this after they are presented.
+    max_lifetime: Option<Duration>,
+    /// Each token logs in once (the caller keeps the [`replay::UsedTokens`]).
+    single_use: bool,
 }
 
 impl AppKeys {
@@ -96,7 +101,23 @@ impl AppKeys {
             keys,
             iv,
             require_expires,
+            max_lifetime: None,
+            single_use: false,
         })
+    }
+
+    /// With limits against a captured token's reuse: `max_lifetime`, the furthest its
+    /// `expires` may lie ahead (a token without one is then refused), and `single_use`, each
+    /// token good for one login (see [`VerifiedToken::single_use`]).
+    pub fn with_replay_limits(mut self, max_lifetime: Option<Duration>, single_use: bool) -> Self {
+        self.max_lifetime = max_lifetime;
+        self.single_use = single_use;
+        self
+    }
+
+    /// Whether its tokens must carry `expires`.
+    fn needs_expires(&self) -> bool {
+        self.require_expires || self.max_lifetime.is_some() || self.single_use
     }
 
     /// The app's mode.
@@ -136,6 +157,10 @@ pub struct VerifiedToken {
     expires: Option<i64>,
     key_index: usize,
     mode: Mode,
+    /// The token's identity: its MAC (`ctr-hmac`), or SHA-256 over its bytes (`ctr`).
+    fingerprint: [u8; 32],
+    /// Until when (Unix seconds) it is accepted, if its app allows it once only.
+    single_use_until: Option<i64>,
 }
 
 impl VerifiedToken {
@@ -163,6 +188,12 @@ impl VerifiedToken {
     pub fn mode(&self) -> Mode {
         self.mode
     }
+    /// If its app takes each token once: the token's fingerprint (its MAC, or a digest of a
+    /// `ctr` token's bytes) and the Unix second until which it would be accepted, for
+    /// [`replay::UsedTokens`] to remember.
+    pub fn single_use(&self) -> Option<([u8; 32], i64)> {
+        self.single_use_until.map(|until| (self.fingerprint, until))
+    }
 }
 
 /// All apps' keys: verifies and mints tokens.
@@ -170,6 +201,11 @@ impl VerifiedToken {
 pub struct Keyring {
     apps: BTreeMap<String, AppKeys>,
     policy: TokenPolicy,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
@@ -240,7 +276,15 @@ impl Keyring {
                         wipe(&mut pt);
                         match result {
                             Ok((account, expires)) => {
-                                return Ok(self.verified(app, account, expires, i, Mode::Ctr));
+                                let fingerprint = sha256(&bytes);
+                                return Ok(self.verified(
+                                    app,
+                                    keys,
+                                    account,
+                                    expires,
+                                    i,
+                                    fingerprint,
+                                ));
                             }
                             // Garbage from a wrong key: try the next key.
                             Err(e @ TokenError::BadPlaintext(_)) => {
@@ -264,7 +308,8 @@ impl Keyring {
                         let result = self.decode_plaintext(keys, &pt, now);
                         wipe(&mut pt);
                         let (account, expires) = result?;
-                        return Ok(self.verified(app, account, expires, i, Mode::CtrHmac));
+                        let fingerprint = cipher::tag_of(&bytes);
+                        return Ok(self.verified(app, keys, account, expires, i, fingerprint));
                     }
                 }
                 Err(TokenError::BadMac)
@@ -275,17 +320,23 @@ impl Keyring {
     fn verified(
         &self,
         app: &str,
+        keys: &AppKeys,
         account: SipAccount,
         expires: Option<i64>,
         key_index: usize,
-        mode: Mode,
+        fingerprint: [u8; 32],
     ) -> VerifiedToken {
+        // Remembered for as long as it would be accepted (single-use tokens must expire).
+        let skew = i64::try_from(self.policy.clock_skew.as_secs()).unwrap_or(i64::MAX);
+        let until = expires.map_or(i64::MAX, |e| e.saturating_add(skew));
         VerifiedToken {
             app: app.to_owned(),
             account,
             expires,
             key_index,
-            mode,
+            mode: keys.mode,
+            fingerprint,
+            single_use_until: keys.single_use.then_some(until),
         }
     }
 
@@ -303,7 +354,7 @@ impl Keyring {
         let account = account_from_fields(|f| raw.get(f), password)?;
         let expires = match raw.get(Field::Expires).filter(|v| !v.is_empty()) {
             Some(v) => Some(parse_expires(&v)?),
-            None if keys.require_expires => return Err(TokenError::MissingField(Field::Expires)),
+            None if keys.needs_expires() => return Err(TokenError::MissingField(Field::Expires)),
             None => None,
         };
         if let Some(exp) = expires {
@@ -313,6 +364,15 @@ impl Keyring {
                     expired_at: exp,
                     now,
                 });
+            }
+            if let Some(max) = keys.max_lifetime {
+                let max = i64::try_from(max.as_secs()).unwrap_or(i64::MAX);
+                if exp > now.saturating_add(max).saturating_add(skew) {
+                    return Err(TokenError::InvalidField {
+                        field: Field::Expires,
+                        why: "lies further ahead than the app's max_lifetime_secs allows; mint tokens that expire sooner",
+                    });
+                }
             }
         }
         Ok((account, expires))
@@ -329,7 +389,7 @@ impl Keyring {
     ) -> Result<String, MintError> {
         let keys = self.apps.get(app).ok_or(MintError::UnknownApp)?;
         let key = keys.keys.first().ok_or(MintError::NoKey)?;
-        if keys.require_expires && expires.is_none() {
+        if keys.needs_expires() && expires.is_none() {
             return Err(MintError::Invalid(TokenError::MissingField(Field::Expires)));
         }
         let port = account.port.to_string();

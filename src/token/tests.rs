@@ -213,6 +213,62 @@ fn expires_is_required_unless_the_app_says_otherwise() {
 }
 
 #[test]
+fn max_lifetime_refuses_tokens_that_live_too_long() {
+    let limited = AppKeys::new(Mode::CtrHmac, vec![key(6, 32)], [0; 16], false)
+        .unwrap()
+        .with_replay_limits(Some(Duration::from_secs(600)), false);
+    let kr = Keyring::new(
+        BTreeMap::from([("crm".to_owned(), limited)]),
+        TokenPolicy::default(),
+    );
+    let a = account();
+    for (delta, want) in [
+        (600, "ok"),
+        (630, "ok"),
+        (631, "invalid_field:expires"),
+        (86_400, "invalid_field:expires"),
+    ] {
+        let t = kr.mint("crm", &a, exp(delta), [1; 16]).unwrap();
+        assert_eq!(code(kr.verify(&t, now())), want, "expires in {delta} s");
+    }
+    // A limit needs an expiry, even where require_expires is off.
+    assert!(kr.mint("crm", &a, None, [1; 16]).is_err());
+    let t = seal_raw("crm", 6, 32, r#"<a login="1" password="p" domain="d"/>"#);
+    assert_eq!(code(kr.verify(&t, now())), "missing_field:expires");
+}
+
+#[test]
+fn single_use_tokens_carry_a_fingerprint_that_tells_them_apart() {
+    let once = |mode| {
+        AppKeys::new(mode, vec![key(7, 16)], [3; 16], true)
+            .unwrap()
+            .with_replay_limits(None, true)
+    };
+    let kr = Keyring::new(
+        BTreeMap::from([
+            ("crm".to_owned(), once(Mode::CtrHmac)),
+            ("legacy".to_owned(), once(Mode::Ctr)),
+        ]),
+        TokenPolicy::default(),
+    );
+    let a = account();
+    for app in ["crm", "legacy"] {
+        let t1 = kr.mint(app, &a, exp(300), [1; 16]).unwrap();
+        let t2 = kr.mint(app, &a, exp(301), [2; 16]).unwrap();
+        let (f1, until) = kr.verify(&t1, now()).unwrap().single_use().unwrap();
+        let (f1_again, _) = kr.verify(&t1, now()).unwrap().single_use().unwrap();
+        let (f2, _) = kr.verify(&t2, now()).unwrap().single_use().unwrap();
+        assert_eq!(f1, f1_again, "{app}: the same token, the same fingerprint");
+        assert_ne!(f1, f2, "{app}: another token, another fingerprint");
+        // Remembered until it would stop being accepted: expiry plus the clock skew.
+        assert_eq!(until, NOW as i64 + 300 + 30, "{app}");
+    }
+    // Apps without the flag hand out none.
+    let t = keyring().mint("crm", &a, exp(300), [1; 16]).unwrap();
+    assert_eq!(keyring().verify(&t, now()).unwrap().single_use(), None);
+}
+
+#[test]
 fn each_refusal_has_its_own_code() {
     let kr = keyring();
     let e = NOW + 60;

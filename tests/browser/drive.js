@@ -7,6 +7,8 @@
 //   node drive.js refused  URL TOKEN                  log in must fail: report the shown error
 //   node drive.js reload   URL TOKEN NUMBER           call NUMBER, reload the page mid-call, talk on
 //   node drive.js transfer URL TOKEN NUMBER TARGET    call NUMBER, transfer it to TARGET (blind)
+//   node drive.js urltoken URL TOKEN                  open URL?lang=x&autoconnect=1&token=TOKEN, report
+//                                                     the address once logged in, reload, log in again
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
 
@@ -39,10 +41,15 @@ const stats = page => page.evaluate(async () => {
     page.on('console', m => report.console.push(m.text()));
     page.on('websocket', ws => ws.on('framereceived', f => report.frames.push(String(f.payload))));
     const shot = async name => { if (process.env.SHOTS) await page.screenshot({ path: path.join(process.env.SHOTS, name + '.png') }); };
-    await page.goto(url);
-    await shot(`${mode}-1-idle`);
-    await page.fill('#token', token);
-    await page.click('#connect');
+    if (mode === 'urltoken') {
+      // As a CRM that opens the page with the token in its address.
+      await page.goto(`${url}?lang=x&autoconnect=1&token=${encodeURIComponent(token)}#dialer`);
+    } else {
+      await page.goto(url);
+      await shot(`${mode}-1-idle`);
+      await page.fill('#token', token);
+      await page.click('#connect');
+    }
     if (mode === 'refused') {
       await page.waitForFunction(() => document.getElementById('error').textContent.length > 0, null, { timeout: 10000 });
       report.error_visible = await page.isVisible('#error');
@@ -98,6 +105,18 @@ const stats = page => page.evaluate(async () => {
       await shot(`${mode}-2-resumed`);
       report.stats = await stats(page);
       await page.click('.call button.bad');
+    } else if (mode === 'urltoken') {
+      report.href = await page.evaluate(() => location.href);
+      // Without the token in its address, a reload still finds its session (resume).
+      await page.reload();
+      await page.waitForFunction(() => window.callgatePhone && window.callgatePhone.registration.state === 'registered', null, { timeout: 10000 });
+      report.registered_after_reload = true;
+      report.href_after_reload = await page.evaluate(() => location.href);
+      // The entry before the page's own is the blank tab it was opened in, not one with the token.
+      await page.goBack();
+      report.href_before = page.url();
+      await page.goForward();
+      await page.waitForFunction(() => window.callgatePhone && window.callgatePhone.registration.state === 'registered', null, { timeout: 10000 });
     } else if (mode === 'features') {
       // Hold, resume and DTMF with the page's own buttons.
       const [number] = rest;
