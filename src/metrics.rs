@@ -69,6 +69,17 @@ pub enum Direction {
     Inbound,
 }
 
+/// Figures the metrics take from elsewhere at each scrape.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// CRM subscribers of event channels.
+    pub sse_subscribers: usize,
+    /// Apps in token mode `ctr`.
+    pub insecure_apps: usize,
+    /// Failed call-history writes.
+    pub history_write_failures: u64,
+}
+
 impl Metrics {
     /// Whether shutdown began.
     pub fn is_draining(&self) -> bool {
@@ -151,12 +162,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4).
-    pub fn render(
-        &self,
-        sip: &SipSnapshot,
-        sse_subscribers: usize,
-        insecure_apps: usize,
-    ) -> String {
+    pub fn render(&self, sip: &SipSnapshot, gauges: &Gauges) -> String {
+        let Gauges {
+            sse_subscribers,
+            insecure_apps,
+            history_write_failures,
+        } = *gauges;
         let mut o = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
@@ -171,6 +182,12 @@ impl Metrics {
             "gauge",
             "1 while shutting down (no new logins or calls).",
             &one(u8::from(self.is_draining()).to_string()),
+        );
+        metric(
+            "callgate_history_write_failures_total",
+            "counter",
+            "Failed writes to the call history (each retry counts; rows left open are closed as interrupted at the next start).",
+            &one(history_write_failures.to_string()),
         );
         metric(
             "callgate_apps_insecure",
@@ -388,7 +405,14 @@ mod tests {
             ..Default::default()
         };
         sip.registrations.insert("registered", 1);
-        let text = m.render(&sip, 3, 2);
+        let text = m.render(
+            &sip,
+            &Gauges {
+                sse_subscribers: 3,
+                insecure_apps: 2,
+                history_write_failures: 4,
+            },
+        );
         for line in [
             "# TYPE callgate_token_failures_total counter",
             "callgate_token_failures_total{code=\"bad_mac\"} 2",
@@ -402,6 +426,7 @@ mod tests {
             "callgate_media_packets_lost_total 1",
             "callgate_draining 0",
             "callgate_apps_insecure 2",
+            "callgate_history_write_failures_total 4",
             "callgate_calls{state=\"ringing\"} 0",
             "callgate_calls{state=\"established\"} 1",
         ] {

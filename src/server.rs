@@ -107,6 +107,15 @@ impl Bound {
         let cdr = crate::cdr::CdrStore::open(&data.join("calls.sqlite"))
             .map_err(|e| RunError::Storage(e.to_string()))?;
         let rec = &config.storage.recordings_dir;
+        // Calls the last run left going (a crash, SIGKILL, power loss): closed, with recordings.
+        match cdr.close_interrupted(Some(rec.clone())).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                calls = n,
+                "calls cut off when callgate last stopped are in the history as interrupted"
+            ),
+            Err(e) => return Err(RunError::Storage(e.to_string())),
+        }
         if config.apps.values().any(|a| a.record) {
             std::fs::create_dir_all(rec).map_err(|e| {
                 RunError::Storage(format!(

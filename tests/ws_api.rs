@@ -2368,3 +2368,112 @@ async fn captured_tokens_do_not_log_in_again() {
     );
     srv.shut_down().await;
 }
+
+/// A crash mid-call loses nothing: callgate is SIGKILLed during a recorded call; at its next
+/// start the call is in the history as `interrupted`, answered, with its recording, which is
+/// served and holds the audio recorded until the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_off_by_a_crash_stays_in_the_history() {
+    use common::Daemon;
+    use common::peers::Sipp;
+    use common::sse::{get_raw, request};
+
+    let kam = Kamailio::start(free_udp_port());
+    let _far = Sipp::uas_with(
+        kam.port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo"],
+    );
+    let dir = TempDir::new("crash");
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let cfg = dir.write(
+        "callgate.toml",
+        &format!(
+            "[http]\nlisten = \"{http}\"\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
+             [media]\nwebrtc_port = {}\n",
+            free_udp_port()
+        ),
+    );
+    dir.write(
+        "apps.toml",
+        &format!("[apps.crm]\nkeys = [\"{KEY}\"]\napi_keys = [\"{CRM_API_KEY}\"]\nrecord = true\n"),
+    );
+    let config = Config::load(&cfg).expect("config");
+    let start = || {
+        let mut d = Daemon::spawn(
+            common::callgate()
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("RUST_LOG", "info"),
+        );
+        d.wait_for("listening", Duration::from_secs(15));
+        d
+    };
+    let mut first = start();
+
+    let mut seen = Vec::new();
+    let mut ws = open(http).await;
+    let good = token(&config, kam.port, "pass1001", 600);
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": good}).to_string(),
+    ))
+    .await
+    .unwrap();
+    while next(&mut ws, &mut seen).await["state"] != "registered" {}
+    let (_page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    // While it goes on, the CRM sees it already.
+    let row = format!("/api/v1/calls/{call_id}");
+    let (status, live) = request(http, "GET", &row, Some(CRM_API_KEY), None).await;
+    assert_eq!(status, 200, "{live}");
+    assert_eq!(live["endReason"], "in_progress", "{live}");
+    assert_eq!(live["endedAt"], Value::Null, "{live}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    first.kill();
+    drop(ws);
+
+    let mut second = start();
+    // (Said before it listens.)
+    assert!(
+        second
+            .seen
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("interrupted") && l.contains("calls=1")),
+        "{:?}",
+        second.seen
+    );
+    let (status, call) = request(http, "GET", &row, Some(CRM_API_KEY), None).await;
+    assert_eq!(status, 200, "{call}");
+    assert_eq!(call["endReason"], "interrupted", "{call}");
+    let (answered, ended) = (
+        call["answeredAt"].as_i64().unwrap(),
+        call["endedAt"].as_i64().unwrap(),
+    );
+    assert!(
+        ended >= answered + 500,
+        "ended at the recording's last write: {call}"
+    );
+    assert_eq!(call["durationMs"].as_i64().unwrap(), ended - answered);
+    assert_eq!(
+        call["recording"].as_str(),
+        Some(format!("{call_id}.wav").as_str()),
+        "{call}"
+    );
+    // The recording as written until the crash: a valid WAV whose header counts its audio.
+    let path = format!("{row}/recording");
+    let (status, head, wav) = get_raw(http, &path, Some(CRM_API_KEY), "").await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(&wav[..4], b"RIFF");
+    let data = u32::from_le_bytes([wav[40], wav[41], wav[42], wav[43]]) as usize;
+    assert!(
+        data > 0 && data == wav.len() - 44,
+        "{data} of {} bytes",
+        wav.len()
+    );
+    let status = second.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}

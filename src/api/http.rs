@@ -76,9 +76,14 @@ async fn metrics(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state
-            .metrics
-            .render(&sip, state.hub.subscribers(), insecure),
+        state.metrics.render(
+            &sip,
+            &crate::metrics::Gauges {
+                sse_subscribers: state.hub.subscribers(),
+                insecure_apps: insecure,
+                history_write_failures: state.cdr.write_failures(),
+            },
+        ),
     )
 }
 

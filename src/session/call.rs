@@ -123,6 +123,10 @@ pub enum Output {
     HangupMediaTimeout,
     /// The call ended for this reason (the calls-ended counter).
     Ended(EndReason),
+    /// The call began: write its history row now (`in_progress`), so a crash loses nothing.
+    Started(Box<crate::cdr::CallRecord>),
+    /// It was answered at this Unix millisecond: bring the row up to date.
+    Answered(i64),
     /// The call is over: stop the bridge, add its figures to this row and write it.
     Finished(Box<crate::cdr::CallRecord>),
 }
@@ -209,8 +213,58 @@ impl CallCore {
             finished: false,
             out: VecDeque::new(),
         };
+        let row = c.row(None, crate::cdr::IN_PROGRESS, None, None);
+        c.out.push_back(Output::Started(Box::new(row)));
         c.report(first, None, None);
         c
+    }
+
+    /// Unix milliseconds of `t` on the call's clock.
+    fn unix_ms(&self, t: Instant) -> i64 {
+        self.started_ms.saturating_add(
+            i64::try_from(t.saturating_duration_since(self.placed).as_millis()).unwrap_or(i64::MAX),
+        )
+    }
+
+    /// The call's history row, as of its end at `ended` (`None`: going on).
+    fn row(
+        &self,
+        ended: Option<Instant>,
+        reason: &str,
+        status: Option<u16>,
+        phrase: Option<String>,
+    ) -> crate::cdr::CallRecord {
+        let answered_at = self.answered.map(|t| self.unix_ms(t));
+        let ended_at = ended.map(|t| self.unix_ms(t));
+        let (from, to) = match self.info.direction {
+            Direction::Outbound => (self.info.agent.clone(), self.dialled.clone()),
+            Direction::Inbound => (self.dialled.clone(), self.info.agent.clone()),
+        };
+        crate::cdr::CallRecord {
+            call_id: self.info.call_id.clone(),
+            sip_call_id: self.info.sip_call_id.clone(),
+            app: self.info.app.clone(),
+            agent: self.info.agent.clone(),
+            direction: self.info.direction.as_str().to_owned(),
+            from,
+            to,
+            started_at: self.started_ms,
+            answered_at,
+            ended_at,
+            duration_ms: match (answered_at, ended_at) {
+                (Some(a), Some(e)) => e.saturating_sub(a),
+                _ => 0,
+            },
+            end_reason: reason.to_owned(),
+            sip_status: status,
+            sip_reason: phrase,
+            transfer: self.transfer.clone(),
+            packets_sent: 0,
+            packets_received: 0,
+            packets_lost: 0,
+            jitter_ms: 0.0,
+            recording: None,
+        }
     }
 
     /// callgate's id of the call.
@@ -337,7 +391,10 @@ impl CallCore {
             CallEvent::Ringing => self.report(CallState::Ringing, None, None),
             CallEvent::EarlyMedia { .. } => self.report(CallState::Early, None, None),
             CallEvent::Answered { .. } => {
-                self.answered.get_or_insert(now);
+                if self.answered.is_none() {
+                    self.answered = Some(now);
+                    self.out.push_back(Output::Answered(self.unix_ms(now)));
+                }
                 self.established = true;
                 self.watch_from = now;
                 if self.info.direction == Direction::Outbound {
@@ -546,41 +603,8 @@ impl CallCore {
             to: None,
         });
         self.out.push_back(Output::Flow(Flow::Stop));
-        let ms = |t: Instant| {
-            self.started_ms.saturating_add(
-                i64::try_from(t.saturating_duration_since(self.placed).as_millis())
-                    .unwrap_or(i64::MAX),
-            )
-        };
-        let answered_at = self.answered.map(ms);
-        let ended_at = ms(now);
-        let (from, to) = match self.info.direction {
-            Direction::Outbound => (self.info.agent.clone(), self.dialled.clone()),
-            Direction::Inbound => (self.dialled.clone(), self.info.agent.clone()),
-        };
-        self.out
-            .push_back(Output::Finished(Box::new(crate::cdr::CallRecord {
-                call_id: self.info.call_id.clone(),
-                sip_call_id: self.info.sip_call_id.clone(),
-                app: self.info.app.clone(),
-                agent: self.info.agent.clone(),
-                direction: self.info.direction.as_str().to_owned(),
-                from,
-                to,
-                started_at: self.started_ms,
-                answered_at,
-                ended_at,
-                duration_ms: answered_at.map_or(0, |a| ended_at.saturating_sub(a)),
-                end_reason: reason.code().to_owned(),
-                sip_status: status,
-                sip_reason: phrase,
-                transfer: self.transfer.take(),
-                packets_sent: 0,
-                packets_received: 0,
-                packets_lost: 0,
-                jitter_ms: 0.0,
-                recording: None,
-            })));
+        let row = self.row(Some(now), reason.code(), status, phrase);
+        self.out.push_back(Output::Finished(Box::new(row)));
     }
 
     fn event(&mut self, ev: Event) {

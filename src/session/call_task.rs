@@ -88,6 +88,7 @@ struct Shell {
     metrics: Arc<crate::metrics::Metrics>,
     row: Option<Box<crate::cdr::CallRecord>>,
     digits: DigitQueue,
+    call_id: String,
 }
 
 impl CallTask {
@@ -105,8 +106,8 @@ impl CallTask {
             metrics,
             digits,
         } = self;
-        // The row is written when the call ends; shutdown waits for it.
-        let _pending = store.track();
+        // The row is completed when the call ends; shutdown waits for it.
+        let pending = store.track();
         let (steer, ctl) = bridge::controls(digits.clone());
         let mut shell = Shell {
             commander: control.commander(),
@@ -122,6 +123,7 @@ impl CallTask {
             metrics,
             row: None,
             digits,
+            call_id: core.call_id().to_owned(),
         };
         let mut control = Some(control);
         shell.apply_all(&mut core).await;
@@ -144,7 +146,7 @@ impl CallTask {
             shell.apply_all(&mut core).await;
         }
         drop(control);
-        shell.finish(core.call_id()).await;
+        shell.finish(core.call_id(), pending).await;
     }
 }
 
@@ -234,6 +236,9 @@ impl Shell {
             Output::FollowRefer(accept) => self.commander.follow_refer(accept),
             Output::HangupMediaTimeout => self.commander.hangup_media_timeout(),
             Output::Ended(reason) => self.metrics.call_ended(reason.code()),
+            // Updates of the row as the call goes (queued: the call never waits on the disk).
+            Output::Started(row) => drop(self.store.started(*row)),
+            Output::Answered(at) => drop(self.store.answered(&self.call_id, at)),
             Output::Finished(row) => self.row = Some(row),
         }
     }
@@ -248,6 +253,9 @@ impl Shell {
                 Ok(tap) => {
                     ctl.tap = Some(tap);
                     self.recording = path.file_name().map(|f| f.to_string_lossy().into_owned());
+                    if let Some(name) = &self.recording {
+                        drop(self.store.recording(&self.call_id, name));
+                    }
                 }
                 Err(e) => tracing::warn!(file = %path.display(), "cannot record: {e}"),
             }
@@ -263,7 +271,7 @@ impl Shell {
     }
 
     /// The call is over: the bridge's figures into the row, the row into the history.
-    async fn finish(mut self, call_id: &str) {
+    async fn finish(mut self, call_id: &str, pending: crate::cdr::Pending) {
         let Some(mut row) = self.row.take() else {
             return;
         };
@@ -290,8 +298,8 @@ impl Shell {
             .updates
             .send(CallUpdate::Finished(call_id.to_owned()))
             .await;
-        if let Err(e) = self.store.insert(*row).await {
-            tracing::warn!(call = %call_id, "call not recorded in the history: {e}");
+        if let Err(e) = self.store.finished(*row, Some(pending)).await {
+            tracing::warn!(call = %call_id, "call's end not recorded in the history: {e}");
         }
     }
 }

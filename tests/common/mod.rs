@@ -132,6 +132,12 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL, as a crash or the OOM killer would end it: nothing runs after.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits up to `limit` for the exit status.
     pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
         let _ = Command::new("kill")

@@ -105,6 +105,48 @@ fn answered(t0: Instant, far: &str) -> CallCore {
     c
 }
 
+/// The row is written as the call starts (a crash mid-call keeps it) and brought up to date
+/// once at the answer; the end completes it.
+#[test]
+fn the_history_row_is_written_at_the_start_and_the_answer() {
+    let t0 = Instant::now();
+    let mut c = outbound(t0, None);
+    let out = drain(&mut c);
+    match &out[..] {
+        [Output::Started(row), ..] => {
+            assert_eq!(row.end_reason, crate::cdr::IN_PROGRESS);
+            assert_eq!(
+                (row.started_at, row.ended_at, row.answered_at),
+                (T0_MS, None, None)
+            );
+            assert_eq!((row.from.as_str(), row.to.as_str()), ("1001@pbx", "1002"));
+        }
+        other => panic!("the row comes first: {other:?}"),
+    }
+    let answered_at = |out: &[Output]| {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Answered(at) => Some(*at),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let t1 = t0 + Duration::from_millis(2_500);
+    c.handle_sip(
+        t1,
+        CallEvent::Answered {
+            answer: Some(sdp(FAR_TE)),
+        },
+    );
+    assert_eq!(answered_at(&drain(&mut c)), [T0_MS + 2_500]);
+    // A 200 OK retransmitted or a second answer: the first one stands.
+    c.handle_sip(
+        t1 + Duration::from_secs(1),
+        CallEvent::Answered { answer: None },
+    );
+    assert_eq!(answered_at(&drain(&mut c)), Vec::<i64>::new());
+}
+
 #[test]
 fn hold_and_resume_both_ways() {
     let t0 = Instant::now();
@@ -215,7 +257,7 @@ fn media_timeout_hangs_up_only_a_silent_unheld_call() {
     let row = finished_row(&out);
     assert_eq!(row.end_reason, "media_timeout");
     assert_eq!(row.answered_at, Some(T0_MS + 2_000));
-    assert_eq!(row.ended_at, T0_MS + 42_000);
+    assert_eq!(row.ended_at, Some(T0_MS + 42_000));
     assert_eq!(row.duration_ms, 40_000);
     assert_eq!((row.from.as_str(), row.to.as_str()), ("1001@pbx", "1002"));
     assert!(c.is_finished());
