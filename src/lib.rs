@@ -10,6 +10,8 @@ pub mod cdr;
 pub mod cli;
 pub mod config;
 pub mod dialplan;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub mod media;
 pub mod metrics;

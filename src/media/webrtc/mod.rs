@@ -40,6 +40,29 @@ use super::rtp::{RtpPacket, is_rtcp};
 mod ice;
 mod sdp;
 
+/// Entry points for `fuzz/` and its corpus replay (`crate::fuzzing`).
+#[doc(hidden)]
+pub mod fuzz {
+    /// The browser's SDP offer, as a leg reads it, and the answer callgate would give.
+    pub fn offer(sdp: &str) {
+        if let Ok(offer) = super::sdp::Offer::parse(sdp) {
+            let _ = std::hint::black_box(offer.fuzz_answer());
+        }
+    }
+
+    /// A datagram on the WebRTC port, as the demultiplexer and a leg read STUN.
+    pub fn stun(pkt: &[u8]) {
+        let _ = std::hint::black_box(super::ice::stun_ufrag(pkt));
+        let ice = super::ice::Ice {
+            ufrag: "ours".into(),
+            pwd: "our-password-of-22-chars".into(),
+        };
+        let from = std::net::SocketAddr::from(([127, 0, 0, 1], 5000));
+        let _ = std::hint::black_box(super::ice::check_reply(pkt, from, &ice, ""));
+        let _ = std::hint::black_box(super::ice::check_reply(pkt, from, &ice, "theirs"));
+    }
+}
+
 use ice::{Ice, check_reply, random_token, random_u32, stun_ufrag};
 use sdp::{AnswerParts, Offer, Setup};
 

@@ -209,6 +209,23 @@ impl Offer {
         out
     }
 
+    /// The answer with fixed parts of ours, for the fuzz target (`super::fuzz`).
+    pub(super) fn fuzz_answer(&self) -> String {
+        let ice = Ice {
+            ufrag: "ours".into(),
+            pwd: "our-password-of-22-chars".into(),
+        };
+        self.answer(&AnswerParts {
+            ice: &ice,
+            fingerprint: "AA:BB",
+            setup: "active",
+            candidates: &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            port: 10000,
+            ssrc: 42,
+            session: 7,
+        })
+    }
+
     /// Our answer: the audio section accepted, every other one refused (RFC 8843 §7.3.3).
     pub(super) fn answer(&self, us: &AnswerParts<'_>) -> String {
         use std::fmt::Write as _;

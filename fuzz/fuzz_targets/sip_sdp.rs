@@ -1,0 +1,3 @@
+#![no_main]
+// See callgate::fuzzing::sip_sdp for what the input is.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| callgate::fuzzing::sip_sdp(data));
