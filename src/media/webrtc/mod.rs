@@ -40,7 +40,7 @@ use super::rtp::{RtpPacket, is_rtcp};
 mod ice;
 mod sdp;
 
-/// Entry points for `fuzz/` and its corpus replay (`crate::fuzzing`).
+/// Entry points for the fuzz targets in `fuzz/` and their corpus replay.
 #[doc(hidden)]
 pub mod fuzz {
     /// The browser's SDP offer, as a leg reads it, and the answer callgate would give.
