@@ -330,7 +330,7 @@ impl CdrStore {
         let (done, rx) = tokio::sync::oneshot::channel();
         let job = writer::Job {
             op,
-            done: Some(done),
+            done,
             pending: None,
         };
         match self.writes.try_send(job) {
@@ -366,14 +366,9 @@ impl CdrStore {
     /// Records a finished call (its whole row, in one transaction), waiting for room in the
     /// queue rather than dropping it; `pending` is released once it is written.
     pub async fn finished(&self, c: CallRecord, pending: Option<Pending>) -> Result<(), CdrError> {
-        let (done, rx) = tokio::sync::oneshot::channel();
-        let job = writer::Job {
-            op: writer::Op::Final(Box::new(c)),
-            done: Some(done),
-            pending,
-        };
-        self.writes.send(job).await.map_err(|_| CdrError::Task)?;
-        rx.await.map_err(|_| CdrError::Task)?.map(|_| ())
+        self.submit(writer::Op::Final(Box::new(c)), pending)
+            .await
+            .map(|_| ())
     }
 
     /// Records a finished call.
@@ -385,12 +380,14 @@ impl CdrStore {
     /// without ending them (a crash, a SIGKILL, a power loss) as [`INTERRUPTED`], each with
     /// its recording if one is in `recordings`. Returns how many.
     pub async fn close_interrupted(&self, recordings: Option<PathBuf>) -> Result<usize, CdrError> {
+        self.submit(writer::Op::CloseInterrupted { recordings }, None)
+            .await
+    }
+
+    /// Queues `op`, waiting for room, and waits until it is written.
+    async fn submit(&self, op: writer::Op, pending: Option<Pending>) -> Result<usize, CdrError> {
         let (done, rx) = tokio::sync::oneshot::channel();
-        let job = writer::Job {
-            op: writer::Op::CloseInterrupted { recordings },
-            done: Some(done),
-            pending: None,
-        };
+        let job = writer::Job { op, done, pending };
         self.writes.send(job).await.map_err(|_| CdrError::Task)?;
         rx.await.map_err(|_| CdrError::Task)?
     }

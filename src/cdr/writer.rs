@@ -45,7 +45,7 @@ pub(super) enum Op {
 /// guard it keeps until then.
 pub(super) struct Job {
     pub(super) op: Op,
-    pub(super) done: Option<oneshot::Sender<Result<usize, CdrError>>>,
+    pub(super) done: oneshot::Sender<Result<usize, CdrError>>,
     pub(super) pending: Option<Pending>,
 }
 
@@ -63,9 +63,8 @@ pub(super) fn spawn(
                 if let Err(e) = &result {
                     tracing::error!(op = ?Kind(&job.op), "call history write given up: {e}");
                 }
-                if let Some(done) = job.done {
-                    let _ = done.send(result);
-                }
+                // Nobody waiting (an update of a call in progress): nothing to tell.
+                let _ = job.done.send(result);
                 drop(job.pending);
             }
         })?;

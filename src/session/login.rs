@@ -160,9 +160,7 @@ fn take_once(
     fingerprint: [u8; 32],
     until: i64,
 ) -> Result<(), ApiError> {
-    let now = SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = crate::token::unix_seconds(SystemTime::now());
     let taken = ctx
         .used_tokens
         .lock()
