@@ -2481,3 +2481,178 @@ async fn a_call_cut_off_by_a_crash_stays_in_the_history() {
     let status = second.terminate(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
 }
+
+/// Talks over the page's call for up to `limit` (50 packets/s toward the far end's echo) while
+/// reading the page's events, and stops early at an event `done` accepts. Returns the packets
+/// sent, those heard back, the events read, and whether `done` accepted one.
+async fn talk(
+    ws: &mut Ws,
+    seen: &mut Vec<String>,
+    page: &mut common::rtc_peer::RtcPeer,
+    seq: &mut u16,
+    limit: Duration,
+    mut done: impl FnMut(&Value) -> bool,
+) -> (u32, u32, Vec<Value>, bool) {
+    use callgate::media::rtp::RtpPacket;
+    const SOUND: [u8; 160] = [0x3c; 160];
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + limit;
+    let (mut sent, mut back, mut events) = (0, 0, Vec::new());
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return (sent, back, events, false),
+            _ = tick.tick() => {
+                let mut b = Vec::new();
+                RtpPacket { marker: false, payload_type: 0, sequence: *seq, timestamp: u32::from(*seq) * 160, ssrc: 77, payload: &SOUND }.write(&mut b);
+                page.send(&b).await;
+                *seq = seq.wrapping_add(1);
+                sent += 1;
+            }
+            Some((_, p)) = page.heard.recv() => {
+                if p == SOUND {
+                    back += 1;
+                }
+            }
+            ev = next(ws, seen) => {
+                let stop = done(&ev);
+                events.push(ev);
+                if stop {
+                    return (sent, back, events, true);
+                }
+            }
+        }
+    }
+}
+
+/// The history row of `call_id` once the call's end is written in it.
+async fn finished_row(addr: std::net::SocketAddr, call_id: &str) -> Value {
+    let path = format!("/api/v1/calls/{call_id}");
+    for _ in 0..50 {
+        let (status, row) = common::sse::request(addr, "GET", &path, Some(CRM_API_KEY), None).await;
+        if status == 200 && row["endReason"] != "in_progress" {
+            return row;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no finished history row for {call_id}");
+}
+
+/// Registrar outage: Kamailio stops for 60 s in the middle of a call, then starts again with the
+/// bindings it kept in memory gone. The call's media, which does not pass through Kamailio, goes
+/// on all along and the call is not ended; callgate notices the outage (a keepalive unanswered,
+/// or answered late) and registers again within its retry back-off once Kamailio is back, so a
+/// new call reaches the page; the first call then hangs up normally through the new Kamailio,
+/// and both calls are in the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registrar_outage_keeps_calls_and_the_registration_comes_back() {
+    use common::peers::{Sipp, sipp_probe};
+
+    let port = free_udp_port();
+    let kam = Kamailio::start(port);
+    let mut far = Sipp::uas_with(
+        port,
+        "1002",
+        "pass1002",
+        "uas_answer.xml",
+        &["-rtp_echo", "-timeout", "240s"],
+    );
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, port, &mut seen).await;
+    let (mut page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    let mut seq = 0;
+    let (sent, back, _, _) = talk(
+        &mut ws,
+        &mut seen,
+        &mut page,
+        &mut seq,
+        Duration::from_secs(2),
+        |_| false,
+    )
+    .await;
+    assert!(back * 100 >= sent * 95, "before: heard {back} of {sent}");
+
+    tokio::task::spawn_blocking(move || drop(kam))
+        .await
+        .unwrap();
+    let (sent, back, events, _) = talk(
+        &mut ws,
+        &mut seen,
+        &mut page,
+        &mut seq,
+        Duration::from_secs(60),
+        |_| false,
+    )
+    .await;
+    assert!(
+        events.iter().all(|e| e["type"] != "call"),
+        "the call goes on through the outage: {events:?}"
+    );
+    assert!(
+        back * 100 >= sent * 95,
+        "during the outage: heard {back} of {sent}"
+    );
+
+    let kam = tokio::task::spawn_blocking(move || Kamailio::start(port))
+        .await
+        .unwrap();
+    let (sent, back, events, registered) = talk(
+        &mut ws,
+        &mut seen,
+        &mut page,
+        &mut seq,
+        Duration::from_secs(40),
+        |e| e["type"] == "registration" && e["state"] == "registered",
+    )
+    .await;
+    assert!(
+        registered,
+        "registered again within the back-off: {events:?}\n{}",
+        kam.log()
+    );
+    assert!(back * 100 >= sent * 95, "after: heard {back} of {sent}");
+
+    // The new Kamailio knows the agent again: a caller reaches the page (which turns it away).
+    let probe = tokio::task::spawn_blocking(move || sipp_probe(port, "1001", 486));
+    let second = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev["callId"].as_str().unwrap().to_owned();
+        }
+    };
+    ws.send(Message::text(
+        json!({"type": "reject", "id": 3, "callId": second}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let (ok, log) = probe.await.unwrap();
+    assert!(ok, "the caller did not get 486:\n{log}");
+
+    // The first call ends normally: its BYE reaches the far end through the new Kamailio.
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 4, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ended = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "call" && ev["callId"] == call_id.as_str() && ev["state"] == "ended" {
+            break ev;
+        }
+    };
+    assert_eq!(ended["endReason"], "local_hangup", "{ended}");
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "the far end did not get its BYE:\n{log}");
+
+    let first = finished_row(srv.addr, &call_id).await;
+    assert_eq!(first["endReason"], "local_hangup", "{first}");
+    assert!(first["durationMs"].as_i64().unwrap() >= 62_000, "{first}");
+    let turned_away = finished_row(srv.addr, &second).await;
+    assert_eq!(turned_away["direction"], "inbound", "{turned_away}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}

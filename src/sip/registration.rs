@@ -24,6 +24,11 @@ use crate::account::SipAccount;
 /// Most challenges answered in one chain (guards against endless `stale=true`).
 const MAX_AUTH_ROUNDS: u32 = 4;
 
+/// A keepalive answered this long after it was sent went unanswered through at least three
+/// retransmissions (RFC 3261 Timer E with the default T1: 0.5, 1 and 2 s): the registrar was out of reach, and may
+/// have restarted and lost the binding meanwhile, so callgate registers again.
+const KEEPALIVE_LATE: Duration = Duration::from_secs(4);
+
 /// Longest wait between refreshes, whatever expiry the registrar grants (one day).
 const MAX_REFRESH_SECS: u64 = 86_400;
 
@@ -138,8 +143,8 @@ pub struct Registration {
     ever_registered: bool,
     /// Challenges answered in this chain (bounded: a registrar that keeps saying `stale`).
     auth_rounds: u32,
-    /// An OPTIONS keepalive is in flight.
-    keepalive_in_flight: bool,
+    /// When the OPTIONS keepalive in flight was sent.
+    keepalive_sent: Option<Instant>,
     /// Expires we ask for now (raised by 423).
     asking: Duration,
     challenge: Option<Challenge>,
@@ -181,7 +186,7 @@ impl Registration {
             in_flight: None,
             ever_registered: false,
             auth_rounds: 0,
-            keepalive_in_flight: false,
+            keepalive_sent: None,
             asking,
             challenge: None,
             nc: 0,
@@ -342,7 +347,7 @@ impl Registration {
         });
     }
 
-    fn send_keepalive(&mut self) {
+    fn send_keepalive(&mut self, now: Instant) {
         let aor = format!("sip:{}@{}", self.account.login, self.account.domain);
         let b = self
             .request("OPTIONS")
@@ -351,7 +356,7 @@ impl Registration {
             .header("Call-ID", format!("ka-{}", self.rng.hex()))
             .header("CSeq", "1 OPTIONS")
             .header("User-Agent", self.settings.user_agent.clone());
-        self.keepalive_in_flight = true;
+        self.keepalive_sent = Some(now);
         self.out.push_back(Outgoing {
             purpose: Purpose::Keepalive,
             data: b.build(),
@@ -365,7 +370,16 @@ impl Registration {
             return;
         }
         if purpose == Purpose::Keepalive {
-            self.keepalive_in_flight = false;
+            let late = self
+                .keepalive_sent
+                .take()
+                .is_some_and(|sent| now.saturating_duration_since(sent) >= KEEPALIVE_LATE);
+            if late && self.goal == Goal::Registered && self.in_flight.is_none() {
+                // The registrar was out of reach for a while: if it restarted meanwhile it has
+                // forgotten the binding (and would still answer OPTIONS), so bind again now.
+                self.begin_chain(now);
+                return;
+            }
             self.arm_keepalive(now);
             return;
         }
@@ -461,7 +475,7 @@ impl Registration {
     pub fn handle_tx_timeout(&mut self, now: Instant, purpose: Purpose) {
         if purpose == Purpose::Keepalive {
             // The path to the registrar may be gone: re-REGISTER now, its outcome tells.
-            self.keepalive_in_flight = false;
+            self.keepalive_sent = None;
             if self.goal == Goal::Registered && self.in_flight.is_none() {
                 self.begin_chain(now);
             }
@@ -615,8 +629,8 @@ impl Registration {
         }
         if self.keepalive_at.is_some_and(|t| t <= now) {
             self.keepalive_at = None;
-            if !self.keepalive_in_flight && self.in_flight.is_none() {
-                self.send_keepalive();
+            if self.keepalive_sent.is_none() && self.in_flight.is_none() {
+                self.send_keepalive(now);
             }
         }
     }

@@ -419,6 +419,54 @@ fn keepalive_timeout_triggers_a_register() {
     assert_eq!(sent(&mut r).method(), "REGISTER");
 }
 
+/// A registrar that comes back from an outage while a keepalive is being retransmitted answers
+/// it, but if it restarted it has lost the binding: a late answer makes callgate register again,
+/// a prompt one does not.
+#[test]
+fn a_keepalive_answered_late_registers_again() {
+    let t0 = Instant::now();
+    let mut r = reg();
+    r.start(t0);
+    let a = sent(&mut r);
+    r.handle_response(t0, Purpose::Register, &ok(&a, &[]));
+    let _ = events(&mut r);
+
+    let t1 = t0 + Duration::from_secs(30);
+    r.handle_timeout(t1);
+    let ka = sent(&mut r);
+    assert_eq!(ka.method(), "OPTIONS");
+    r.handle_response(
+        t1 + Duration::from_millis(300),
+        Purpose::Keepalive,
+        &ok(&ka, &[]),
+    );
+    assert!(
+        r.poll_request().is_none(),
+        "a prompt answer changes nothing"
+    );
+    let t2 = r.poll_timeout().unwrap();
+    assert_eq!(
+        t2,
+        t1 + Duration::from_millis(300) + Duration::from_secs(30)
+    );
+
+    r.handle_timeout(t2);
+    let ka = sent(&mut r);
+    assert_eq!(ka.method(), "OPTIONS");
+    let late = t2 + Duration::from_secs(20);
+    r.handle_response(late, Purpose::Keepalive, &ok(&ka, &[]));
+    let again = sent(&mut r);
+    assert_eq!(again.method(), "REGISTER");
+    r.handle_response(late, Purpose::Register, &ok(&again, &[]));
+    assert!(
+        matches!(
+            events(&mut r).as_slice(),
+            [Status::Registered { count: 2, .. }]
+        ),
+        "bound again"
+    );
+}
+
 #[test]
 fn received_and_rport_fix_the_contact() {
     let t0 = Instant::now();
