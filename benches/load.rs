@@ -52,6 +52,12 @@ struct Args {
     calls: usize,
     seconds: u64,
     setups_at_once: usize,
+    /// Calls each page (agent) places.
+    calls_per_page: usize,
+    /// Agents logged in and registered (the pages with calls, and idle ones up to this many).
+    registrations: usize,
+    /// Seconds between samples of callgate's memory, descriptors, threads and tasks.
+    sample_secs: u64,
 }
 
 fn args() -> Args {
@@ -61,6 +67,9 @@ fn args() -> Args {
         calls: 100,
         seconds: 30,
         setups_at_once: 8,
+        calls_per_page: 4,
+        registrations: 0,
+        sample_secs: 60,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -71,6 +80,9 @@ fn args() -> Args {
             "--webrtc-port-range" => a.port_range = true,
             "--pin" => a.pin = true,
             "--setups-at-once" => a.setups_at_once = num().unwrap_or(8).max(1) as usize,
+            "--calls-per-page" => a.calls_per_page = num().unwrap_or(4).max(1) as usize,
+            "--registrations" => a.registrations = num().unwrap_or(0) as usize,
+            "--sample-secs" => a.sample_secs = num().unwrap_or(60).max(1),
             // cargo bench passes --bench; ignore what is not ours.
             _ => {}
         }
@@ -116,6 +128,40 @@ fn kernel_drops(ports: std::ops::RangeInclusive<u16>) -> u64 {
         })
         .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
         .sum()
+}
+
+/// Entries of `/proc/<pid>/<dir>` (open descriptors for `fd`, threads for `task`).
+fn proc_entries(pid: u32, dir: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/{dir}")).map_or(0, Iterator::count)
+}
+
+/// A metric's value in callgate's `/metrics` text (0 when absent).
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn metrics_of(http: std::net::SocketAddr) -> String {
+    let addr = http.to_string();
+    tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+        .await
+        .unwrap_or_default()
+}
+
+/// callgate's footprint at one moment: (RSS kB, open descriptors, threads, runtime tasks,
+/// registrations held).
+async fn footprint(pid: u32, http: std::net::SocketAddr) -> (u64, usize, usize, u64, u64) {
+    let m = metrics_of(http).await;
+    (
+        rss_kb(pid),
+        proc_entries(pid, "fd"),
+        proc_entries(pid, "task"),
+        counter(&m, "callgate_tasks"),
+        counter(&m, "callgate_registrations{state=\"registered\"}"),
+    )
 }
 
 /// Resident memory of `pid`, kB.
@@ -341,7 +387,7 @@ fn main() {
 }
 
 async fn run(a: Args) {
-    let kam = Kamailio::start(free_udp_port());
+    let kam = Kamailio::start_with(free_udp_port(), &["WITH_LOAD_USERS"]);
     // Two far ends (sipp's echo is one thread on one socket): pages alternate between them.
     let calls = a.calls.to_string();
     let far_ends: Vec<(Sipp, u16)> = [("1002", "pass1002"), ("1003", "pass1003")]
@@ -383,7 +429,7 @@ async fn run(a: Args) {
     let cfg = dir.write(
         "callgate.toml",
         &format!(
-            "[http]\nlisten = \"127.0.0.1:{http_port}\"\nresume_secs = 0\n\
+            "[http]\nlisten = \"127.0.0.1:{http_port}\"\nresume_secs = 0\nmax_connections_per_ip = 5000\n\
              [sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n\
              [media]\nwebrtc_port = {webrtc_port}\n{range}rtp_port_min = 36000\nrtp_port_max = 39999\ntimeout_secs = 0\n\
              [log]\nlevel = \"warn\"\n"
@@ -411,18 +457,14 @@ async fn run(a: Args) {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = rss_kb(pid);
-    let acct = account_from_cli(
-        "1001",
-        None,
-        "pass1001".into(),
-        "127.0.0.1",
-        None,
-        Some(kam.port),
-        None,
-    )
-    .unwrap();
+    let idle = footprint(pid, http).await;
     let expires = (micros() / 1_000_000) as i64 + 3600;
-    let pages = a.calls.div_ceil(4);
+    let calling_pages = a.calls.div_ceil(a.calls_per_page);
+    let pages = calling_pages.max(a.registrations);
+    assert!(
+        pages <= 2000,
+        "Kamailio knows agents 20000-21999: 2000 pages at most"
+    );
     let totals = Arc::new(Totals::default());
     let setups = Arc::new(tokio::sync::Semaphore::new(a.setups_at_once));
     // Setting calls up takes a while at 8 at a time; everyone starts talking together after.
@@ -431,12 +473,26 @@ async fn run(a: Args) {
     let start_talking = tokio::time::Instant::now() + setup_budget;
     let talk = Duration::from_secs(a.seconds);
     eprintln!(
-        "load: {} calls on {pages} pages; setting up for {:?}, then {}s of audio",
+        "load: {} calls on {calling_pages} of {pages} pages (agents); setting up for {:?}, then {}s of audio",
         a.calls, setup_budget, a.seconds
     );
     let mut tasks = Vec::new();
     for p in 0..pages {
-        let n = (a.calls - p * 4).min(4);
+        let n = a
+            .calls
+            .saturating_sub(p * a.calls_per_page)
+            .min(a.calls_per_page);
+        let agent = (20_000 + p).to_string();
+        let acct = account_from_cli(
+            &agent,
+            None,
+            format!("pw{agent}"),
+            "127.0.0.1",
+            None,
+            Some(kam.port),
+            None,
+        )
+        .unwrap();
         let token = config
             .keyring()
             .mint("crm", &acct, Some(expires), [p as u8; 16])
@@ -457,7 +513,19 @@ async fn run(a: Args) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu0 = cpu_seconds(pid);
     let t0 = Instant::now();
-    tokio::time::sleep(talk.saturating_sub(Duration::from_secs(3))).await;
+    // callgate's footprint through the calls: it must stay flat.
+    let mut samples = Vec::new();
+    let measure_end = t0 + talk.saturating_sub(Duration::from_secs(3));
+    loop {
+        samples.push((t0.elapsed().as_secs(), footprint(pid, http).await));
+        let next = t0 + Duration::from_secs(a.sample_secs * samples.len() as u64);
+        if next >= measure_end {
+            break;
+        }
+        tokio::time::sleep(next - Instant::now()).await;
+    }
+    tokio::time::sleep(measure_end.saturating_duration_since(Instant::now())).await;
+    samples.push((t0.elapsed().as_secs(), footprint(pid, http).await));
     let cpu1 = cpu_seconds(pid);
     // While the calls' sockets still exist.
     let kernel = kernel_drops(webrtc_port..=webrtc_port) + kernel_drops(40_000..=41_999);
@@ -478,22 +546,26 @@ async fn run(a: Args) {
     }
     // Where packets went missing: callgate's own counters (its bridges have ended by now).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let metrics = {
-        let addr = http.to_string();
-        tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
-            .await
-            .unwrap_or_default()
-    };
-    let counter = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let to_sip = counter("callgate_media_packets_total{direction=\"to_sip\"}");
-    let to_browser = counter("callgate_media_packets_total{direction=\"to_browser\"}");
-    let sip_lost = counter("callgate_media_packets_lost_total");
+    let metrics = metrics_of(http).await;
+    let to_sip = counter(
+        &metrics,
+        "callgate_media_packets_total{direction=\"to_sip\"}",
+    );
+    let to_browser = counter(
+        &metrics,
+        "callgate_media_packets_total{direction=\"to_browser\"}",
+    );
+    let sip_lost = counter(&metrics, "callgate_media_packets_lost_total");
+    // Every page logged out: the registrations are removed (Expires: 0) and what the sessions
+    // and calls held is given back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut after = footprint(pid, http).await;
+    while after.4 > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        after = footprint(pid, http).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = footprint(pid, http).await;
     let direct = direct_rtts(format!("127.0.0.1:{echo_port}").parse().unwrap(), 200).await;
     let status = gw.terminate(Duration::from_secs(30));
     for (mut far, _) in far_ends {
@@ -537,8 +609,16 @@ async fn run(a: Args) {
         cpu * 100.0 / measured * 100.0 / established.max(1) as f64
     );
     println!(
-        "callgate RSS         {rss_idle} kB idle, {rss_busy} kB with the calls: {:.0} kB per call",
-        rss_busy.saturating_sub(rss_idle) as f64 / established.max(1) as f64
+        "callgate RSS         {rss_idle} kB idle, {rss_busy} kB with the calls: {:.0} kB per call{}",
+        rss_busy.saturating_sub(rss_idle) as f64 / established.max(1) as f64,
+        if pages > calling_pages {
+            format!(
+                " (counting the {} pages without calls)",
+                pages - calling_pages
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "round trip           p50 {:.2} ms, p99 {:.2} ms (direct to the echo: p50 {:.2} ms, p99 {:.2} ms)",
@@ -552,5 +632,22 @@ async fn run(a: Args) {
         added(0.5),
         added(0.99)
     );
+    println!("footprint            when     RSS kB   fds  threads  tasks  registered");
+    let row = |when: String, f: (u64, usize, usize, u64, u64)| {
+        println!(
+            "                     {when:>8} {:>8} {:>5} {:>8} {:>6} {:>11}",
+            f.0, f.1, f.2, f.3, f.4
+        );
+    };
+    row("idle".into(), idle);
+    for (secs, f) in &samples {
+        row(format!("{secs} s"), *f);
+    }
+    row("after".into(), after);
     println!("callgate exit        {status:?}");
+    // (Its log level is `warn`: every line is a warning or an error.)
+    println!("callgate log lines   {}", gw.seen.len());
+    for l in gw.seen.iter().take(10) {
+        println!("                     {l}");
+    }
 }

@@ -78,6 +78,8 @@ pub struct Gauges {
     pub insecure_apps: usize,
     /// Failed call-history writes.
     pub history_write_failures: u64,
+    /// Tasks alive in the async runtime.
+    pub tasks: usize,
 }
 
 impl Metrics {
@@ -167,6 +169,7 @@ impl Metrics {
             sse_subscribers,
             insecure_apps,
             history_write_failures,
+            tasks,
         } = *gauges;
         let mut o = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -188,6 +191,12 @@ impl Metrics {
             "counter",
             "Failed writes to the call history (each retry counts; rows left open are closed as interrupted at the next start).",
             &one(history_write_failures.to_string()),
+        );
+        metric(
+            "callgate_tasks",
+            "gauge",
+            "Tasks alive in the async runtime (a few per session, call and subscriber): a figure that only grows is a leak.",
+            &one(tasks.to_string()),
         );
         metric(
             "callgate_apps_insecure",
@@ -411,6 +420,7 @@ mod tests {
                 sse_subscribers: 3,
                 insecure_apps: 2,
                 history_write_failures: 4,
+                tasks: 17,
             },
         );
         for line in [
@@ -426,6 +436,7 @@ mod tests {
             "callgate_media_packets_lost_total 1",
             "callgate_draining 0",
             "callgate_apps_insecure 2",
+            "callgate_tasks 17",
             "callgate_history_write_failures_total 4",
             "callgate_calls{state=\"ringing\"} 0",
             "callgate_calls{state=\"established\"} 1",

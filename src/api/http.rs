@@ -82,6 +82,9 @@ async fn metrics(
                 sse_subscribers: state.hub.subscribers(),
                 insecure_apps: insecure,
                 history_write_failures: state.cdr.write_failures(),
+                tasks: tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_alive_tasks(),
             },
         ),
     )

@@ -113,6 +113,12 @@ pub struct Kamailio {
 
 impl Kamailio {
     pub fn start(port: u16) -> Kamailio {
+        Kamailio::start_with(port, &[])
+    }
+
+    /// [`Kamailio::start`] with config defines (`-A`), e.g. `WITH_LOAD_USERS` for the load tool's
+    /// agents 20000-21999 (password "pw" + number).
+    pub fn start_with(port: u16, defines: &[&str]) -> Kamailio {
         require_tool("kamailio", "apt-get install kamailio");
         let dir = TempDir::new("kamailio");
         let cfg = std::fs::read_to_string(fixture("kamailio.cfg"))
@@ -131,6 +137,7 @@ impl Kamailio {
                 .args(["-DD", "-E", "-Y"])
                 .arg(&run)
                 .args(["-m", "64", "-M", "8"])
+                .args(defines.iter().flat_map(|d| ["-A", d]))
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log),
         );
