@@ -405,13 +405,20 @@ fn unregister_while_registering_waits_for_the_outcome() {
     assert!(r.is_finished() && r.poll_request().is_none());
 }
 
-#[test]
-fn keepalive_timeout_triggers_a_register() {
-    let t0 = Instant::now();
+/// A registration bound at `t0` on the first try, its status events read.
+fn registered(t0: Instant) -> Registration {
     let mut r = reg();
     r.start(t0);
     let a = sent(&mut r);
     r.handle_response(t0, Purpose::Register, &ok(&a, &[]));
+    let _ = events(&mut r);
+    r
+}
+
+#[test]
+fn keepalive_timeout_triggers_a_register() {
+    let t0 = Instant::now();
+    let mut r = registered(t0);
     r.handle_timeout(t0 + Duration::from_secs(30));
     let ka = sent(&mut r);
     assert_eq!(ka.method(), "OPTIONS");
@@ -425,11 +432,7 @@ fn keepalive_timeout_triggers_a_register() {
 #[test]
 fn a_keepalive_answered_late_registers_again() {
     let t0 = Instant::now();
-    let mut r = reg();
-    r.start(t0);
-    let a = sent(&mut r);
-    r.handle_response(t0, Purpose::Register, &ok(&a, &[]));
-    let _ = events(&mut r);
+    let mut r = registered(t0);
 
     let t1 = t0 + Duration::from_secs(30);
     r.handle_timeout(t1);
