@@ -180,6 +180,7 @@ impl Bound {
             self.config.admin_keys.iter().copied(),
         ));
         let apps = crate::config::live::LiveApps::new(&self.config, credentials.clone());
+        let hub = std::sync::Arc::new(crate::session::hub::Hub::new(self.config.events));
         let state = api::http::AppState(std::sync::Arc::new(crate::session::context::Context {
             apps: apps.clone(),
             sip: self.sip.clone(),
@@ -201,7 +202,7 @@ impl Bound {
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,
             trusted_proxies: self.config.http.trusted_proxies.clone(),
-            hub: std::sync::Arc::new(crate::session::hub::Hub::new(self.config.events)),
+            hub: hub.clone(),
             cdr: self.cdr.clone(),
             recordings_dir: self.config.storage.recordings_dir.clone(),
             credentials: credentials.clone(),
@@ -234,6 +235,8 @@ impl Bound {
                 calls_left = left,
                 "shutting down: hanging up what is left, unregistering"
             );
+            // CRM event streams end, or serving would wait for them.
+            hub.close();
         };
         if let Some(max_age) = self.config.storage.recordings_retention {
             let dir = self.config.storage.recordings_dir.clone();

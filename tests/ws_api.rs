@@ -2661,3 +2661,197 @@ async fn a_registrar_outage_keeps_calls_and_the_registration_comes_back() {
     page.pc.close().await.unwrap();
     srv.shut_down().await;
 }
+
+/// The next `agentState` event of the page.
+async fn next_state(ws: &mut Ws, seen: &mut Vec<String>) -> Value {
+    loop {
+        let ev = next(ws, seen).await;
+        if ev["type"] == "agentState" {
+            return ev;
+        }
+    }
+}
+
+/// Agent states: the app defines available / paused / wrap_up. A paused agent cannot call out
+/// and its callers get 480 without the page hearing of them; a change asked for during a call
+/// waits for the call's end; an answered call's end enters wrap-up, which refuses calls too
+/// and ends on time. The CRM's channel gets every change once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_states_gate_calls_and_wrap_up_follows_a_call() {
+    use common::peers::{Sipp, sipp_probe};
+    use common::sse::Sse;
+
+    let kam = Kamailio::start(free_udp_port());
+    let port = kam.port;
+    let mut far = Sipp::uas_with(port, "1002", "pass1002", "uas_answer.xml", &["-rtp_echo"]);
+    let mut srv = server_with_app_options(
+        "states = [\n\
+         { id = \"available\", label = \"Available\", productive = true, may_call_out = true, may_receive = true },\n\
+         { id = \"paused\", label = \"Paused\" },\n\
+         { id = \"wrap_up\", label = \"Wrap-up\", productive = true },\n\
+         ]\nwrap_up_state = \"wrap_up\"\nwrap_up_secs = 4\n",
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, port, &mut seen).await;
+    let connected: Value = seen
+        .iter()
+        .map(|t| serde_json::from_str::<Value>(t).unwrap())
+        .find(|v| v["type"] == "connected")
+        .unwrap();
+    let ids: Vec<&str> = connected["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["available", "paused", "wrap_up"], "{connected}");
+    let mut crm = Sse::open(
+        srv.addr,
+        "/api/v1/agents/1001@127.0.0.1/events",
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    // (Sent with `connected`, before the registration's outcome.)
+    let first: Value = seen
+        .iter()
+        .map(|t| serde_json::from_str::<Value>(t).unwrap())
+        .find(|v| v["type"] == "agentState")
+        .unwrap();
+    assert_eq!(
+        (first["state"].as_str(), first["cause"].as_str()),
+        (Some("available"), Some("login")),
+        "{first}"
+    );
+
+    let set = |id: u64, state: &str| {
+        Message::text(json!({"type": "setState", "id": id, "state": state}).to_string())
+    };
+    ws.send(set(2, "lunch")).await.unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await["error"]["code"],
+        "unknown_state"
+    );
+    ws.send(set(3, "paused")).await.unwrap();
+    assert_eq!(
+        next(&mut ws, &mut seen).await,
+        json!({"type": "reply", "id": 3, "ok": true})
+    );
+    let paused = next_state(&mut ws, &mut seen).await;
+    assert_eq!(
+        (
+            paused["state"].as_str(),
+            paused["mayCallOut"].as_bool(),
+            paused["mayReceive"].as_bool()
+        ),
+        (Some("paused"), Some(false), Some(false)),
+        "{paused}"
+    );
+    ws.send(Message::text(
+        json!({"type": "call", "id": 4, "to": "1002", "sdp": "v=0"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let refused = next(&mut ws, &mut seen).await;
+    assert_eq!(refused["error"]["code"], "state_forbids_calls", "{refused}");
+    let (ok, log) = tokio::task::spawn_blocking(move || sipp_probe(port, "1001", 480))
+        .await
+        .unwrap();
+    assert!(ok, "a paused agent's caller gets 480:\n{log}");
+
+    // Available again; a pause asked for during a call waits for its end (and comes before
+    // wrap-up).
+    ws.send(set(5, "available")).await.unwrap();
+    assert_eq!(next_state(&mut ws, &mut seen).await["state"], "available");
+    let (_page, call_id) = place_call(&mut ws, &mut seen, 6, "1002").await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    ws.send(set(7, "paused")).await.unwrap();
+    let pending = next_state(&mut ws, &mut seen).await;
+    assert_eq!(
+        (pending["state"].as_str(), pending["pending"].as_str()),
+        (Some("available"), Some("paused")),
+        "{pending}"
+    );
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 8, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let after = next_state(&mut ws, &mut seen).await;
+    assert_eq!(
+        (after["state"].as_str(), after["cause"].as_str()),
+        (Some("paused"), Some("call_ended")),
+        "{after}"
+    );
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+
+    // An answered incoming call ends: wrap-up, refusing calls, until its time is up.
+    ws.send(set(9, "available")).await.unwrap();
+    assert_eq!(next_state(&mut ws, &mut seen).await["state"], "available");
+    let mut caller = Sipp::uac_with(port, "1001", "uac_answered.xml", &["-rtp_echo"]);
+    let incoming = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev["callId"].as_str().unwrap().to_owned();
+        }
+    };
+    let _answered = answer_incoming(&mut ws, &mut seen, &incoming).await;
+    let wrap = next_state(&mut ws, &mut seen).await;
+    let began = std::time::Instant::now();
+    assert_eq!(
+        (wrap["state"].as_str(), wrap["cause"].as_str()),
+        (Some("wrap_up"), Some("wrap_up")),
+        "{wrap}"
+    );
+    let length = wrap["wrapUpEndsAt"].as_i64().unwrap() - wrap["since"].as_i64().unwrap();
+    assert!((3999..=4001).contains(&length), "{wrap}");
+    let (ok, log) = tokio::task::spawn_blocking(move || caller.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    let (ok, log) = tokio::task::spawn_blocking(move || sipp_probe(port, "1001", 480))
+        .await
+        .unwrap();
+    assert!(ok, "wrap-up refuses calls:\n{log}");
+    let over = next_state(&mut ws, &mut seen).await;
+    let took = began.elapsed();
+    assert_eq!(
+        (over["state"].as_str(), over["cause"].as_str()),
+        (Some("available"), Some("wrap_up_over")),
+        "{over}"
+    );
+    assert!(
+        took > Duration::from_millis(3500) && took < Duration::from_secs(6),
+        "wrap-up lasted {took:?}"
+    );
+
+    // The CRM saw each change once, in order.
+    let mut crm_states = Vec::new();
+    while crm_states.len() < 7 {
+        let ev = crm.next(Duration::from_secs(5)).await.expect("an event");
+        if ev.data["type"] == "agentState" {
+            crm_states.push(ev.data["state"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(
+        crm_states,
+        [
+            "paused",
+            "available",
+            "available",
+            "paused",
+            "available",
+            "wrap_up",
+            "available"
+        ]
+    );
+    // The CRM's stream is still open: it ends with the shutdown instead of holding it up
+    // (shut_down fails after 15 s).
+    let _ = ws.close(None).await;
+    srv.shut_down().await;
+    drop(crm);
+}

@@ -270,6 +270,7 @@ fn request_id(r: &Request) -> u64 {
         | Request::Transfer { id, .. }
         | Request::Consult { id, .. }
         | Request::Ice { id, .. }
+        | Request::SetState { id, .. }
         | Request::CompleteTransfer { id, .. } => *id,
     }
 }

@@ -22,6 +22,8 @@ pub struct Apps {
     pub dial_plans: BTreeMap<String, DialPlan>,
     /// Apps whose calls are recorded.
     pub record: BTreeSet<String>,
+    /// Per app: its agent states.
+    pub states: BTreeMap<String, Arc<super::states::StatePolicy>>,
 }
 
 impl Apps {
@@ -42,6 +44,10 @@ impl Apps {
                 .iter()
                 .filter(|(_, a)| a.record)
                 .map(|(n, _)| n.clone())
+                .collect(),
+            states: apps
+                .iter()
+                .map(|(n, a)| (n.clone(), a.states.clone()))
                 .collect(),
         }
     }

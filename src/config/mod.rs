@@ -6,6 +6,7 @@
 
 pub mod live;
 mod raw;
+pub mod states;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -206,6 +207,8 @@ pub struct AppInfo {
     pub api_keys: Vec<[u8; 32]>,
     /// Whether the app's calls are recorded.
     pub record: bool,
+    /// The app's agent states.
+    pub states: std::sync::Arc<states::StatePolicy>,
 }
 
 /// The validated configuration.
@@ -987,6 +990,7 @@ fn check_apps(
                 );
             }
         }
+        let states = std::sync::Arc::new(states::check_states(c, file, &at, &app));
         let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
         let api_keys = check_api_keys(c, file, &at("api_keys"), &app.api_keys);
         let max_lifetime = match app.max_lifetime_secs {
@@ -1029,6 +1033,7 @@ fn check_apps(
                 dial_plan,
                 api_keys,
                 record: app.record,
+                states,
             },
         );
     }

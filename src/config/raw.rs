@@ -228,6 +228,30 @@ pub(crate) struct RawApp {
     pub(crate) record: bool,
     #[serde(default)]
     pub(crate) dial_plan: Option<RawDialPlan>,
+    #[serde(default)]
+    pub(crate) states: Vec<RawState>,
+    #[serde(default)]
+    pub(crate) default_state: Option<String>,
+    #[serde(default)]
+    pub(crate) wrap_up_state: Option<String>,
+    #[serde(default)]
+    pub(crate) wrap_up_secs: Option<i64>,
+    #[serde(default)]
+    pub(crate) not_ready_status: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawState {
+    pub(crate) id: String,
+    #[serde(default)]
+    pub(crate) label: Option<String>,
+    #[serde(default)]
+    pub(crate) productive: bool,
+    #[serde(default)]
+    pub(crate) may_call_out: bool,
+    #[serde(default)]
+    pub(crate) may_receive: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::agent_state::{AgentState, Cause, Change, Outcome, StatePolicy};
 use super::call::{CallCore, CallInfo, CallSettings};
 use super::call_task::{COMMAND_QUEUE, CallCommand, CallTask, CallUpdate};
 use super::context::Context;
@@ -43,8 +44,9 @@ pub(crate) struct Ident {
     pub(crate) channel: Arc<Channel>,
     /// The page's credential for the HTTP API.
     pub(crate) api_token: String,
-    /// Its place among the agent's sessions, held until the session ends.
-    pub(crate) _slot: super::registry::AgentSlot,
+    /// Its place among the agent's sessions, held until the session ends, with the state
+    /// they share.
+    pub(crate) slot: super::registry::AgentSlot,
 }
 
 /// A call of this session, as the session sees it.
@@ -55,6 +57,8 @@ struct CallLink {
     ringing: Option<Option<AudioSdp>>,
     /// Its telephone-event digits waiting to be sent.
     digits: DigitQueue,
+    /// It was established (its end starts the wrap-up).
+    answered: bool,
 }
 
 /// The session task's state.
@@ -73,6 +77,10 @@ pub(crate) struct Session {
     /// The page's queue closed under a send (its socket's task is gone): handled as a
     /// detach after the current input.
     page_lost: bool,
+    /// The app's agent states (as at login).
+    states: Arc<StatePolicy>,
+    /// Changes of the agent's state (shared with its other sessions).
+    state_changes: tokio::sync::watch::Receiver<Cause>,
 }
 
 /// Whether the session goes on after an input.
@@ -88,9 +96,12 @@ impl Session {
         ident: Ident,
         reg: RegistrationHandle,
         plan: DialPlan,
+        states: Arc<StatePolicy>,
         (page, page_id): (mpsc::Sender<ToPage>, u64),
     ) -> (Session, mpsc::Receiver<CallUpdate>) {
         let (updates, updates_rx) = mpsc::channel(PAGE_QUEUE);
+        let mut state_changes = ident.slot.shared().watch();
+        state_changes.mark_unchanged();
         let s = Session {
             ctx,
             ident,
@@ -102,6 +113,8 @@ impl Session {
             presence: Presence::default(),
             updates,
             page_lost: false,
+            states,
+            state_changes,
         };
         (s, updates_rx)
     }
@@ -116,10 +129,16 @@ impl Session {
         for ev in first {
             self.tell(ev).await;
         }
+        let cause = *self.state_changes.borrow();
+        let ev = self.state_event(cause);
+        self.tell(ev).await;
         loop {
             let grace = self
                 .presence
                 .poll_timeout()
+                .map(tokio::time::Instant::from_std);
+            let wrap_up = self
+                .agent_state(|s| s.poll_timeout())
                 .map(tokio::time::Instant::from_std);
             let next = tokio::select! {
                 c = controls.recv() => match c {
@@ -136,6 +155,17 @@ impl Session {
                     }
                 },
                 Some(u) = updates.recv() => self.update(u).await,
+                Ok(()) = self.state_changes.changed() => {
+                    let cause = *self.state_changes.borrow_and_update();
+                    let ev = self.state_event(cause);
+                    self.tell(ev).await;
+                    Next::Continue
+                }
+                () = sleep_until(wrap_up) => {
+                    let change = self.agent_state(|s| s.handle_timeout(Instant::now()));
+                    self.state_changed(change);
+                    Next::Continue
+                }
                 () = sleep_until(grace) => {
                     if self.presence.handle_timeout(Instant::now()) {
                         tracing::info!(agent = %self.ident.agent, "session not resumed in time: ending it");
@@ -171,6 +201,11 @@ impl Session {
     /// The session is over: its HTTP credential and channel share go; dropping the calls'
     /// command queues hangs them up, dropping the registration handle releases its share.
     fn end(self) {
+        for link in self.calls.values() {
+            let answered = link.answered;
+            let change = self.agent_state(|s| s.call_ended(&self.states, Instant::now(), answered));
+            self.state_changed(change);
+        }
         let ctx = &self.ctx;
         ctx.sessions.remove(&self.ident.session_id);
         ctx.credentials.revoke(&self.ident.api_token);
@@ -262,8 +297,10 @@ impl Session {
                 agent: self.ident.agent.clone(),
                 session_id: self.ident.session_id.clone(),
                 api_token: self.ident.api_token.clone(),
+                states: super::event::StateInfo::list(&self.states),
             },
             Event::registration(&self.reg.status()),
+            self.state_event(*self.state_changes.borrow()),
         ];
         out.extend(replay);
         for ev in out {
@@ -301,14 +338,23 @@ impl Session {
     async fn update(&mut self, u: CallUpdate) -> Next {
         match u {
             CallUpdate::Event(ev) => {
-                if let Event::Call { call_id, .. } = &ev {
+                if let Event::Call { call_id, state, .. } = &ev {
                     self.presence.call_event(call_id, &ev);
+                    if *state == super::event::CallState::Established {
+                        if let Some(link) = self.calls.get_mut(call_id) {
+                            link.answered = true;
+                        }
+                    }
                 }
                 self.tell(ev).await;
             }
             CallUpdate::Finished(call_id) => {
-                self.calls.remove(&call_id);
+                // (A rejected call is unlinked at once: it was not answered.)
+                let answered = self.calls.remove(&call_id).is_some_and(|l| l.answered);
                 self.presence.call_finished(&call_id);
+                let change =
+                    self.agent_state(|s| s.call_ended(&self.states, Instant::now(), answered));
+                self.state_changed(change);
             }
         }
         Next::Continue
@@ -323,6 +369,19 @@ impl Session {
         }
         if self.calls.len() >= MAX_CALLS_PER_SESSION {
             inc.call.reject(486, "Busy Here");
+            return Next::Continue;
+        }
+        if !self.agent_state(|s| s.may_receive(&self.states)) {
+            let status = self.states.refuse_status;
+            tracing::info!(agent = %self.ident.agent, status, "incoming call refused: the agent's state does not receive");
+            inc.call.reject(
+                status,
+                if status == 486 {
+                    "Busy Here"
+                } else {
+                    "Temporarily Unavailable"
+                },
+            );
             return Next::Continue;
         }
         let peer = inc.asserted.as_ref().unwrap_or(&inc.from).user().to_owned();
@@ -407,8 +466,10 @@ impl Session {
                 endpoint_id,
                 ringing: None,
                 digits,
+                answered: false,
             },
         );
+        self.agent_state(AgentState::call_began);
         if direction == Direction::Outbound {
             self.presence.call_began(&call_id, None);
         }
@@ -441,6 +502,56 @@ impl Session {
     }
 }
 
+/// The agent's state: what the sessions of an agent share.
+impl Session {
+    fn agent_state<R>(&self, f: impl FnOnce(&mut AgentState) -> R) -> R {
+        self.ident.slot.shared().with(f)
+    }
+
+    /// The `agentState` event for the state as it is now, entered for `cause`.
+    fn state_event(&self, cause: Cause) -> Event {
+        let (current, since, pending, ends) =
+            self.agent_state(|s| (s.current(), s.since(), s.pending(), s.wrap_up_ends()));
+        let (now, now_ms) = (Instant::now(), unix_ms());
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let def = self.states.get(current);
+        Event::AgentState {
+            state: def.id.clone(),
+            label: def.label.clone(),
+            may_call_out: def.may_call_out,
+            may_receive: def.may_receive,
+            productive: def.productive,
+            since: now_ms.saturating_sub(ms(now.saturating_duration_since(since))),
+            cause: cause.code(),
+            pending: pending.map(|p| self.states.get(p).id.clone()),
+            wrap_up_ends_at: ends
+                .map(|t| now_ms.saturating_add(ms(t.saturating_duration_since(now)))),
+        }
+    }
+
+    /// A change of the agent's state (if any): published to its CRM channel once, and to
+    /// the pages of all its sessions (each tells its own, this one included).
+    fn state_changed(&self, change: Option<Change>) {
+        if let Some(change) = change {
+            tracing::info!(
+                agent = %self.ident.agent,
+                from = %self.states.get(change.from).id,
+                to = %self.states.get(change.to).id,
+                cause = change.cause.code(),
+                "agent state"
+            );
+            self.state_published(change.cause);
+        }
+    }
+
+    fn state_published(&self, cause: Cause) {
+        if let Ok(json) = serde_json::to_string(&self.state_event(cause)) {
+            self.ctx.hub.publish(&self.ident.channel, json.into());
+        }
+        self.ident.slot.shared().changed(cause);
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -457,7 +568,8 @@ impl Session {
             }
             Request::Logout { id } | Request::Ping { id } => (id, Ok(Event::ok(id))),
             Request::Media { id, call_id, sdp } => (id, self.media(id, call_id, &sdp).await),
-            Request::Call { id, to, sdp } => (id, self.place(id, &to, &sdp).await),
+            Request::Call { id, to, sdp } => (id, self.call(id, &to, &sdp).await),
+            Request::SetState { id, state } => (id, self.set_state(id, &state)),
             Request::Consult {
                 id,
                 call_id,
@@ -496,6 +608,31 @@ impl Session {
             } => (id, self.complete_transfer(id, &call_id, &consult_id)),
         };
         self.reply(id, r).await;
+    }
+
+    /// `call`: places a call if the agent's state allows calling out.
+    async fn call(&mut self, id: u64, to: &str, sdp: &str) -> Result<Event, ApiError> {
+        if !self.agent_state(|s| s.may_call_out(&self.states)) {
+            let state = self.agent_state(|s| s.current());
+            return Err(ApiError::StateForbidsCalls(
+                self.states.get(state).id.clone(),
+            ));
+        }
+        self.place(id, to, sdp).await
+    }
+
+    /// `setState`: the agent's state now, or (in a call) when its last call ends.
+    fn set_state(&mut self, id: u64, state: &str) -> Result<Event, ApiError> {
+        let to = self.states.find(state).ok_or(ApiError::UnknownState)?;
+        let (had_pending, outcome) =
+            self.agent_state(|s| (s.pending().is_some(), s.request(Instant::now(), to)));
+        match outcome {
+            Outcome::Changed(change) => self.state_changed(Some(change)),
+            Outcome::Pending(_) => self.state_published(Cause::Requested),
+            Outcome::Unchanged if had_pending => self.state_published(Cause::Requested),
+            Outcome::Unchanged => {}
+        }
+        Ok(Event::ok(id))
     }
 
     /// Places a call (`call`, `consult`) once the session may: not draining, below its call

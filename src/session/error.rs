@@ -62,6 +62,12 @@ pub enum ApiError {
     /// More calls than a page may have.
     #[error("this page has too many calls")]
     TooManyCalls,
+    /// `call` while the agent's state does not allow calling out (its id).
+    #[error("the agent's state \"{0}\" does not allow calling out; change state first")]
+    StateForbidsCalls(String),
+    /// `setState` with a state the app does not define.
+    #[error("no such state in this app (the states are listed in `connected`)")]
+    UnknownState,
     /// A call id this session does not have (or, for `answer`/`reject`, no longer ringing).
     #[error("{0}")]
     UnknownCall(&'static str),
@@ -129,6 +135,8 @@ pub const CODES: &[&str] = &[
     "too_many_sessions",
     "token_replayed",
     "too_many_live_tokens",
+    "state_forbids_calls",
+    "unknown_state",
 ];
 
 impl ApiError {
@@ -161,6 +169,8 @@ impl ApiError {
             ApiError::TooManySessions(_) => "too_many_sessions",
             ApiError::TokenReused(Reuse::Replayed) => "token_replayed",
             ApiError::TokenReused(Reuse::Full) => "too_many_live_tokens",
+            ApiError::StateForbidsCalls(_) => "state_forbids_calls",
+            ApiError::UnknownState => "unknown_state",
         })
     }
 }
@@ -252,6 +262,8 @@ mod tests {
             ApiError::TooManySessions(8),
             ApiError::TokenReused(Reuse::Replayed),
             ApiError::TokenReused(Reuse::Full),
+            ApiError::StateForbidsCalls("x".into()),
+            ApiError::UnknownState,
         ];
         for e in &all {
             match e {
@@ -279,7 +291,9 @@ mod tests {
                 | ApiError::NoMediaPorts(_)
                 | ApiError::DtmfQueueFull(_)
                 | ApiError::TooManySessions(_)
-                | ApiError::TokenReused(_) => {}
+                | ApiError::TokenReused(_)
+                | ApiError::StateForbidsCalls(_)
+                | ApiError::UnknownState => {}
             }
         }
         all

@@ -125,6 +125,40 @@ pub enum RegistrationState {
     Unregistered,
 }
 
+/// One of the app's agent states, as `connected` lists them.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateInfo {
+    /// Its id, for `setState`.
+    pub id: String,
+    /// What to show.
+    pub label: String,
+    /// Counted as productive time.
+    pub productive: bool,
+    /// The agent may place calls in it.
+    #[serde(rename = "mayCallOut")]
+    pub may_call_out: bool,
+    /// The agent is offered calls in it.
+    #[serde(rename = "mayReceive")]
+    pub may_receive: bool,
+}
+
+impl StateInfo {
+    /// The states of `policy`.
+    pub fn list(policy: &crate::config::states::StatePolicy) -> Vec<StateInfo> {
+        policy
+            .states
+            .iter()
+            .map(|s| StateInfo {
+                id: s.id.clone(),
+                label: s.label.clone(),
+                productive: s.productive,
+                may_call_out: s.may_call_out,
+                may_receive: s.may_receive,
+            })
+            .collect()
+    }
+}
+
 /// Everything callgate sends to the page.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
@@ -227,6 +261,34 @@ pub enum Event {
         /// The page's credential for the HTTP API (its own events, calls, recordings).
         #[serde(rename = "apiToken")]
         api_token: String,
+        /// The states the agent may choose from.
+        states: Vec<StateInfo>,
+    },
+    /// The agent's state: at login, at every change, and when a change asked for during a
+    /// call is pending.
+    AgentState {
+        /// The state's id.
+        state: String,
+        /// Its label.
+        label: String,
+        /// The agent may place calls.
+        #[serde(rename = "mayCallOut")]
+        may_call_out: bool,
+        /// The agent is offered calls.
+        #[serde(rename = "mayReceive")]
+        may_receive: bool,
+        /// Counted as productive time.
+        productive: bool,
+        /// Since when (Unix ms).
+        since: i64,
+        /// Why it was entered (`login`, `requested`, `call_ended`, `wrap_up`, `wrap_up_over`).
+        cause: &'static str,
+        /// The state asked for during a call, entered when the agent's last call ends.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pending: Option<String>,
+        /// When the wrap-up ends (Unix ms), while in wrap-up.
+        #[serde(rename = "wrapUpEndsAt", skip_serializing_if = "Option::is_none")]
+        wrap_up_ends_at: Option<i64>,
     },
     /// Registration with the SIP provider changed.
     Registration {
@@ -245,10 +307,15 @@ pub enum Event {
 }
 
 impl Event {
-    /// Whether CRM subscribers of the agent's channel get this event (not replies, and not
-    /// `connected`, which carries the session's credentials).
+    /// Whether CRM subscribers of the agent's channel get this event from the session that
+    /// tells its page: not replies, not `connected`, which carries the session's credentials,
+    /// and not `agentState`, which the agent's pages share and which is published once, by
+    /// the session that changed it.
     pub fn for_crm(&self) -> bool {
-        !matches!(self, Event::Reply { .. } | Event::Connected { .. })
+        !matches!(
+            self,
+            Event::Reply { .. } | Event::Connected { .. } | Event::AgentState { .. }
+        )
     }
 
     /// The success reply to request `id`.

@@ -109,6 +109,7 @@ pub struct Subscription {
     latest: watch::Receiver<u64>,
     last: u64,
     gap_checked: bool,
+    closing: watch::Receiver<bool>,
 }
 
 impl Drop for Subscription {
@@ -143,8 +144,16 @@ impl Subscription {
                     return Some(Item::Event(*id, json.clone()));
                 }
             }
-            if self.latest.changed().await.is_err() {
+            // Shutting down: what was buffered went out; the stream ends so that the server's
+            // graceful shutdown does not wait for it.
+            if *self.closing.borrow() {
                 return None;
+            }
+            tokio::select! {
+                changed = self.latest.changed() => if changed.is_err() {
+                    return None;
+                },
+                _ = self.closing.changed() => {}
             }
         }
     }
@@ -156,6 +165,7 @@ pub struct Hub {
     channels: Mutex<HashMap<(String, String), Arc<Channel>>>,
     next_id: AtomicU64,
     limits: Limits,
+    closing: watch::Sender<bool>,
 }
 
 impl Hub {
@@ -165,6 +175,7 @@ impl Hub {
             channels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             limits,
+            closing: watch::channel(false).0,
         }
     }
 
@@ -272,7 +283,13 @@ impl Hub {
             latest,
             last: last_id,
             gap_checked: false,
+            closing: self.closing.subscribe(),
         }))
+    }
+
+    /// Shutdown: every subscription ends once it has what was published so far.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Appends an event (its JSON) to `channel` and wakes its subscribers.
@@ -316,6 +333,36 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn closing_ends_subscriptions_after_what_they_have_not_read() {
+        let hub = Hub::new(limits(3));
+        let ch = hub.login("1001@pbx", "crm");
+        let mut a = hub.subscribe("crm", "1001@pbx", 0, false).unwrap().unwrap();
+        let waiting = tokio::spawn(async move {
+            let first = a.next().await;
+            (first, a.next().await, a.next().await)
+        });
+        tokio::task::yield_now().await;
+        hub.publish(&ch, "one".into());
+        hub.publish(&ch, "two".into());
+        hub.close();
+        let got = tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got,
+            (
+                Some(Item::Event(1, "one".into())),
+                Some(Item::Event(2, "two".into())),
+                None
+            )
+        );
+        // A subscription opened after: nothing to wait for.
+        let mut late = hub.subscribe("crm", "1001@pbx", 2, false).unwrap().unwrap();
+        assert_eq!(late.next().await, None);
     }
 
     #[tokio::test]

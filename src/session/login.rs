@@ -101,12 +101,13 @@ pub(crate) async fn connect(
         return Err(ApiError::OriginNotAllowed);
     }
     let plan = apps.dial_plans.get(&app).cloned().unwrap_or_default();
+    let states = apps.states.get(&app).cloned().unwrap_or_default();
     let single_use = verified.single_use();
     let account = verified.into_account();
     let agent = account.aor();
     let slot = ctx
         .sessions
-        .claim(&app, &agent, ctx.max_sessions_per_agent)
+        .claim(&app, &agent, ctx.max_sessions_per_agent, &states)
         .map_err(|max| {
             tracing::info!(%agent, %app, max, "login refused: too many sessions of this agent");
             ApiError::TooManySessions(max)
@@ -138,6 +139,7 @@ pub(crate) async fn connect(
             agent: agent.clone(),
             session_id: session_id.clone(),
             api_token: api_token.clone(),
+            states: super::event::StateInfo::list(&states),
         },
         Event::registration(&reg.status()),
     ];
@@ -147,9 +149,9 @@ pub(crate) async fn connect(
         app,
         channel,
         api_token,
-        _slot: slot,
+        slot,
     };
-    Ok(start(ctx, ident, reg, plan, first))
+    Ok(start(ctx, ident, reg, (plan, states), first))
 }
 
 /// Marks a single-use token used; refuses one used before (counted as a bad token: a replay
@@ -181,7 +183,10 @@ fn start(
     ctx: &Arc<Context>,
     ident: Ident,
     reg: crate::sip::endpoint::RegistrationHandle,
-    plan: crate::dialplan::DialPlan,
+    (plan, states): (
+        crate::dialplan::DialPlan,
+        Arc<crate::config::states::StatePolicy>,
+    ),
     first: Vec<Event>,
 ) -> Link {
     let (page, events) = mpsc::channel(PAGE_QUEUE);
@@ -189,7 +194,7 @@ fn start(
     ctx.sessions
         .insert(&ident.session_id, &ident.app, control.clone());
     let page_id = next_page_id();
-    let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, (page, page_id));
+    let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, states, (page, page_id));
     tokio::spawn(session.run(first, controls, updates));
     Link {
         control,

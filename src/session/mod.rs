@@ -7,6 +7,7 @@
 //! Stack: `api` -> `session` -> {`config`, `sip`, `token`} -> `media`.
 
 pub mod agent;
+pub mod agent_state;
 pub mod call;
 pub(crate) mod call_task;
 pub mod context;

@@ -4,9 +4,36 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use super::agent_state::{AgentState, Cause, StatePolicy};
 use super::control::Control;
+
+/// What the sessions of one agent share: its state, and a signal of its changes (the cause of
+/// the last one) for each session to tell its page.
+pub(crate) struct AgentShared {
+    state: Mutex<AgentState>,
+    changed: watch::Sender<Cause>,
+}
+
+impl AgentShared {
+    /// Runs `f` on the agent's state (a std `Mutex`, never held across an `.await`).
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut AgentState) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Tells every session of the agent that its state changed, for `cause`.
+    pub(crate) fn changed(&self, cause: Cause) {
+        self.changed.send_replace(cause);
+    }
+
+    /// A receiver of the changes.
+    pub(crate) fn watch(&self) -> watch::Receiver<Cause> {
+        self.changed.subscribe()
+    }
+}
+
+type Agents = Arc<Mutex<HashMap<(String, String), (usize, Arc<AgentShared>)>>>;
 
 /// Session id -> (app, the session's control queue).
 ///
@@ -15,21 +42,29 @@ use super::control::Control;
 #[derive(Default)]
 pub struct Registry {
     map: Mutex<HashMap<String, (String, mpsc::Sender<Control>)>>,
-    /// Live sessions per (app, agent), kept by their [`AgentSlot`]s.
-    agents: Arc<Mutex<HashMap<(String, String), usize>>>,
+    /// Live sessions per (app, agent), kept by their [`AgentSlot`]s, and what they share.
+    agents: Agents,
 }
 
 /// A session's place among its agent's sessions (`http.max_sessions_per_agent`), given back
 /// when the session ends.
 pub(crate) struct AgentSlot {
     key: (String, String),
-    agents: Arc<Mutex<HashMap<(String, String), usize>>>,
+    agents: Agents,
+    shared: Arc<AgentShared>,
+}
+
+impl AgentSlot {
+    /// What the agent's sessions share.
+    pub(crate) fn shared(&self) -> &Arc<AgentShared> {
+        &self.shared
+    }
 }
 
 impl Drop for AgentSlot {
     fn drop(&mut self) {
         let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = agents.get_mut(&self.key) {
+        if let Some((n, _)) = agents.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 agents.remove(&self.key);
@@ -57,11 +92,24 @@ impl Registry {
     }
 
     /// A place for one more session of `agent` in `app`, or `Err` with the limit when `max`
-    /// are live (a leaked token opening sessions without end, a page in a reload loop).
-    pub(crate) fn claim(&self, app: &str, agent: &str, max: usize) -> Result<AgentSlot, usize> {
+    /// are live (a leaked token opening sessions without end, a page in a reload loop). The
+    /// agent's first session starts it in `policy`'s default state.
+    pub(crate) fn claim(
+        &self,
+        app: &str,
+        agent: &str,
+        max: usize,
+        policy: &StatePolicy,
+    ) -> Result<AgentSlot, usize> {
         let key = (app.to_owned(), agent.to_owned());
         let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = agents.entry(key.clone()).or_default();
+        let (n, shared) = agents.entry(key.clone()).or_insert_with(|| {
+            let shared = AgentShared {
+                state: Mutex::new(AgentState::new(policy, std::time::Instant::now())),
+                changed: watch::channel(Cause::Login).0,
+            };
+            (0, Arc::new(shared))
+        });
         if *n >= max {
             return Err(max);
         }
@@ -69,6 +117,7 @@ impl Registry {
         Ok(AgentSlot {
             key,
             agents: self.agents.clone(),
+            shared: shared.clone(),
         })
     }
 
@@ -90,14 +139,43 @@ mod tests {
     #[test]
     fn an_agent_has_at_most_max_sessions_and_an_ended_one_frees_its_place() {
         let reg = Registry::default();
-        let a = reg.claim("app", "sip:1@x", 2);
-        let b = reg.claim("app", "sip:1@x", 2);
+        let p = StatePolicy::default();
+        let a = reg.claim("app", "sip:1@x", 2, &p);
+        let b = reg.claim("app", "sip:1@x", 2, &p);
         assert!(a.is_ok() && b.is_ok());
-        assert_eq!(reg.claim("app", "sip:1@x", 2).err(), Some(2));
+        assert!(
+            reg.claim("app", "sip:1@x", 2, &p)
+                .is_err_and(|max| max == 2)
+        );
         // Another agent, or the same identity in another app, has its own places.
-        assert!(reg.claim("app", "sip:2@x", 2).is_ok());
-        assert!(reg.claim("other", "sip:1@x", 2).is_ok());
+        assert!(reg.claim("app", "sip:2@x", 2, &p).is_ok());
+        assert!(reg.claim("other", "sip:1@x", 2, &p).is_ok());
         drop(a);
-        assert!(reg.claim("app", "sip:1@x", 2).is_ok());
+        assert!(reg.claim("app", "sip:1@x", 2, &p).is_ok());
+    }
+
+    #[test]
+    fn an_agents_sessions_share_its_state_until_the_last_ends() {
+        let reg = Registry::default();
+        let mut p = StatePolicy::default();
+        let mut paused = p.states[0].clone();
+        paused.id = "paused".into();
+        p.states.push(paused);
+        let now = std::time::Instant::now();
+        let a = reg
+            .claim("app", "sip:1@x", 2, &p)
+            .unwrap_or_else(|_| unreachable!());
+        let b = reg
+            .claim("app", "sip:1@x", 2, &p)
+            .unwrap_or_else(|_| unreachable!());
+        assert!(Arc::ptr_eq(a.shared(), b.shared()));
+        a.shared().with(|s| s.request(now, 1));
+        assert_eq!(b.shared().with(|s| s.current()), 1);
+        drop((a, b));
+        // The agent's next login starts afresh, in the default state.
+        let c = reg
+            .claim("app", "sip:1@x", 2, &p)
+            .unwrap_or_else(|_| unreachable!());
+        assert_eq!(c.shared().with(|s| s.current()), 0);
     }
 }

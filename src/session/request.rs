@@ -83,6 +83,9 @@ pub(crate) enum Request {
         #[serde(rename = "sdpMLineIndex")]
         sdp_mline_index: Option<u16>,
     },
+    /// Change the agent's state (an id from `connected`'s `states`); in a call it applies
+    /// when the agent's last call ends.
+    SetState { id: u64, state: String },
     /// Attended transfer: the far end of `callId` takes over `consultId` (a call to the target).
     CompleteTransfer {
         id: u64,
