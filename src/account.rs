@@ -22,13 +22,15 @@ pub enum Field {
     Port,
     /// `visibleName`: display name in the From header.
     VisibleName,
+    /// `group`: the agent's group, which decides the agent states it may use.
+    Group,
     /// `expires`: Unix seconds or RFC 3339 time after which the token is refused.
     Expires,
 }
 
 impl Field {
     /// Every field, in the order the XML documents them.
-    pub const ALL: [Field; 8] = [
+    pub const ALL: [Field; 9] = [
         Field::Login,
         Field::AuthenticationName,
         Field::Password,
@@ -36,6 +38,7 @@ impl Field {
         Field::OutboundProxy,
         Field::Port,
         Field::VisibleName,
+        Field::Group,
         Field::Expires,
     ];
 
@@ -49,6 +52,7 @@ impl Field {
             Field::OutboundProxy => "outboundProxy",
             Field::Port => "port",
             Field::VisibleName => "visibleName",
+            Field::Group => "group",
             Field::Expires => "expires",
         }
     }
@@ -114,9 +118,23 @@ pub struct SipAccount {
     pub port_explicit: bool,
     /// Display name for the From header.
     pub visible_name: Option<String>,
+    /// The agent's group (apps.toml `states[].groups`), if the token names one.
+    pub group: Option<String>,
 }
 
 impl SipAccount {
+    /// The account with group `group` (the CLI's `--group`), checked as a token's would be.
+    pub fn with_group(mut self, group: Option<&str>) -> Result<SipAccount, AccountError> {
+        if let Some(g) = group {
+            check_group(g).map_err(|why| AccountError::InvalidField {
+                field: Field::Group,
+                why,
+            })?;
+        }
+        self.group = group.map(str::to_owned);
+        Ok(self)
+    }
+
     /// `login@domain`: the identity of this account (an agent id for APIs and logs).
     pub fn aor(&self) -> String {
         format!("{}@{}", self.login, self.domain)
@@ -312,6 +330,11 @@ pub(crate) fn account_from_fields(
         check_quoted_text(name, 128).map_err(|why| invalid(Field::VisibleName, why))?;
     }
 
+    let group = get(Field::Group).filter(|v| !v.is_empty());
+    if let Some(g) = &group {
+        check_group(g).map_err(|why| invalid(Field::Group, why))?;
+    }
+
     Ok(SipAccount {
         login,
         auth_name,
@@ -321,7 +344,20 @@ pub(crate) fn account_from_fields(
         port,
         port_explicit,
         visible_name,
+        group,
     })
+}
+
+/// Checks an agent group's name (token `group`, apps.toml `states[].groups`).
+pub fn check_group(s: &str) -> Result<(), &'static str> {
+    let ok = (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1 to 64 letters, digits, '-', '_' or '.'")
+    }
 }
 
 /// Builds an account from command-line values, with the same checks a token's fields get.

@@ -91,6 +91,7 @@ pub fn inspect_report(v: &VerifiedToken, now_unix: i64) -> String {
         },
     );
     line("visibleName", a.visible_name.as_deref().unwrap_or("(none)"));
+    line("group", a.group.as_deref().unwrap_or("(none)"));
     let expires = match v.expires() {
         Some(e) => format!("{} (in {}s)", rfc3339(e), e - now_unix),
         None => "never (the app does not require expires)".to_owned(),

@@ -94,6 +94,9 @@ struct MintArgs {
     /// Display name.
     #[arg(long)]
     visible_name: Option<String>,
+    /// The agent's group (decides which agent states it may use; apps.toml `states`).
+    #[arg(long)]
+    group: Option<String>,
     /// Lifetime: 90s, 10m, 8h, 7d.
     #[arg(long, default_value = "10m", conflicts_with = "no_expiry")]
     ttl: String,
@@ -216,6 +219,7 @@ fn mint(args: Box<MintArgs>) -> Result<ExitCode, String> {
         args.port,
         args.visible_name.as_deref(),
     )
+    .and_then(|a| a.with_group(args.group.as_deref()))
     .map_err(|e| e.to_string())?;
     let expires = if args.no_expiry {
         None

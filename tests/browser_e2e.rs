@@ -45,7 +45,13 @@ impl Gateway {
                 free_udp_port()
             ),
         );
-        dir.write("apps.toml", "[apps.crm]\nkeys = [\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"]\n");
+        dir.write(
+            "apps.toml",
+            "[apps.crm]\nkeys = [\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"]\n\
+             states = [\n\
+             { id = \"available\", label = \"Available\", may_call_out = true, may_receive = true },\n\
+             { id = \"paused\", label = \"Paused\" },\n]\n",
+        );
         let config = Config::load(&cfg).unwrap();
         let bound = Bound::bind(config.clone()).await.unwrap();
         let url = format!("http://{}/", bound.http_addr().unwrap());
@@ -352,6 +358,20 @@ async fn chromium_holds_resumes_and_sends_dtmf() {
     );
     assert_eq!(
         (report["muted"].as_bool(), report["unmuted"].as_bool()),
+        (Some(true), Some(true)),
+        "{report:#}"
+    );
+    // The state selector lists the app's states; Paused turns Call off, Available back on.
+    assert_eq!(
+        report["state_options"],
+        serde_json::json!(["available", "paused"]),
+        "{report:#}"
+    );
+    assert_eq!(
+        (
+            report["paused_call_off"].as_bool(),
+            report["available_call_on"].as_bool()
+        ),
         (Some(true), Some(true)),
         "{report:#}"
     );

@@ -251,8 +251,20 @@ async fn token_login_registers_and_bad_tokens_do_not() {
     assert_eq!(connected["type"], "connected");
     assert_eq!(connected["agent"], "1001@127.0.0.1");
     assert!(connected["sessionId"].as_str().unwrap().starts_with("s-"));
+    let mut told_state = false;
     loop {
         let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "agentState" {
+            // The app's default state, entered at login (once, among the registration events).
+            assert_eq!(
+                (ev["state"].as_str(), ev["cause"].as_str()),
+                (Some("available"), Some("login")),
+                "{ev}"
+            );
+            assert!(!told_state, "{ev}");
+            told_state = true;
+            continue;
+        }
         assert_eq!(ev["type"], "registration", "{ev}");
         if ev["state"] == "registered" {
             assert!(ev["expires"].as_u64().unwrap() > 0);
@@ -260,6 +272,7 @@ async fn token_login_registers_and_bad_tokens_do_not() {
         }
         assert_eq!(ev["state"], "registering", "{ev}\n{}", kam.log());
     }
+    assert!(told_state, "the page was told the agent's state at login");
     ws.send(Message::text(r#"{"type":"ping","id":2}"#))
         .await
         .unwrap();
@@ -876,6 +889,12 @@ async fn page_resumes_its_session_and_call() {
     );
     let reg = next(&mut ws, &mut seen).await;
     assert_eq!(reg["state"], "registered", "{reg}");
+    let state = next(&mut ws, &mut seen).await;
+    assert_eq!(
+        (state["type"].as_str(), state["state"].as_str()),
+        (Some("agentState"), Some("available")),
+        "the resumed page is told the agent's state: {state}"
+    );
     let call = next(&mut ws, &mut seen).await;
     assert_eq!(
         (call["callId"].as_str(), call["state"].as_str()),
@@ -2854,4 +2873,103 @@ async fn agent_states_gate_calls_and_wrap_up_follows_a_call() {
     let _ = ws.close(None).await;
     srv.shut_down().await;
     drop(crm);
+}
+
+/// Agent groups: a state limited to some groups is listed, and may be chosen, only by agents
+/// whose token names one of them; the state is the agent's, so its other page follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_groups_limit_the_states_an_agent_may_choose() {
+    let kam = Kamailio::start(free_udp_port());
+    let srv = server_with_app_options(
+        "states = [\n\
+         { id = \"available\", may_call_out = true, may_receive = true },\n\
+         { id = \"outbound\", label = \"Outbound campaign\", may_call_out = true, groups = [\"sales\"] },\n\
+         { id = \"coaching\", groups = [\"support\", \"sales\"] },\n\
+         ]\n",
+    )
+    .await;
+    let mut srv = srv;
+    let listed = |seen: &[String]| -> Vec<String> {
+        let connected = seen
+            .iter()
+            .map(|t| serde_json::from_str::<Value>(t).unwrap())
+            .rfind(|v| v["type"] == "connected")
+            .unwrap();
+        connected["states"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let set = |id: u64, state: &str| {
+        Message::text(json!({"type": "setState", "id": id, "state": state}).to_string())
+    };
+
+    // No group in the token: only the states open to all.
+    let mut seen = Vec::new();
+    let mut plain = logged_in(&srv, kam.port, &mut seen).await;
+    assert_eq!(listed(&seen), ["available"]);
+    plain.send(set(2, "outbound")).await.unwrap();
+    assert_eq!(
+        next(&mut plain, &mut seen).await["error"]["code"],
+        "unknown_state"
+    );
+
+    // The same agent on a second page, with a token of group "sales".
+    let acct = account_from_cli(
+        "1001",
+        None,
+        "pass1001".into(),
+        "127.0.0.1",
+        None,
+        Some(kam.port),
+        None,
+    )
+    .and_then(|a| a.with_group(Some("sales")))
+    .unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let sales = srv
+        .config
+        .keyring()
+        .mint("crm", &acct, Some(now + 600), [9; 16])
+        .unwrap();
+    let mut seen2 = Vec::new();
+    let mut ws = open(srv.addr).await;
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": sales}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next(&mut ws, &mut seen2).await["ok"], true);
+    assert_eq!(next(&mut ws, &mut seen2).await["type"], "connected");
+    assert_eq!(listed(&seen2), ["available", "outbound", "coaching"]);
+    ws.send(set(2, "outbound")).await.unwrap();
+    let reply = loop {
+        let ev = next(&mut ws, &mut seen2).await;
+        if ev["type"] == "reply" {
+            break ev;
+        }
+    };
+    assert_eq!(reply, json!({"type": "reply", "id": 2, "ok": true}));
+    let st = next_state(&mut ws, &mut seen2).await;
+    assert_eq!(st["state"], "outbound", "{st}");
+    // The first page is told, though it could not have chosen it.
+    let st = next_state(&mut plain, &mut seen).await;
+    assert_eq!(
+        (
+            st["state"].as_str(),
+            st["label"].as_str(),
+            st["mayReceive"].as_bool()
+        ),
+        (Some("outbound"), Some("Outbound campaign"), Some(false)),
+        "{st}"
+    );
+
+    let _ = ws.close(None).await;
+    let _ = plain.close(None).await;
+    srv.shut_down().await;
 }

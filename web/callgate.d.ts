@@ -54,6 +54,27 @@ export interface ReferredEvent {
   sip?: SipStatus;
 }
 
+/** One of the agent states the agent may choose (apps.toml `states`). */
+export interface StateInfo {
+  id: string;
+  label: string;
+  productive: boolean;
+  mayCallOut: boolean;
+  mayReceive: boolean;
+}
+
+/** The agent's state: at login, on resume, and at every change. */
+export interface AgentStateEvent extends StateInfo {
+  type: 'agentState';
+  /** Unix milliseconds when it was entered. */
+  since: number;
+  cause: 'login' | 'requested' | 'call_ended' | 'wrap_up' | 'wrap_up_over';
+  /** A state asked for during a call, entered when the agent's last call ends. */
+  pending?: string;
+  /** In wrap-up: when it ends (Unix milliseconds). */
+  wrapUpEndsAt?: number;
+}
+
 interface Emitter<Events> {
   on<K extends keyof Events>(event: K, handler: (arg: Events[K]) => void): this;
 }
@@ -101,6 +122,8 @@ export class Call implements Emitter<CallEvents> {
 
 export interface PhoneEvents {
   registration: RegistrationEvent;
+  /** The agent's state changed (or was told at login and resume). */
+  state: AgentStateEvent;
   incoming: Call;
   /** The caller gave up before the answer. */
   missed: { type: 'missed'; callId: string; from: string };
@@ -122,6 +145,12 @@ export class Callgate implements Emitter<PhoneEvents> {
   /** Credential for callgate's HTTP API (this agent's own events), while the session lives. */
   readonly apiToken: string;
   readonly registration: RegistrationEvent | { state: 'idle' };
+  /** The states this agent may choose. */
+  readonly states: StateInfo[];
+  /** The agent's current state (null until callgate has said). */
+  readonly state: AgentStateEvent | null;
+  /** Asks for state `id` (one of `states`); during a call it is entered when the call ends. */
+  setState(id: string): Promise<unknown>;
   /** The session's calls by id. */
   readonly calls: Map<string, Call>;
   on<K extends keyof PhoneEvents>(event: K, handler: (arg: PhoneEvents[K]) => void): this;

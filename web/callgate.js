@@ -187,7 +187,7 @@ export class Callgate extends Emitter {
   constructor(url) {
     super();
     this.url = url; this._id = 0; this._pending = new Map(); this.calls = new Map(); this._mic = null;
-    this.registration = { state: 'idle' };
+    this.registration = { state: 'idle' }; this.states = []; this.state = null;
   }
   _open() {
     return new Promise((resolve, reject) => {
@@ -235,7 +235,10 @@ export class Callgate extends Emitter {
       m.ok ? p.resolve(m) : p.reject(new CallgateError(m.error.code, m.error.message));
     } else if (m.type === 'connected') {
       this.agent = m.agent; this.sessionId = m.sessionId; this.apiToken = m.apiToken;
+      this.states = m.states || [];
       if (this._onConnected) this._onConnected();
+    } else if (m.type === 'agentState') {
+      this.state = m; this._emit('state', m);
     } else if (m.type === 'registration') {
       this.registration = m; this._emit('registration', m);
     } else if (m.type === 'missed') {
@@ -266,6 +269,8 @@ export class Callgate extends Emitter {
    * @returns {Promise<Call>}
    */
   call(to) { return this._place({ type: 'call', to }); }
+  /** Asks for agent state `id` (one of `states`); during a call it is entered when the call ends. */
+  setState(id) { return this._request({ type: 'setState', state: id }); }
   async _place(req) {
     const call = new Call(this, null, 'outbound', req.to);
     const sdp = await call._media();

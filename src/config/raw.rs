@@ -252,6 +252,8 @@ pub(crate) struct RawState {
     pub(crate) may_call_out: bool,
     #[serde(default)]
     pub(crate) may_receive: bool,
+    #[serde(default)]
+    pub(crate) groups: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use super::Checker;
 use super::raw::RawApp;
+use crate::account::check_group;
 
 /// Most states one app defines.
 pub const MAX_STATES: usize = 32;
+
+/// Most groups one state names.
+pub const MAX_GROUPS: usize = 64;
 
 /// One state an app's agents may be in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +26,15 @@ pub struct StateDef {
     pub may_call_out: bool,
     /// The agent is offered incoming calls.
     pub may_receive: bool,
+    /// The agent groups (token `group`) that may use it; empty: every agent.
+    pub groups: Vec<String>,
+}
+
+impl StateDef {
+    /// Whether an agent of `group` (or of none) may use this state.
+    pub fn allows(&self, group: Option<&str>) -> bool {
+        self.groups.is_empty() || group.is_some_and(|g| self.groups.iter().any(|x| x == g))
+    }
 }
 
 /// An app's states.
@@ -47,6 +60,7 @@ impl Default for StatePolicy {
                 productive: true,
                 may_call_out: true,
                 may_receive: true,
+                groups: Vec::new(),
             }],
             default: 0,
             wrap_up: None,
@@ -59,6 +73,16 @@ impl StatePolicy {
     /// The index of state `id`.
     pub fn find(&self, id: &str) -> Option<usize> {
         self.states.iter().position(|s| s.id == id)
+    }
+
+    /// The index of state `id` if an agent of `group` may use it.
+    pub fn find_for(&self, id: &str, group: Option<&str>) -> Option<usize> {
+        self.find(id).filter(|&i| self.get(i).allows(group))
+    }
+
+    /// The states an agent of `group` may use, in order.
+    pub fn allowed<'a>(&'a self, group: Option<&'a str>) -> impl Iterator<Item = &'a StateDef> {
+        self.states.iter().filter(move |s| s.allows(group))
     }
 
     /// State `i` (the default one for an index a reload made stale).
@@ -120,12 +144,22 @@ pub(super) fn check_states(
                 "must be 1 to 64 characters, none of them control characters",
             );
         }
+        if raw.groups.len() > MAX_GROUPS || raw.groups.iter().any(|g| check_group(g).is_err()) {
+            c.add(
+                file,
+                format!("{key}.groups"),
+                format!(
+                    "at most {MAX_GROUPS} group names, each 1 to 64 letters, digits, '-', '_' or '.'"
+                ),
+            );
+        }
         policy.states.push(StateDef {
             id: raw.id.clone(),
             label,
             productive: raw.productive,
             may_call_out: raw.may_call_out,
             may_receive: raw.may_receive,
+            groups: raw.groups.clone(),
         });
     }
     if policy.states.is_empty() {
@@ -160,6 +194,18 @@ pub(super) fn check_states(
             at("wrap_up_secs"),
             "needs wrap_up_state, the state agents wrap up in",
         );
+    }
+    for (key, i) in [("default_state", Some(default)), ("wrap_up_state", wrap)] {
+        if let Some(i) = i.filter(|&i| !policy.get(i).groups.is_empty()) {
+            c.add(
+                file,
+                at(key),
+                format!(
+                    "\"{}\" is limited to some groups, but every agent enters this state",
+                    policy.get(i).id
+                ),
+            );
+        }
     }
     if wrap == Some(policy.default) {
         c.add(

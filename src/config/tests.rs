@@ -327,3 +327,70 @@ fn api_keys_events_and_session_options_are_checked() {
         "{got:#?}"
     );
 }
+
+#[test]
+fn agent_states_are_checked() {
+    let app = "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n";
+    let got = problems(
+        "",
+        &format!(
+            "{app}default_state = \"lunch\"\nwrap_up_state = \"gone\"\nnot_ready_status = 404\n\
+             states = [\n\
+             {{ id = \"available\", may_call_out = true, may_receive = true }},\n\
+             {{ id = \"Available\" }},\n\
+             {{ id = \"available\" }},\n\
+             {{ id = \"lunch\", groups = [\"sales\"] }},\n\
+             {{ id = \"break\", groups = [\"bad group\"] }},\n\
+             {{ id = \"x\", label = \"\" }},\n]\n"
+        ),
+    );
+    for key in [
+        "apps.crm.states[1].id",
+        "apps.crm.states[2].id",
+        "apps.crm.states[4].groups",
+        "apps.crm.states[5].label",
+        "apps.crm.default_state",
+        "apps.crm.wrap_up_state",
+        "apps.crm.not_ready_status",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(key)),
+            "{key} not reported: {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), 7, "{got:#?}");
+    assert!(
+        got.iter().any(
+            |p| p.starts_with("apps.crm.default_state") && p.contains("limited to some groups")
+        ),
+        "{got:#?}"
+    );
+
+    // A good policy: groups limit who may use a state; the default and wrap-up apply to all.
+    let dir = tempdir();
+    std::fs::write(dir.join("callgate.toml"), "").unwrap();
+    std::fs::write(
+        dir.join("apps.toml"),
+        format!(
+            "{app}wrap_up_state = \"wrap\"\nwrap_up_secs = 20\nnot_ready_status = 486\nstates = [\n\
+             {{ id = \"ready\", productive = true, may_call_out = true, may_receive = true }},\n\
+             {{ id = \"wrap\", productive = true }},\n\
+             {{ id = \"outbound\", may_call_out = true, groups = [\"sales\", \"vip.team\"] }},\n]\n"
+        ),
+    )
+    .unwrap();
+    let c = Config::load(&dir.join("callgate.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = c.unwrap();
+    let p = &c.apps["crm"].states;
+    assert_eq!(p.default, 0);
+    assert_eq!(p.wrap_up, Some((1, std::time::Duration::from_secs(20))));
+    assert_eq!(p.refuse_status, 486);
+    assert_eq!(p.find_for("outbound", Some("sales")), Some(2));
+    assert_eq!(p.find_for("outbound", Some("support")), None);
+    assert_eq!(p.find_for("outbound", None), None);
+    assert_eq!(p.find_for("wrap", None), Some(1));
+    let ids = |g| p.allowed(g).map(|s| s.id.as_str()).collect::<Vec<_>>();
+    assert_eq!(ids(Some("vip.team")), ["ready", "wrap", "outbound"]);
+    assert_eq!(ids(None), ["ready", "wrap"]);
+}

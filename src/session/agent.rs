@@ -44,6 +44,8 @@ pub(crate) struct Ident {
     pub(crate) channel: Arc<Channel>,
     /// The page's credential for the HTTP API.
     pub(crate) api_token: String,
+    /// The agent's group (token `group`): which states it may use.
+    pub(crate) group: Option<String>,
     /// Its place among the agent's sessions, held until the session ends, with the state
     /// they share.
     pub(crate) slot: super::registry::AgentSlot,
@@ -297,7 +299,7 @@ impl Session {
                 agent: self.ident.agent.clone(),
                 session_id: self.ident.session_id.clone(),
                 api_token: self.ident.api_token.clone(),
-                states: super::event::StateInfo::list(&self.states),
+                states: super::event::StateInfo::list(&self.states, self.ident.group.as_deref()),
             },
             Event::registration(&self.reg.status()),
             self.state_event(*self.state_changes.borrow()),
@@ -623,7 +625,10 @@ impl Session {
 
     /// `setState`: the agent's state now, or (in a call) when its last call ends.
     fn set_state(&mut self, id: u64, state: &str) -> Result<Event, ApiError> {
-        let to = self.states.find(state).ok_or(ApiError::UnknownState)?;
+        let to = self
+            .states
+            .find_for(state, self.ident.group.as_deref())
+            .ok_or(ApiError::UnknownState)?;
         let (had_pending, outcome) =
             self.agent_state(|s| (s.pending().is_some(), s.request(Instant::now(), to)));
         match outcome {

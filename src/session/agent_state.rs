@@ -201,6 +201,7 @@ mod tests {
             productive: out,
             may_call_out: out,
             may_receive: receive,
+            groups: Vec::new(),
         }
     }
 

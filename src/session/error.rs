@@ -65,8 +65,8 @@ pub enum ApiError {
     /// `call` while the agent's state does not allow calling out (its id).
     #[error("the agent's state \"{0}\" does not allow calling out; change state first")]
     StateForbidsCalls(String),
-    /// `setState` with a state the app does not define.
-    #[error("no such state in this app (the states are listed in `connected`)")]
+    /// `setState` with a state the app does not define, or not for the agent's group.
+    #[error("no such state for this agent (its states are listed in `connected`)")]
     UnknownState,
     /// A call id this session does not have (or, for `answer`/`reject`, no longer ringing).
     #[error("{0}")]

@@ -143,11 +143,13 @@ pub struct StateInfo {
 }
 
 impl StateInfo {
-    /// The states of `policy`.
-    pub fn list(policy: &crate::config::states::StatePolicy) -> Vec<StateInfo> {
+    /// The states of `policy` an agent of `group` may use.
+    pub fn list(
+        policy: &crate::config::states::StatePolicy,
+        group: Option<&str>,
+    ) -> Vec<StateInfo> {
         policy
-            .states
-            .iter()
+            .allowed(group)
             .map(|s| StateInfo {
                 id: s.id.clone(),
                 label: s.label.clone(),

@@ -105,6 +105,7 @@ pub(crate) async fn connect(
     let single_use = verified.single_use();
     let account = verified.into_account();
     let agent = account.aor();
+    let group = account.group.clone();
     let slot = ctx
         .sessions
         .claim(&app, &agent, ctx.max_sessions_per_agent, &states)
@@ -139,7 +140,7 @@ pub(crate) async fn connect(
             agent: agent.clone(),
             session_id: session_id.clone(),
             api_token: api_token.clone(),
-            states: super::event::StateInfo::list(&states),
+            states: super::event::StateInfo::list(&states, group.as_deref()),
         },
         Event::registration(&reg.status()),
     ];
@@ -149,6 +150,7 @@ pub(crate) async fn connect(
         app,
         channel,
         api_token,
+        group,
         slot,
     };
     Ok(start(ctx, ident, reg, (plan, states), first))

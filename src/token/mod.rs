@@ -412,6 +412,9 @@ impl Keyring {
         if let Some(v) = &account.visible_name {
             pairs.push((Field::VisibleName, v));
         }
+        if let Some(g) = &account.group {
+            pairs.push((Field::Group, g));
+        }
         if let Some(e) = &expires {
             pairs.push((Field::Expires, e));
         }

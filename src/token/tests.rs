@@ -33,6 +33,7 @@ fn account() -> SipAccount {
             Field::Domain => Some("sip.example.com".into()),
             Field::OutboundProxy => Some("proxy.example.com:5080".into()),
             Field::VisibleName => Some("Agent Smith".into()),
+            Field::Group => Some("sales.emea".into()),
             _ => None,
         },
         Some(SecretString::new("s3cr&t<\"pw".into())),
@@ -68,6 +69,7 @@ fn ctr_hmac_round_trip() {
     assert!(token.starts_with("crm:"));
     let v = kr.verify(&token, now()).unwrap();
     assert_eq!(v.account(), &acct);
+    assert_eq!(v.account().group.as_deref(), Some("sales.emea"));
     assert_eq!(v.expires(), exp(600));
     assert_eq!(
         (v.app(), v.mode(), v.key_index()),
@@ -368,6 +370,15 @@ fn each_refusal_has_its_own_code() {
                 ),
             ),
             "invalid_field:visibleName",
+        ),
+        (
+            seal_raw(
+                "crm",
+                1,
+                32,
+                &format!(r#"<a login="1" password="p" domain="d" group="a b" expires="{e}"/>"#),
+            ),
+            "invalid_field:group",
         ),
         (
             seal_raw(

@@ -118,8 +118,17 @@ const stats = page => page.evaluate(async () => {
       await page.goForward();
       await page.waitForFunction(() => window.callgatePhone && window.callgatePhone.registration.state === 'registered', null, { timeout: 10000 });
     } else if (mode === 'features') {
-      // Hold, resume and DTMF with the page's own buttons.
+      // Hold, resume and DTMF with the page's own buttons; first the state selector.
       const [number] = rest;
+      await page.waitForFunction(() => window.callgatePhone.state !== null, null, { timeout: 5000 });
+      report.state_options = await page.evaluate(() => [...document.querySelectorAll('#state option')].filter(o => !o.hidden).map(o => o.value));
+      await page.selectOption('#state', 'paused');
+      await page.waitForFunction(() => window.callgatePhone.state.state === 'paused' && document.getElementById('dial').disabled, null, { timeout: 5000 });
+      report.paused_call_off = true;
+      await shot(`${mode}-1-paused`);
+      await page.selectOption('#state', 'available');
+      await page.waitForFunction(() => window.callgatePhone.state.state === 'available' && !document.getElementById('dial').disabled, null, { timeout: 5000 });
+      report.available_call_on = true;
       await page.fill('#number', number);
       await page.click('#dial');
       await state('established');
