@@ -197,7 +197,7 @@ impl Bound {
             dtmf: self.config.media.dtmf,
             media_timeout: self.config.media.timeout,
             accept_refer: self.config.sip.accept_refer,
-            sessions: crate::session::registry::Registry::default(),
+            sessions: crate::session::registry::Registry::logging_to(self.cdr.clone()),
             max_sessions_per_agent: self.config.http.max_sessions_per_agent,
             resume: self.config.http.resume,
             heartbeat: self.config.http.heartbeat,

@@ -27,6 +27,10 @@ pub fn router(state: AppState) -> Router {
             get(super::crm::agent_events),
         )
         .route("/api/v1/agents/{agent}/stats", get(super::crm::agent_stats))
+        .route(
+            "/api/v1/agents/{agent}/state",
+            axum::routing::put(super::crm::put_agent_state),
+        )
         .route("/api/v1/calls", get(super::crm::list_calls))
         .route("/api/v1/calls/{callId}", get(super::crm::get_call))
         .route(

@@ -8,6 +8,7 @@
 //! first, with an opaque cursor), one call, and per-agent statistics. No secret is ever stored.
 
 pub mod schema;
+pub mod states;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -141,6 +142,12 @@ pub struct Stats {
     pub missed: u64,
     /// Total talk time, seconds.
     pub talk_time_secs: u64,
+    /// Seconds logged in, by agent state (apps.toml `states`).
+    pub state_secs: std::collections::BTreeMap<String, u64>,
+    /// Seconds in productive states.
+    pub productive_secs: u64,
+    /// Seconds logged in, in the other states.
+    pub unproductive_secs: u64,
 }
 
 const COLUMNS: &str = "call_id, sip_call_id, app, agent, direction, from_party, to_party, \
@@ -363,6 +370,12 @@ impl CdrStore {
         })
     }
 
+    /// An agent's state changed (or its last session ended): closes its open row in the
+    /// agent-state log and opens the next.
+    pub fn agent_state(&self, entry: states::StateEntry) -> Queued {
+        self.queue(writer::Op::State(Box::new(entry)))
+    }
+
     /// Records a finished call (its whole row, in one transaction), waiting for room in the
     /// queue rather than dropping it; `pending` is released once it is written.
     pub async fn finished(&self, c: CallRecord, pending: Option<Pending>) -> Result<(), CdrError> {
@@ -378,7 +391,8 @@ impl CdrStore {
 
     /// At start-up: closes the rows of calls that were going on when callgate last stopped
     /// without ending them (a crash, a SIGKILL, a power loss) as [`INTERRUPTED`], each with
-    /// its recording if one is in `recordings`. Returns how many.
+    /// its recording if one is in `recordings`, and the agent-state rows of agents then logged
+    /// in at the last moment known of them. Returns how many calls.
     pub async fn close_interrupted(&self, recordings: Option<PathBuf>) -> Result<usize, CdrError> {
         self.submit(writer::Op::CloseInterrupted { recordings }, None)
             .await
@@ -392,13 +406,15 @@ impl CdrStore {
         rx.await.map_err(|_| CdrError::Task)?
     }
 
-    /// Waits (up to `limit`) until every tracked call has its row: at shutdown, so no call's
-    /// history is lost when the process exits.
+    /// Waits (up to `limit`) until every tracked call has its row and every write queued so
+    /// far is done: at shutdown, so no history is lost when the process exits.
     pub async fn flush(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         while self.pending.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // And what was queued without being tracked (agents' last state changes).
+        let _ = tokio::time::timeout_at(deadline, self.submit(writer::Op::Barrier, None)).await;
     }
 
     /// The apps with recorded calls of `agent` (the same address may be an agent of several
@@ -475,7 +491,11 @@ impl CdrStore {
     ) -> Result<Stats, CdrError> {
         let agent = agent.to_owned();
         let app = app.map(str::to_owned);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         self.with(move |db| {
+            let times = states::times(db, app.as_deref(), &agent, (from, to), now)?;
             db.query_row(
                 "SELECT
                     COALESCE(SUM(direction = 'inbound'), 0),
@@ -497,6 +517,9 @@ impl CdrStore {
                         answered: u(2)?,
                         missed: u(3)?,
                         talk_time_secs: u(4)? / 1000,
+                        state_secs: times.by_state.clone(),
+                        productive_secs: times.productive,
+                        unproductive_secs: times.unproductive,
                     })
                 },
             )
@@ -618,7 +641,8 @@ mod tests {
                 calls_out: 5,
                 answered: 5,
                 missed: 0,
-                talk_time_secs: 300
+                talk_time_secs: 300,
+                ..Stats::default()
             }
         );
         let s = store
@@ -886,6 +910,67 @@ mod tests {
         long_read.join().unwrap();
         written.expect("the write waited for the read").unwrap();
         assert!(store.get("c-2").await.unwrap().is_some());
+        remove_db(&path);
+    }
+
+    #[tokio::test]
+    async fn time_in_each_state_is_cut_to_the_period_and_closed_after_a_crash() {
+        use states::{Entered, StateEntry};
+        let path = temp_db();
+        let store = CdrStore::open(&path).unwrap();
+        let change = |agent: &str, at: i64, state: Option<(&str, bool)>| StateEntry {
+            app: "crm".into(),
+            agent: agent.into(),
+            at,
+            entered: state.map(|(s, productive)| Entered {
+                state: s.into(),
+                productive,
+                cause: "requested".into(),
+            }),
+        };
+        // 1001: available 0-60 s, paused 60-90 s, available 90-150 s, logged out at 150 s.
+        for e in [
+            change("1001@pbx", 0, Some(("available", true))),
+            change("1001@pbx", 60_000, Some(("paused", false))),
+            change("1001@pbx", 90_000, Some(("available", true))),
+            change("1001@pbx", 150_000, None),
+            change("1002@pbx", 10_000, Some(("paused", false))),
+        ] {
+            store.agent_state(e).done().await.unwrap();
+        }
+        let all = store.stats(None, "1001@pbx", None, None).await.unwrap();
+        assert_eq!(
+            all.state_secs,
+            [("available".to_owned(), 120), ("paused".to_owned(), 30)].into()
+        );
+        assert_eq!((all.productive_secs, all.unproductive_secs), (120, 30));
+        // A period cuts the stretches it overlaps: 50-100 s.
+        let part = store
+            .stats(Some("crm"), "1001@pbx", Some(50_000), Some(100_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            part.state_secs,
+            [("available".to_owned(), 20), ("paused".to_owned(), 30)].into()
+        );
+        // Another app's agent of the same address has none of them.
+        let other = store
+            .stats(Some("other"), "1001@pbx", None, None)
+            .await
+            .unwrap();
+        assert!(other.state_secs.is_empty(), "{other:?}");
+
+        // 1002 is still paused when callgate dies; its last call ended at 70 s. The next
+        // start closes the stretch there, not at the start's own time.
+        let mut call = record("c-9", "1002@pbx", 20_000, "inbound", "remote_hangup");
+        call.ended_at = Some(70_000);
+        store.insert(call).await.unwrap();
+        drop(store);
+        let store = CdrStore::open(&path).unwrap();
+        store.close_interrupted(None).await.unwrap();
+        let s = store.stats(None, "1002@pbx", None, None).await.unwrap();
+        assert_eq!(s.state_secs, [("paused".to_owned(), 60)].into());
+        assert_eq!((s.productive_secs, s.unproductive_secs), (0, 60));
         remove_db(&path);
     }
 }

@@ -62,6 +62,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX calls_by_app ON calls (app, started_at, call_id);
     CREATE INDEX calls_by_start ON calls (started_at, call_id);
     CREATE INDEX calls_open ON calls (call_id) WHERE ended_at IS NULL;",
+    // 3: the agent-state log, one row per time an agent spent in a state (`ended_at` empty
+    // while it lasts), for the per-agent time in each state.
+    "CREATE TABLE agent_states (
+        app TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        state TEXT NOT NULL,
+        productive INTEGER NOT NULL,
+        cause TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER
+    );
+    CREATE INDEX agent_states_by_agent ON agent_states (agent, started_at);
+    CREATE INDEX agent_states_open ON agent_states (app, agent) WHERE ended_at IS NULL;",
 ];
 
 /// The schema version this callgate writes.

@@ -36,9 +36,13 @@ pub(super) enum Op {
     Recording { call_id: String, name: String },
     /// It ended: the whole row.
     Final(Box<CallRecord>),
+    /// An agent's state changed.
+    State(Box<super::states::StateEntry>),
     /// At start-up: rows of calls that never ended, closed as `interrupted` with their
     /// recordings (found in `recordings` when the row does not name one).
     CloseInterrupted { recordings: Option<PathBuf> },
+    /// Nothing: done once every write queued before it is.
+    Barrier,
 }
 
 /// A write, whom to tell when it is done (the number of rows it touched), and the shutdown
@@ -81,7 +85,9 @@ impl std::fmt::Debug for Kind<'_> {
             Op::Answered { call_id, .. } => write!(f, "answer of {call_id}"),
             Op::Recording { call_id, .. } => write!(f, "recording of {call_id}"),
             Op::Final(r) => write!(f, "end of {}", r.call_id),
+            Op::State(e) => write!(f, "state of {}", e.agent),
             Op::CloseInterrupted { .. } => write!(f, "closing interrupted calls"),
+            Op::Barrier => write!(f, "barrier"),
         }
     }
 }
@@ -117,6 +123,8 @@ fn write(db: &mut Connection, op: &Op) -> rusqlite::Result<usize> {
             "UPDATE calls SET recording = ?2 WHERE call_id = ?1",
             params![call_id, name],
         ),
+        Op::State(e) => super::states::write(db, e),
+        Op::Barrier => Ok(0),
         Op::CloseInterrupted { recordings } => close_interrupted(db, recordings.as_deref()),
     }
 }
@@ -195,6 +203,7 @@ fn close_interrupted(
             ],
         )?;
     }
+    super::states::close_interrupted(&tx)?;
     tx.commit()?;
     Ok(open.len())
 }

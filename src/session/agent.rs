@@ -277,6 +277,13 @@ impl Session {
                 Next::Continue
             }
             // A page that was replaced says goodbye late: not the session's page any more.
+            Control::SetState { state, reply } => {
+                let r = self
+                    .set_state(0, &state)
+                    .map(|_| self.state_event(*self.state_changes.borrow()));
+                let _ = reply.send(r);
+                Next::Continue
+            }
             Control::Detach { page_id } if page_id != self.page_id => Next::Continue,
             Control::Detach { .. } => self.detach(),
         }
@@ -542,6 +549,10 @@ impl Session {
                 cause = change.cause.code(),
                 "agent state"
             );
+            self.ident
+                .slot
+                .shared()
+                .logged(self.states.get(change.to), change.cause);
             self.state_published(change.cause);
         }
     }

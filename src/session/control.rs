@@ -19,6 +19,12 @@ pub(crate) enum Control {
     },
     /// Page `page_id`'s socket closed (ignored if another page has taken over since).
     Detach { page_id: u64 },
+    /// The CRM backend sets the agent's state (`PUT /api/v1/agents/{agent}/state`): the
+    /// reply is the `agentState` event as it stands after it.
+    SetState {
+        state: String,
+        reply: tokio::sync::oneshot::Sender<Result<Event, super::error::ApiError>>,
+    },
 }
 
 /// What a session sends its page's socket.

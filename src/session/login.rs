@@ -194,7 +194,7 @@ fn start(
     let (page, events) = mpsc::channel(PAGE_QUEUE);
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
     ctx.sessions
-        .insert(&ident.session_id, &ident.app, control.clone());
+        .insert(&ident.session_id, &ident.app, &ident.agent, control.clone());
     let page_id = next_page_id();
     let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, states, (page, page_id));
     tokio::spawn(session.run(first, controls, updates));

@@ -6,14 +6,47 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{mpsc, watch};
 
-use super::agent_state::{AgentState, Cause, StatePolicy};
+use super::agent_state::{AgentState, Cause, StateDef, StatePolicy};
 use super::control::Control;
+use crate::cdr::CdrStore;
+use crate::cdr::states::{Entered, StateEntry};
 
 /// What the sessions of one agent share: its state, and a signal of its changes (the cause of
 /// the last one) for each session to tell its page.
 pub(crate) struct AgentShared {
     state: Mutex<AgentState>,
     changed: watch::Sender<Cause>,
+    /// Where its changes are recorded (the history's agent-state log), if anywhere.
+    log: Option<StateLog>,
+}
+
+/// An agent's place in the agent-state log.
+struct StateLog {
+    cdr: CdrStore,
+    app: String,
+    agent: String,
+}
+
+impl StateLog {
+    fn write(&self, entered: Option<Entered>) {
+        // An entry dropped because the writer is far behind is counted there; the agent's
+        // next change closes the stretch it would have opened.
+        let _ = self.cdr.agent_state(StateEntry {
+            app: self.app.clone(),
+            agent: self.agent.clone(),
+            at: super::media::unix_ms(),
+            entered,
+        });
+    }
+}
+
+impl Drop for AgentShared {
+    /// The agent's last session ended: its time in the state it was in ends too.
+    fn drop(&mut self) {
+        if let Some(log) = &self.log {
+            log.write(None);
+        }
+    }
 }
 
 impl AgentShared {
@@ -31,6 +64,24 @@ impl AgentShared {
     pub(crate) fn watch(&self) -> watch::Receiver<Cause> {
         self.changed.subscribe()
     }
+
+    /// Records that the agent entered `state` for `cause`.
+    pub(crate) fn logged(&self, state: &StateDef, cause: Cause) {
+        if let Some(log) = &self.log {
+            log.write(Some(Entered {
+                state: state.id.clone(),
+                productive: state.productive,
+                cause: cause.code().to_owned(),
+            }));
+        }
+    }
+}
+
+/// A live session, as the registry knows it.
+struct Entry {
+    app: String,
+    agent: String,
+    control: mpsc::Sender<Control>,
 }
 
 type Agents = Arc<Mutex<HashMap<(String, String), (usize, Arc<AgentShared>)>>>;
@@ -41,9 +92,11 @@ type Agents = Arc<Mutex<HashMap<(String, String), (usize, Arc<AgentShared>)>>>;
 /// across an `.await` (STYLE.md §3's documented exception).
 #[derive(Default)]
 pub struct Registry {
-    map: Mutex<HashMap<String, (String, mpsc::Sender<Control>)>>,
+    map: Mutex<HashMap<String, Entry>>,
     /// Live sessions per (app, agent), kept by their [`AgentSlot`]s, and what they share.
     agents: Agents,
+    /// Where agents' state changes are recorded.
+    log: Option<CdrStore>,
 }
 
 /// A session's place among its agent's sessions (`http.max_sessions_per_agent`), given back
@@ -74,12 +127,25 @@ impl Drop for AgentSlot {
 }
 
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, (String, mpsc::Sender<Control>)>> {
+    /// A registry that records agents' states in `cdr`'s agent-state log.
+    pub fn logging_to(cdr: CdrStore) -> Registry {
+        Registry {
+            log: Some(cdr),
+            ..Registry::default()
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn insert(&self, id: &str, app: &str, tx: mpsc::Sender<Control>) {
-        self.lock().insert(id.to_owned(), (app.to_owned(), tx));
+    pub(crate) fn insert(&self, id: &str, app: &str, agent: &str, tx: mpsc::Sender<Control>) {
+        let entry = Entry {
+            app: app.to_owned(),
+            agent: agent.to_owned(),
+            control: tx,
+        };
+        self.lock().insert(id.to_owned(), entry);
     }
 
     pub(crate) fn remove(&self, id: &str) {
@@ -88,7 +154,30 @@ impl Registry {
 
     /// The app and control queue of session `id`.
     pub(crate) fn get(&self, id: &str) -> Option<(String, mpsc::Sender<Control>)> {
-        self.lock().get(id).cloned()
+        self.lock()
+            .get(id)
+            .map(|e| (e.app.clone(), e.control.clone()))
+    }
+
+    /// The control queue of one live session of `agent` in `app` (any: they share its state).
+    pub(crate) fn session_of(&self, app: &str, agent: &str) -> Option<mpsc::Sender<Control>> {
+        self.lock()
+            .values()
+            .find(|e| e.app == app && e.agent == agent)
+            .map(|e| e.control.clone())
+    }
+
+    /// The apps `agent` has live sessions in.
+    pub(crate) fn apps_of(&self, agent: &str) -> Vec<String> {
+        let mut apps: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| e.agent == agent)
+            .map(|e| e.app.clone())
+            .collect();
+        apps.sort();
+        apps.dedup();
+        apps
     }
 
     /// A place for one more session of `agent` in `app`, or `Err` with the limit when `max`
@@ -107,7 +196,13 @@ impl Registry {
             let shared = AgentShared {
                 state: Mutex::new(AgentState::new(policy, std::time::Instant::now())),
                 changed: watch::channel(Cause::Login).0,
+                log: self.log.clone().map(|cdr| StateLog {
+                    cdr,
+                    app: app.to_owned(),
+                    agent: agent.to_owned(),
+                }),
             };
+            shared.logged(policy.get(policy.default), Cause::Login);
             (0, Arc::new(shared))
         });
         if *n >= max {
