@@ -3142,3 +3142,80 @@ async fn the_crm_sets_an_agents_state_and_the_stats_show_the_time_in_each() {
     );
     srv.shut_down().await;
 }
+
+/// Dialler data: a call whose INVITE carries the customer's id, campaign and CRM link (X-
+/// headers and Call-Info, through Kamailio) rings the page with them as the app's named
+/// fields, in `incoming`, in the CRM's event stream and in the call's history row; headers the
+/// app does not map stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diallers_headers_reach_the_page_the_crm_and_the_history() {
+    use common::peers::Sipp;
+    use common::sse::{Sse, request};
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut srv = server_with_app_options(
+        "[apps.crm.call_data]\n\
+         \"X-Customer-Id\" = \"customerId\"\n\
+         \"X-Campaign\" = \"campaign\"\n\
+         \"Call-Info\" = \"crmLink\"\n\
+         \"X-Not-Sent\" = \"absent\"\n",
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let mut crm = Sse::open(
+        srv.addr,
+        "/api/v1/agents/1001@127.0.0.1/events",
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    let want = json!({
+        "customerId": "C-1042",
+        "campaign": "spring-renewals",
+        "crmLink": "<https://crm.example.com/customers/C-1042>;purpose=info",
+    });
+
+    let mut caller = Sipp::uac_with(kam.port, "1001", "uac_dialler.xml", &["-rtp_echo"]);
+    let incoming = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    assert_eq!(incoming["data"], want, "{incoming}");
+    let call_id = incoming["callId"].as_str().unwrap().to_owned();
+    let crm_incoming = loop {
+        let ev = crm
+            .next(Duration::from_secs(5))
+            .await
+            .expect("the CRM's event");
+        if ev.data["type"] == "incoming" {
+            break ev.data;
+        }
+    };
+    assert_eq!(crm_incoming["data"], want, "{crm_incoming}");
+    let _page = answer_incoming(&mut ws, &mut seen, &call_id).await;
+    while next(&mut ws, &mut seen).await["state"] != "ended" {}
+    let (ok, log) = tokio::task::spawn_blocking(move || caller.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+
+    let row = format!("/api/v1/calls/{call_id}");
+    let mut tries = 0;
+    let call = loop {
+        let (status, body) = request(srv.addr, "GET", &row, Some(CRM_API_KEY), None).await;
+        if (status == 200 && body["endReason"] != "in_progress") || tries == 20 {
+            assert_eq!(status, 200, "{body}");
+            break body;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(call["data"], want, "{call}");
+    assert!(!call.to_string().contains("X-Internal-Score"), "{call}");
+    let _ = ws.close(None).await;
+    drop(crm);
+    srv.shut_down().await;
+}

@@ -95,6 +95,8 @@ export class Call implements Emitter<CallEvents> {
   peer: string;
   /** Caller's display name (incoming calls). */
   displayName?: string;
+  /** Incoming calls: the app's call data from the INVITE (e.g. `customerId`), for a screen pop. */
+  data?: Record<string, string>;
   state: CallState;
   /** The far end's audio, for an <audio> element. */
   readonly remoteStream: MediaStream;

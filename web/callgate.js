@@ -247,6 +247,7 @@ export class Callgate extends Emitter {
       if (this.calls.has(m.callId)) return; // repeated on resume
       const call = new Call(this, m.callId, 'inbound', m.from);
       call.displayName = m.displayName;
+      call.data = m.data || {};
       this.calls.set(m.callId, call);
       this._emit('incoming', call);
     } else if (m.type === 'call' && !this.calls.has(m.callId) && m.state !== 'ended') {

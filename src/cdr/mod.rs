@@ -103,6 +103,8 @@ pub struct CallRecord {
     pub jitter_ms: f64,
     /// The recording's name, if the call was recorded.
     pub recording: Option<String>,
+    /// Its data fields (apps.toml `call_data`: a dialler's headers); empty if none.
+    pub data: std::collections::BTreeMap<String, String>,
 }
 
 /// A page of calls.
@@ -152,7 +154,7 @@ pub struct Stats {
 
 const COLUMNS: &str = "call_id, sip_call_id, app, agent, direction, from_party, to_party, \
     started_at, answered_at, ended_at, duration_ms, end_reason, sip_status, sip_reason, transfer, \
-    packets_sent, packets_received, packets_lost, jitter_ms, recording";
+    packets_sent, packets_received, packets_lost, jitter_ms, recording, call_data";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRecord> {
     let u =
@@ -178,6 +180,10 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRecord> {
         packets_lost: u(17)?,
         jitter_ms: r.get(18)?,
         recording: r.get(19)?,
+        data: r
+            .get::<_, Option<String>>(20)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default(),
     })
 }
 
@@ -555,6 +561,7 @@ mod tests {
             packets_lost: 10,
             jitter_ms: 1.5,
             recording: None,
+            data: Default::default(),
         }
     }
 
@@ -793,7 +800,11 @@ mod tests {
             let db = Connection::open(&path).unwrap();
             db.execute_batch(schema_v1_for_tests()).unwrap();
             db.execute(
-                &format!("INSERT INTO calls ({COLUMNS}) VALUES ('c-old', 's', 'crm', '1001@pbx', 'outbound', 'a', 'b', 5, 6, 70, 64, 'local_hangup', NULL, NULL, NULL, 1, 2, 0, 0.5, NULL)"),
+                &format!(
+                    "INSERT INTO calls ({}) VALUES ('c-old', 's', 'crm', '1001@pbx', 'outbound', 'a', 'b', 5, 6, 70, 64, 'local_hangup', NULL, NULL, NULL, 1, 2, 0, 0.5, NULL)",
+                    // The first schema's columns.
+                    COLUMNS.trim_end_matches(", call_data")
+                ),
                 [],
             )
             .unwrap();

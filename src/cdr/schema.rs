@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX agent_states_by_agent ON agent_states (agent, started_at);
     CREATE INDEX agent_states_open ON agent_states (app, agent) WHERE ended_at IS NULL;",
+    // 4: each call's data fields (a dialler's headers, apps.toml `call_data`), as a JSON object.
+    "ALTER TABLE calls ADD COLUMN call_data TEXT;",
 ];
 
 /// The schema version this callgate writes.

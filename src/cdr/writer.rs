@@ -133,7 +133,7 @@ fn insert(db: &Connection, verb: &str, c: &CallRecord) -> rusqlite::Result<usize
     let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     db.prepare_cached(&format!(
         "{verb} INTO calls ({COLUMNS}) VALUES \
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
     ))?
     .execute(params![
         c.call_id,
@@ -156,6 +156,9 @@ fn insert(db: &Connection, verb: &str, c: &CallRecord) -> rusqlite::Result<usize
         big(c.packets_lost),
         c.jitter_ms,
         c.recording,
+        (!c.data.is_empty())
+            .then(|| serde_json::to_string(&c.data).ok())
+            .flatten(),
     ])
 }
 

@@ -24,6 +24,8 @@ pub struct Apps {
     pub record: BTreeSet<String>,
     /// Per app: its agent states.
     pub states: BTreeMap<String, Arc<super::states::StatePolicy>>,
+    /// Per app: the incoming INVITE headers that become call data.
+    pub call_data: BTreeMap<String, Arc<super::call_data::CallDataMap>>,
 }
 
 impl Apps {
@@ -48,6 +50,10 @@ impl Apps {
             states: apps
                 .iter()
                 .map(|(n, a)| (n.clone(), a.states.clone()))
+                .collect(),
+            call_data: apps
+                .iter()
+                .map(|(n, a)| (n.clone(), a.call_data.clone()))
                 .collect(),
         }
     }

@@ -4,6 +4,7 @@
 //! With no file, the copies of `conf/callgate.toml` and `conf/apps.toml` compiled into the binary
 //! are used, so `callgate run` works out of the box on a laptop.
 
+pub mod call_data;
 pub mod live;
 mod raw;
 pub mod states;
@@ -209,6 +210,8 @@ pub struct AppInfo {
     pub record: bool,
     /// The app's agent states.
     pub states: std::sync::Arc<states::StatePolicy>,
+    /// Which incoming INVITE headers become the call's data fields.
+    pub call_data: std::sync::Arc<call_data::CallDataMap>,
 }
 
 /// The validated configuration.
@@ -991,6 +994,12 @@ fn check_apps(
             }
         }
         let states = std::sync::Arc::new(states::check_states(c, file, &at, &app));
+        let call_data = std::sync::Arc::new(call_data::check_call_data(
+            c,
+            file,
+            &at("call_data"),
+            &app.call_data,
+        ));
         let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
         let api_keys = check_api_keys(c, file, &at("api_keys"), &app.api_keys);
         let max_lifetime = match app.max_lifetime_secs {
@@ -1034,6 +1043,7 @@ fn check_apps(
                 api_keys,
                 record: app.record,
                 states,
+                call_data,
             },
         );
     }

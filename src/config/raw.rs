@@ -229,6 +229,8 @@ pub(crate) struct RawApp {
     #[serde(default)]
     pub(crate) dial_plan: Option<RawDialPlan>,
     #[serde(default)]
+    pub(crate) call_data: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
     pub(crate) states: Vec<RawState>,
     #[serde(default)]
     pub(crate) default_state: Option<String>,

@@ -394,3 +394,24 @@ fn agent_states_are_checked() {
     assert_eq!(ids(Some("vip.team")), ["ready", "wrap", "outbound"]);
     assert_eq!(ids(None), ["ready", "wrap"]);
 }
+
+#[test]
+fn call_data_mappings_are_checked() {
+    let got = problems(
+        "",
+        "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n[apps.crm.call_data]\n\
+         \"X-Customer-Id\" = \"customerId\"\n\"X Bad\" = \"x\"\n\"X-Two\" = \"customerId\"\n\
+         \"X-Field\" = \"has space\"\n",
+    );
+    assert_eq!(got.len(), 3, "{got:#?}");
+    for key in [
+        "apps.crm.call_data.\"X Bad\"",
+        "apps.crm.call_data.\"X-Two\"",
+        "apps.crm.call_data.\"X-Field\"",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(key)),
+            "{key} not reported: {got:#?}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 //! `http.resume_secs` for a `resume` to attach a new one (a reload), then ends, hanging up its
 //! calls and releasing its registration.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,6 +51,16 @@ pub(crate) struct Ident {
     pub(crate) slot: super::registry::AgentSlot,
 }
 
+/// What the session keeps of its app's configuration, as at login.
+pub(crate) struct AppRules {
+    /// How dial strings are normalised.
+    pub(crate) plan: DialPlan,
+    /// The agent states.
+    pub(crate) states: Arc<StatePolicy>,
+    /// The incoming INVITE headers that become call data.
+    pub(crate) call_data: Arc<crate::config::call_data::CallDataMap>,
+}
+
 /// A call of this session, as the session sees it.
 struct CallLink {
     commands: mpsc::Sender<CallCommand>,
@@ -81,6 +91,8 @@ pub(crate) struct Session {
     page_lost: bool,
     /// The app's agent states (as at login).
     states: Arc<StatePolicy>,
+    /// The incoming INVITE headers that become call data (as at login).
+    call_data: Arc<crate::config::call_data::CallDataMap>,
     /// Changes of the agent's state (shared with its other sessions).
     state_changes: tokio::sync::watch::Receiver<Cause>,
 }
@@ -97,10 +109,14 @@ impl Session {
         ctx: Arc<Context>,
         ident: Ident,
         reg: RegistrationHandle,
-        plan: DialPlan,
-        states: Arc<StatePolicy>,
+        rules: AppRules,
         (page, page_id): (mpsc::Sender<ToPage>, u64),
     ) -> (Session, mpsc::Receiver<CallUpdate>) {
+        let AppRules {
+            plan,
+            states,
+            call_data,
+        } = rules;
         let (updates, updates_rx) = mpsc::channel(PAGE_QUEUE);
         let mut state_changes = ident.slot.shared().watch();
         state_changes.mark_unchanged();
@@ -117,6 +133,7 @@ impl Session {
             page_lost: false,
             states,
             state_changes,
+            call_data,
         };
         (s, updates_rx)
     }
@@ -394,13 +411,21 @@ impl Session {
             return Next::Continue;
         }
         let peer = inc.asserted.as_ref().unwrap_or(&inc.from).user().to_owned();
+        let data = self.call_data.extract(&inc.headers);
         let announce = Event::Incoming {
             call_id: inc.call.call_id().to_owned(),
             from: peer.clone(),
             display_name: inc.from.display.clone(),
+            data: data.clone(),
         };
         let offer = inc.offer.clone();
-        let call_id = self.spawn_call(inc.call, Direction::Inbound, peer, None, offer.clone());
+        let call_id = self.spawn_call(
+            inc.call,
+            Direction::Inbound,
+            (peer, data),
+            None,
+            offer.clone(),
+        );
         if let Some(link) = self.calls.get_mut(&call_id) {
             link.ringing = Some(offer);
         }
@@ -414,7 +439,7 @@ impl Session {
         &mut self,
         handle: CallHandle,
         direction: Direction,
-        peer: String,
+        (peer, data): (String, BTreeMap<String, String>),
         media: Option<BrowserMedia>,
         caller_offer: Option<AudioSdp>,
     ) -> String {
@@ -425,6 +450,7 @@ impl Session {
             agent: self.ident.agent.clone(),
             direction,
             peer,
+            data,
         };
         let settings = CallSettings {
             dtmf_mode: self.ctx.dtmf,
@@ -665,7 +691,13 @@ impl Session {
         let offer = media.sip_offer(&self.ctx);
         let handle = self.ctx.sip.dial(&self.reg, &to, offer.to_sdp()).await?;
         let answer = media.answer.clone();
-        let call_id = self.spawn_call(handle, Direction::Outbound, to, Some(media), None);
+        let call_id = self.spawn_call(
+            handle,
+            Direction::Outbound,
+            (to, BTreeMap::new()),
+            Some(media),
+            None,
+        );
         Ok(Event::ok_call(id, call_id, answer))
     }
 

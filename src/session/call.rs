@@ -47,6 +47,8 @@ pub struct CallInfo {
     pub direction: Direction,
     /// The other party (as dialled, or the caller).
     pub peer: String,
+    /// The call's data fields (apps.toml `call_data`: a dialler's headers), for the history.
+    pub data: std::collections::BTreeMap<String, String>,
 }
 
 /// What the agent's page does to the call.
@@ -264,6 +266,7 @@ impl CallCore {
             packets_lost: 0,
             jitter_ms: 0.0,
             recording: None,
+            data: self.info.data.clone(),
         }
     }
 

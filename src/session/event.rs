@@ -252,6 +252,10 @@ pub enum Event {
         /// The caller's display name.
         #[serde(rename = "displayName", skip_serializing_if = "Option::is_none")]
         display_name: Option<String>,
+        /// The call's data (apps.toml `call_data`: e.g. a dialler's `X-Customer-Id` as
+        /// `customerId`), for the CRM's screen pop.
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        data: std::collections::BTreeMap<String, String>,
     },
     /// The agent is logged in.
     Connected {

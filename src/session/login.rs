@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use tokio::sync::mpsc;
 
-use super::agent::{Control, Ident, PAGE_QUEUE, Session};
+use super::agent::{AppRules, Control, Ident, PAGE_QUEUE, Session};
 use super::context::Context;
 use super::control::ToPage;
 use super::error::ApiError;
@@ -101,6 +101,7 @@ pub(crate) async fn connect(
         return Err(ApiError::OriginNotAllowed);
     }
     let plan = apps.dial_plans.get(&app).cloned().unwrap_or_default();
+    let call_data = apps.call_data.get(&app).cloned().unwrap_or_default();
     let states = apps.states.get(&app).cloned().unwrap_or_default();
     let single_use = verified.single_use();
     let account = verified.into_account();
@@ -153,7 +154,12 @@ pub(crate) async fn connect(
         group,
         slot,
     };
-    Ok(start(ctx, ident, reg, (plan, states), first))
+    let rules = AppRules {
+        plan,
+        states,
+        call_data,
+    };
+    Ok(start(ctx, ident, reg, rules, first))
 }
 
 /// Marks a single-use token used; refuses one used before (counted as a bad token: a replay
@@ -185,10 +191,7 @@ fn start(
     ctx: &Arc<Context>,
     ident: Ident,
     reg: crate::sip::endpoint::RegistrationHandle,
-    (plan, states): (
-        crate::dialplan::DialPlan,
-        Arc<crate::config::states::StatePolicy>,
-    ),
+    rules: AppRules,
     first: Vec<Event>,
 ) -> Link {
     let (page, events) = mpsc::channel(PAGE_QUEUE);
@@ -196,7 +199,7 @@ fn start(
     ctx.sessions
         .insert(&ident.session_id, &ident.app, &ident.agent, control.clone());
     let page_id = next_page_id();
-    let (session, updates) = Session::new(ctx.clone(), ident, reg, plan, states, (page, page_id));
+    let (session, updates) = Session::new(ctx.clone(), ident, reg, rules, (page, page_id));
     tokio::spawn(session.run(first, controls, updates));
     Link {
         control,

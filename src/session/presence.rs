@@ -134,6 +134,7 @@ mod tests {
             call_id: id.into(),
             from: "1003".into(),
             display_name: None,
+            data: Default::default(),
         }
     }
 

@@ -147,6 +147,8 @@ pub enum CallEvent {
         asserted: Option<Party>,
         /// The caller's SDP offer.
         offer: Option<AudioSdp>,
+        /// The INVITE's headers, in order (for the app's call data: a dialler's X- headers).
+        headers: Vec<(String, String)>,
     },
     /// The far end is ringing (180, or 183 without SDP).
     Ringing,
@@ -725,6 +727,7 @@ impl Call {
         };
         let from = Party::from_header(&c.remote_header);
         let asserted = invite.header("P-Asserted-Identity").map(Party::from_header);
+        let headers = invite.all_headers().to_vec();
         c.invite = Some(invite);
         if let Some(inv) = &c.invite {
             if let Some((interval, refresher)) = session_expires(inv) {
@@ -752,6 +755,7 @@ impl Call {
                     from,
                     asserted,
                     offer,
+                    headers,
                 });
             }
             Err(_) => {

@@ -243,6 +243,8 @@ pub struct IncomingCall {
     pub asserted: Option<Party>,
     /// The caller's SDP offer.
     pub offer: Option<AudioSdp>,
+    /// The INVITE's headers, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Control of one call; dropping it hangs the call up.

@@ -812,6 +812,7 @@ impl UserAgent {
                             from,
                             asserted,
                             offer,
+                            headers,
                         },
                         Some(key),
                     ) => {
@@ -836,6 +837,7 @@ impl UserAgent {
                             from,
                             asserted,
                             offer,
+                            headers,
                         });
                         if let Some(e) = self.regs.get_mut(&key) {
                             e.incoming.retain(|tx| !tx.is_closed());

@@ -23,6 +23,7 @@ fn info(direction: Direction) -> CallInfo {
         agent: "1001@pbx".into(),
         direction,
         peer: "1002".into(),
+        data: [("customerId".to_owned(), "C-7".to_owned())].into(),
     }
 }
 

@@ -316,8 +316,15 @@ fn inbound_ring_answer_retransmit_ack_remote_bye() {
                 from,
                 asserted,
                 offer,
+                headers,
             },
         ] => {
+            assert!(
+                headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case("Call-ID")),
+                "{headers:?}"
+            );
             assert_eq!(from.display.as_deref(), Some("Bob B"));
             assert_eq!(from.user(), "1002");
             assert_eq!(asserted.as_ref().map(|p| p.user()), Some("+15551234"));

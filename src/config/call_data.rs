@@ -1,0 +1,151 @@
+//! An app's call data (`[apps.NAME.call_data]` in apps.toml): which headers of an incoming
+//! INVITE (a dialler's `X-Customer-Id`, `Call-Info`, `Diversion`...) become named fields of
+//! the call, for the CRM's screen pop. The mapping and the checks on each value live here; the
+//! session puts the fields in the `incoming` event, the CRM's stream and the call's history row.
+
+use std::collections::BTreeMap;
+
+use super::Checker;
+
+/// Most headers one app maps.
+pub const MAX_FIELDS: usize = 32;
+/// Longest value kept, in bytes; a longer one is left out (never cut: a cut id is a wrong id).
+pub const MAX_VALUE: usize = 256;
+
+/// Header (lower-case) -> field name, in the order configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallDataMap {
+    fields: Vec<(String, String)>,
+}
+
+impl CallDataMap {
+    /// The fields `headers` (an INVITE's, in order) carry: the first value of each mapped
+    /// header, when it is at most [`MAX_VALUE`] bytes and free of control characters
+    /// (surrounding spaces trimmed). Values that fail are left out and logged.
+    pub fn extract(&self, headers: &[(String, String)]) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (header, field) in &self.fields {
+            let Some((_, value)) = headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(header))
+            else {
+                continue;
+            };
+            let value = value.trim();
+            if value.len() > MAX_VALUE || value.chars().any(char::is_control) {
+                tracing::info!(
+                    header = %header,
+                    bytes = value.len(),
+                    "call data left out: longer than {MAX_VALUE} bytes or with control characters"
+                );
+                continue;
+            }
+            out.insert(field.clone(), value.to_owned());
+        }
+        out
+    }
+
+    /// Whether it maps nothing.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+}
+
+/// Validates `[apps.NAME.call_data]` (`at` is its dotted key).
+pub(super) fn check_call_data(
+    c: &mut Checker,
+    file: &str,
+    at: &str,
+    raw: &BTreeMap<String, String>,
+) -> CallDataMap {
+    if raw.len() > MAX_FIELDS {
+        c.add(file, at, format!("at most {MAX_FIELDS} headers"));
+    }
+    let mut map = CallDataMap::default();
+    for (header, field) in raw.iter().take(MAX_FIELDS) {
+        let key = format!("{at}.\"{header}\"");
+        let header_ok = (1..=64).contains(&header.len())
+            && header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!%*+`'~".contains(&b));
+        if !header_ok {
+            c.add(file, &key, "must be a SIP header name (e.g. X-Customer-Id)");
+            continue;
+        }
+        let field_ok = (1..=32).contains(&field.len())
+            && field
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !field_ok {
+            c.add(
+                file,
+                &key,
+                "the field name must be 1 to 32 letters, digits or _ (e.g. \"customerId\")",
+            );
+            continue;
+        }
+        if map.fields.iter().any(|(_, f)| f == field) {
+            c.add(
+                file,
+                &key,
+                format!("field \"{field}\" is given by two headers"),
+            );
+            continue;
+        }
+        map.fields
+            .push((header.to_ascii_lowercase(), field.to_owned()));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> CallDataMap {
+        CallDataMap {
+            fields: pairs
+                .iter()
+                .map(|(h, f)| (h.to_ascii_lowercase(), (*f).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(h, v)| ((*h).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn mapped_headers_become_fields_and_bad_values_are_left_out() {
+        let m = map(&[
+            ("X-Customer-Id", "customerId"),
+            ("Call-Info", "callInfo"),
+            ("X-Campaign", "campaign"),
+            ("X-Note", "note"),
+            ("Diversion", "divertedFrom"),
+        ]);
+        let got = m.extract(&headers(&[
+            ("Via", "SIP/2.0/UDP 127.0.0.1"),
+            ("x-customer-id", "  C-1042 "),
+            ("X-Customer-Id", "second value ignored"),
+            ("Call-Info", "<http://crm/c/1042>;purpose=info"),
+            ("X-Campaign", &"x".repeat(MAX_VALUE + 1)),
+            ("X-Note", "line\r\nInjected: 1"),
+        ]));
+        assert_eq!(
+            got,
+            [
+                ("customerId".to_owned(), "C-1042".to_owned()),
+                (
+                    "callInfo".to_owned(),
+                    "<http://crm/c/1042>;purpose=info".to_owned()
+                ),
+            ]
+            .into()
+        );
+        assert!(map(&[]).extract(&headers(&[("X-A", "1")])).is_empty());
+    }
+}
