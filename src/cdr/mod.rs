@@ -53,6 +53,13 @@ pub enum CdrError {
     Task,
 }
 
+/// Now, in Unix milliseconds (the history's unit of time).
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// `end_reason` of a call still going on.
 pub const IN_PROGRESS: &str = "in_progress";
 /// `end_reason` of a call cut off by a crash of callgate (closed at the next start).
@@ -497,9 +504,7 @@ impl CdrStore {
     ) -> Result<Stats, CdrError> {
         let agent = agent.to_owned();
         let app = app.map(str::to_owned);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = unix_ms();
         self.with(move |db| {
             let times = states::times(db, app.as_deref(), &agent, (from, to), now)?;
             db.query_row(

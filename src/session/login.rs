@@ -82,27 +82,9 @@ pub(crate) async fn connect(
     id: u64,
     token: &str,
 ) -> Result<Link, ApiError> {
-    if ctx.metrics.is_draining() {
-        return Err(ApiError::Unavailable);
-    }
-    if ctx.bad_tokens.blocked(peer.ip) {
-        return Err(ApiError::RateLimited);
-    }
-    let apps = ctx.apps.get();
-    let verified = apps.keyring.verify(token, SystemTime::now()).map_err(|e| {
-        ctx.bad_tokens.record(peer.ip);
-        ctx.metrics.token_failure(&e.code());
-        tracing::info!(code = %e.code(), "token refused");
-        ApiError::Token(e)
-    })?;
+    let (verified, rules) = admit(ctx, peer, token)?;
     let app = verified.app().to_owned();
-    if !origin_allowed(ctx, &app, peer.origin.as_ref()) {
-        tracing::info!(%app, "login refused: page origin not allowed");
-        return Err(ApiError::OriginNotAllowed);
-    }
-    let plan = apps.dial_plans.get(&app).cloned().unwrap_or_default();
-    let call_data = apps.call_data.get(&app).cloned().unwrap_or_default();
-    let states = apps.states.get(&app).cloned().unwrap_or_default();
+    let states = rules.states.clone();
     let single_use = verified.single_use();
     let account = verified.into_account();
     let agent = account.aor();
@@ -154,12 +136,40 @@ pub(crate) async fn connect(
         group,
         slot,
     };
-    let rules = AppRules {
-        plan,
-        states,
-        call_data,
-    };
     Ok(start(ctx, ident, reg, rules, first))
+}
+
+/// The checks before a login takes anything: not draining, the address not blocked for bad
+/// tokens, the token good, the page's origin allowed; then the app's rules as they are now.
+fn admit(
+    ctx: &Context,
+    peer: &Peer,
+    token: &str,
+) -> Result<(crate::token::VerifiedToken, AppRules), ApiError> {
+    if ctx.metrics.is_draining() {
+        return Err(ApiError::Unavailable);
+    }
+    if ctx.bad_tokens.blocked(peer.ip) {
+        return Err(ApiError::RateLimited);
+    }
+    let apps = ctx.apps.get();
+    let verified = apps.keyring.verify(token, SystemTime::now()).map_err(|e| {
+        ctx.bad_tokens.record(peer.ip);
+        ctx.metrics.token_failure(&e.code());
+        tracing::info!(code = %e.code(), "token refused");
+        ApiError::Token(e)
+    })?;
+    let app = verified.app();
+    if !origin_allowed(ctx, app, peer.origin.as_ref()) {
+        tracing::info!(%app, "login refused: page origin not allowed");
+        return Err(ApiError::OriginNotAllowed);
+    }
+    let rules = AppRules {
+        plan: apps.dial_plans.get(app).cloned().unwrap_or_default(),
+        states: apps.states.get(app).cloned().unwrap_or_default(),
+        call_data: apps.call_data.get(app).cloned().unwrap_or_default(),
+    };
+    Ok((verified, rules))
 }
 
 /// Marks a single-use token used; refuses one used before (counted as a bad token: a replay

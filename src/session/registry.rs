@@ -34,7 +34,7 @@ impl StateLog {
         let _ = self.cdr.agent_state(StateEntry {
             app: self.app.clone(),
             agent: self.agent.clone(),
-            at: super::media::unix_ms(),
+            at: crate::cdr::unix_ms(),
             entered,
         });
     }
