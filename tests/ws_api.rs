@@ -3219,3 +3219,76 @@ async fn a_diallers_headers_reach_the_page_the_crm_and_the_history() {
     drop(crm);
     srv.shut_down().await;
 }
+
+/// Automatic not-ready: with `missed_calls_limit = 2`, two calls in a row that the agent lets
+/// ring out (the callers give up) put the agent in `missed_calls_state`, whose callers then get
+/// 480; an answered call in between starts the count again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_left_ringing_twice_make_the_agent_not_ready() {
+    use common::peers::{Sipp, sipp_probe};
+
+    let kam = Kamailio::start(free_udp_port());
+    let port = kam.port;
+    let mut srv = server_with_app_options(
+        "states = [\n\
+         { id = \"available\", may_call_out = true, may_receive = true },\n\
+         { id = \"not_ready\", label = \"Not ready\" },\n\
+         ]\nmissed_calls_limit = 2\nmissed_calls_state = \"not_ready\"\n",
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, port, &mut seen).await;
+    let miss = async |ws: &mut Ws, seen: &mut Vec<String>| {
+        let mut quitter = Sipp::uac(port, "1001", "uac_cancel.xml");
+        loop {
+            let ev = next(ws, seen).await;
+            assert_ne!(ev["type"], "agentState", "{ev}");
+            if ev["type"] == "call" && ev["endReason"] == "missed" {
+                break;
+            }
+        }
+        let (ok, log) = tokio::task::spawn_blocking(move || quitter.wait(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert!(ok, "{log}");
+    };
+    // One missed, one answered (the count starts again), one missed: still available.
+    miss(&mut ws, &mut seen).await;
+    let mut caller = Sipp::uac_with(port, "1001", "uac_answered.xml", &["-rtp_echo"]);
+    let incoming = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    let call_id = incoming["callId"].as_str().unwrap().to_owned();
+    let _page = answer_incoming(&mut ws, &mut seen, &call_id).await;
+    while next(&mut ws, &mut seen).await["state"] != "ended" {}
+    let (ok, log) = tokio::task::spawn_blocking(move || caller.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    miss(&mut ws, &mut seen).await;
+    // The second in a row.
+    let mut quitter = Sipp::uac(port, "1001", "uac_cancel.xml");
+    let state = next_state(&mut ws, &mut seen).await;
+    assert_eq!(
+        (
+            state["state"].as_str(),
+            state["cause"].as_str(),
+            state["mayReceive"].as_bool()
+        ),
+        (Some("not_ready"), Some("missed_calls"), Some(false)),
+        "{state}"
+    );
+    let (ok, log) = tokio::task::spawn_blocking(move || quitter.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    let (ok, log) = tokio::task::spawn_blocking(move || sipp_probe(port, "1001", 480))
+        .await
+        .unwrap();
+    assert!(ok, "a not-ready agent's caller gets 480:\n{log}");
+    let _ = ws.close(None).await;
+    srv.shut_down().await;
+}

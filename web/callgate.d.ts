@@ -68,7 +68,7 @@ export interface AgentStateEvent extends StateInfo {
   type: 'agentState';
   /** Unix milliseconds when it was entered. */
   since: number;
-  cause: 'login' | 'requested' | 'call_ended' | 'wrap_up' | 'wrap_up_over';
+  cause: 'login' | 'requested' | 'call_ended' | 'wrap_up' | 'wrap_up_over' | 'missed_calls';
   /** A state asked for during a call, entered when the agent's last call ends. */
   pending?: string;
   /** In wrap-up: when it ends (Unix milliseconds). */

@@ -240,6 +240,10 @@ pub(crate) struct RawApp {
     pub(crate) wrap_up_secs: Option<i64>,
     #[serde(default)]
     pub(crate) not_ready_status: Option<i64>,
+    #[serde(default)]
+    pub(crate) missed_calls_limit: Option<i64>,
+    #[serde(default)]
+    pub(crate) missed_calls_state: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

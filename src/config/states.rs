@@ -48,6 +48,9 @@ pub struct StatePolicy {
     pub wrap_up: Option<(usize, Duration)>,
     /// SIP status refusing a call to an agent whose state does not receive (480 or 486).
     pub refuse_status: u16,
+    /// After how many calls in a row the agent lets ring out it is put in which state (the
+    /// automatic not-ready); `None`: never.
+    pub missed_calls: Option<(u32, usize)>,
 }
 
 impl Default for StatePolicy {
@@ -65,6 +68,7 @@ impl Default for StatePolicy {
             default: 0,
             wrap_up: None,
             refuse_status: 480,
+            missed_calls: None,
         }
     }
 }
@@ -179,6 +183,7 @@ pub(super) fn check_states(
     };
     let default = named("default_state", app.default_state.as_ref()).unwrap_or(0);
     let wrap = named("wrap_up_state", app.wrap_up_state.as_ref());
+    let not_ready = named("missed_calls_state", app.missed_calls_state.as_ref());
     policy.default = default;
     let secs = match app.wrap_up_secs {
         None => 30,
@@ -195,7 +200,11 @@ pub(super) fn check_states(
             "needs wrap_up_state, the state agents wrap up in",
         );
     }
-    for (key, i) in [("default_state", Some(default)), ("wrap_up_state", wrap)] {
+    for (key, i) in [
+        ("default_state", Some(default)),
+        ("wrap_up_state", wrap),
+        ("missed_calls_state", not_ready),
+    ] {
         if let Some(i) = i.filter(|&i| !policy.get(i).groups.is_empty()) {
             c.add(
                 file,
@@ -215,6 +224,40 @@ pub(super) fn check_states(
         );
     }
     policy.wrap_up = wrap.map(|w| (w, Duration::from_secs(secs)));
+    policy.missed_calls = match (app.missed_calls_limit, not_ready) {
+        (None, None) => None,
+        (Some(n @ 1..=100), Some(to)) if !policy.get(to).may_receive => {
+            Some((u32::try_from(n).unwrap_or(1), to))
+        }
+        (Some(1..=100), Some(_)) => {
+            c.add(
+                file,
+                at("missed_calls_state"),
+                "must be a state with may_receive = false (the agent is not offered calls in it)",
+            );
+            None
+        }
+        (Some(1..=100), None) => {
+            c.add(
+                file,
+                at("missed_calls_limit"),
+                "needs missed_calls_state, the state agents are put in",
+            );
+            None
+        }
+        (Some(_), _) => {
+            c.add(file, at("missed_calls_limit"), "must be 1 to 100 calls");
+            None
+        }
+        (None, Some(_)) => {
+            c.add(
+                file,
+                at("missed_calls_state"),
+                "needs missed_calls_limit, after how many missed calls in a row",
+            );
+            None
+        }
+    };
     policy.refuse_status = match app.not_ready_status {
         None => 480,
         Some(s @ (480 | 486)) => s as u16,

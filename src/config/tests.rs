@@ -415,3 +415,37 @@ fn call_data_mappings_are_checked() {
         );
     }
 }
+
+#[test]
+fn the_automatic_not_ready_needs_a_limit_and_a_state_that_does_not_receive() {
+    let app = "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\nstates = [\n\
+               { id = \"available\", may_receive = true },\n{ id = \"away\" },\n]\n";
+    for (extra, key) in [
+        ("missed_calls_limit = 3\n", "apps.crm.missed_calls_limit"),
+        (
+            "missed_calls_state = \"away\"\n",
+            "apps.crm.missed_calls_state",
+        ),
+        (
+            "missed_calls_limit = 0\nmissed_calls_state = \"away\"\n",
+            "apps.crm.missed_calls_limit",
+        ),
+        (
+            "missed_calls_limit = 3\nmissed_calls_state = \"available\"\n",
+            "apps.crm.missed_calls_state",
+        ),
+    ] {
+        let got = problems("", &format!("{app}{extra}"));
+        assert!(
+            got.len() == 1 && got[0].starts_with(key),
+            "{extra}: {got:#?}"
+        );
+    }
+    assert!(
+        problems(
+            "",
+            &format!("{app}missed_calls_limit = 3\nmissed_calls_state = \"away\"\n")
+        )
+        .is_empty()
+    );
+}

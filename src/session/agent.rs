@@ -376,11 +376,18 @@ impl Session {
             }
             CallUpdate::Finished(call_id) => {
                 // (A rejected call is unlinked at once: it was not answered.)
-                let answered = self.calls.remove(&call_id).is_some_and(|l| l.answered);
+                let link = self.calls.remove(&call_id);
+                let answered = link.as_ref().is_some_and(|l| l.answered);
+                // Still ringing at its end: the caller gave up, or it rang out.
+                let missed = link.is_some_and(|l| !l.answered && l.ringing.is_some());
                 self.presence.call_finished(&call_id);
-                let change =
-                    self.agent_state(|s| s.call_ended(&self.states, Instant::now(), answered));
+                let now = Instant::now();
+                let change = self.agent_state(|s| s.call_ended(&self.states, now, answered));
                 self.state_changed(change);
+                if missed {
+                    let change = self.agent_state(|s| s.call_missed(&self.states, now));
+                    self.state_changed(change);
+                }
             }
         }
         Next::Continue

@@ -25,6 +25,8 @@ pub enum Cause {
     WrapUp,
     /// The wrap-up time ran out.
     WrapUpOver,
+    /// The agent let the app's `missed_calls_limit` calls in a row ring out.
+    MissedCalls,
 }
 
 impl Cause {
@@ -36,6 +38,7 @@ impl Cause {
             Cause::CallEnded => "call_ended",
             Cause::WrapUp => "wrap_up",
             Cause::WrapUpOver => "wrap_up_over",
+            Cause::MissedCalls => "missed_calls",
         }
     }
 }
@@ -71,6 +74,8 @@ pub struct AgentState {
     calls: usize,
     /// In wrap-up: until when, and the state to return to.
     wrap_up: Option<(Instant, usize)>,
+    /// Calls offered in a row that the agent let ring out.
+    missed: u32,
 }
 
 impl AgentState {
@@ -82,6 +87,7 @@ impl AgentState {
             pending: None,
             calls: 0,
             wrap_up: None,
+            missed: 0,
         }
     }
 
@@ -156,6 +162,9 @@ impl AgentState {
         answered: bool,
     ) -> Option<Change> {
         self.calls = self.calls.saturating_sub(1);
+        if answered {
+            self.missed = 0;
+        }
         if self.calls > 0 {
             return None;
         }
@@ -169,6 +178,25 @@ impl AgentState {
         }
         self.wrap_up = Some((now + secs, self.current));
         Some(self.enter(now, wrap, Cause::WrapUp))
+    }
+
+    /// A call offered to the agent ended unanswered without the agent refusing it (the caller
+    /// gave up, or it rang out), after its [`call_ended`](Self::call_ended). The app's
+    /// `missed_calls_limit` of them in a row put the agent in `missed_calls_state`, the
+    /// automatic not-ready (at the end of the agent's other calls, if in one).
+    pub fn call_missed(&mut self, policy: &StatePolicy, now: Instant) -> Option<Change> {
+        let (limit, to) = policy.missed_calls?;
+        self.missed = self.missed.saturating_add(1);
+        if self.missed < limit || !policy.get(self.current).may_receive {
+            return None;
+        }
+        self.missed = 0;
+        if self.calls > 0 {
+            self.pending = Some(to);
+            return None;
+        }
+        self.wrap_up = None;
+        Some(self.enter(now, to, Cause::MissedCalls))
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) is due (not during a call: a wrap-up
@@ -216,6 +244,53 @@ mod tests {
             default: 0,
             wrap_up: Some((3, Duration::from_secs(30))),
             refuse_status: 480,
+            missed_calls: Some((2, 1)),
+        }
+    }
+
+    #[test]
+    fn calls_let_ring_out_in_a_row_make_the_agent_not_ready() {
+        let (p, t0) = (policy(), Instant::now());
+        let mut a = AgentState::new(&p, t0);
+        let offered = |a: &mut AgentState, answered: bool| {
+            a.call_began();
+            let ended = a.call_ended(&p, t0, answered);
+            if answered {
+                ended
+            } else {
+                a.call_missed(&p, t0)
+            }
+        };
+        // Missed, answered (the count starts again), missed, missed: paused.
+        assert_eq!(offered(&mut a, false), None);
+        assert!(offered(&mut a, true).is_some_and(|c| c.cause == Cause::WrapUp));
+        assert!(a.request(t0, 0) != Outcome::Unchanged, "wrap-up left");
+        assert_eq!(offered(&mut a, false), None);
+        assert_eq!(
+            offered(&mut a, false),
+            Some(Change {
+                from: 0,
+                to: 1,
+                cause: Cause::MissedCalls
+            })
+        );
+        assert!(!a.may_receive(&p));
+        // Back to available: counting starts from zero.
+        assert!(matches!(a.request(t0, 0), Outcome::Changed(_)));
+        assert_eq!(offered(&mut a, false), None);
+        // In another call when the limit is reached: applied when that call ends.
+        a.call_began();
+        assert_eq!(offered(&mut a, false), None);
+        assert_eq!(a.pending(), Some(1));
+        assert!(a.call_ended(&p, t0, true).is_some_and(|c| c.to == 1));
+        // An app without a limit never does it.
+        let mut none = p.clone();
+        none.missed_calls = None;
+        let mut b = AgentState::new(&none, t0);
+        for _ in 0..5 {
+            b.call_began();
+            b.call_ended(&none, t0, false);
+            assert_eq!(b.call_missed(&none, t0), None);
         }
     }
 
