@@ -112,6 +112,17 @@ fn token(config: &Config, kam_port: u16, password: &str, ttl: i64) -> String {
 
 /// A token of `app` for 1001 at the registrar on `kam_port`.
 fn token_for(config: &Config, app: &str, kam_port: u16, password: &str, ttl: i64) -> String {
+    token_of_group(config, app, (kam_port, password), None, ttl)
+}
+
+/// [`token_for`] with the agent's `group`.
+fn token_of_group(
+    config: &Config,
+    app: &str,
+    (kam_port, password): (u16, &str),
+    group: Option<&str>,
+    ttl: i64,
+) -> String {
     let acct = account_from_cli(
         "1001",
         None,
@@ -121,6 +132,7 @@ fn token_for(config: &Config, app: &str, kam_port: u16, password: &str, ttl: i64
         Some(kam_port),
         None,
     )
+    .and_then(|a| a.with_group(group))
     .unwrap();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -2925,26 +2937,13 @@ async fn agent_groups_limit_the_states_an_agent_may_choose() {
     );
 
     // The same agent on a second page, with a token of group "sales".
-    let acct = account_from_cli(
-        "1001",
-        None,
-        "pass1001".into(),
-        "127.0.0.1",
-        None,
-        Some(kam.port),
-        None,
-    )
-    .and_then(|a| a.with_group(Some("sales")))
-    .unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let sales = srv
-        .config
-        .keyring()
-        .mint("crm", &acct, Some(now + 600), [9; 16])
-        .unwrap();
+    let sales = token_of_group(
+        &srv.config,
+        "crm",
+        (kam.port, "pass1001"),
+        Some("sales"),
+        600,
+    );
     let mut seen2 = Vec::new();
     let mut ws = open(srv.addr).await;
     ws.send(Message::text(
@@ -3289,6 +3288,85 @@ async fn calls_left_ringing_twice_make_the_agent_not_ready() {
         .await
         .unwrap();
     assert!(ok, "a not-ready agent's caller gets 480:\n{log}");
+    let _ = ws.close(None).await;
+    srv.shut_down().await;
+}
+
+/// X- headers on outgoing calls: the page's `call` may add the app's `call_headers` (sipp checks
+/// them in the INVITE, spelled as configured); any other header, or a value with a line break,
+/// is refused with `header_not_allowed` before anything is dialled. The call's history row keeps
+/// them under the app's `call_data` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_carries_the_x_headers_the_app_allows() {
+    use common::peers::Sipp;
+    use common::sse::request;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas_with(
+        kam.port,
+        "1002",
+        "pass1002",
+        "uas_x_headers.xml",
+        &["-rtp_echo"],
+    );
+    let mut srv = server_with_app_options(
+        "call_headers = [\"X-Customer-Id\", \"X-Campaign\"]\n\
+         [apps.crm.call_data]\n\"X-Customer-Id\" = \"customerId\"\n",
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let call = |id: u64, headers: Value| {
+        Message::text(
+            json!({"type": "call", "id": id, "to": "1002", "sdp": "v=0", "headers": headers})
+                .to_string(),
+        )
+    };
+    for (id, headers) in [
+        (2, json!({"Via": "SIP/2.0/UDP 192.0.2.1"})),
+        (3, json!({"X-Other": "1"})),
+        (4, json!({"X-Campaign": "a\r\nVia: SIP/2.0/UDP 192.0.2.1"})),
+    ] {
+        ws.send(call(id, headers.clone())).await.unwrap();
+        let r = next(&mut ws, &mut seen).await;
+        assert_eq!(r["error"]["code"], "header_not_allowed", "{headers}: {r}");
+    }
+
+    let (mut page, offer) = common::rtc_peer::RtcPeer::offer().await;
+    ws.send(Message::text(
+        json!({"type": "call", "id": 5, "to": "1002", "sdp": offer,
+               "headers": {"x-customer-id": "C-1042", "X-Campaign": "spring-renewals"}})
+        .to_string(),
+    ))
+    .await
+    .unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let call_id = reply["callId"].as_str().unwrap().to_owned();
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 6, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    while next(&mut ws, &mut seen).await["state"] != "ended" {}
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "the INVITE lacked the X- headers:\n{log}");
+
+    let row = format!("/api/v1/calls/{call_id}");
+    let mut tries = 0;
+    let rec = loop {
+        let (status, body) = request(srv.addr, "GET", &row, Some(CRM_API_KEY), None).await;
+        if (status == 200 && body["endReason"] != "in_progress") || tries == 20 {
+            break body;
+        }
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rec["data"], json!({"customerId": "C-1042"}), "{rec}");
     let _ = ws.close(None).await;
     srv.shut_down().await;
 }

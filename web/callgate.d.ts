@@ -156,8 +156,8 @@ export class Callgate implements Emitter<PhoneEvents> {
   /** The session's calls by id. */
   readonly calls: Map<string, Call>;
   on<K extends keyof PhoneEvents>(event: K, handler: (arg: PhoneEvents[K]) => void): this;
-  /** Calls an extension, number or SIP URI. */
-  call(to: string): Promise<Call>;
+  /** Calls an extension, number or SIP URI; `headers`: X- headers among the app's `call_headers`. */
+  call(to: string, headers?: Record<string, string>): Promise<Call>;
   /** Logs out: the session and its calls end. */
   close(): Promise<void>;
 }

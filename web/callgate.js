@@ -269,7 +269,7 @@ export class Callgate extends Emitter {
    * Calls `to` (extension, number or SIP URI).
    * @returns {Promise<Call>}
    */
-  call(to) { return this._place({ type: 'call', to }); }
+  call(to, headers) { return this._place(headers ? { type: 'call', to, headers } : { type: 'call', to }); }
   /** Asks for agent state `id` (one of `states`); during a call it is entered when the call ends. */
   setState(id) { return this._request({ type: 'setState', state: id }); }
   async _place(req) {

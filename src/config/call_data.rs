@@ -51,6 +51,72 @@ impl CallDataMap {
     }
 }
 
+/// Most headers a call may add (apps.toml `call_headers`).
+pub const MAX_CALL_HEADERS: usize = 16;
+
+/// The X- headers an app's pages and backend may add to the INVITEs of their calls
+/// (`call_headers` in apps.toml), as configured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallHeaders {
+    names: Vec<String>,
+}
+
+impl CallHeaders {
+    /// The headers a `call` asks for, as they go into the INVITE (the configured spelling of
+    /// each name), or why not: a name the app does not allow, or a value over [`MAX_VALUE`]
+    /// bytes or with control characters (which could split the message).
+    pub fn check(&self, asked: &BTreeMap<String, String>) -> Result<Vec<(String, String)>, String> {
+        if asked.len() > MAX_CALL_HEADERS {
+            return Err(format!("at most {MAX_CALL_HEADERS} headers"));
+        }
+        let mut out = Vec::with_capacity(asked.len());
+        for (name, value) in asked {
+            let Some(allowed) = self.names.iter().find(|n| n.eq_ignore_ascii_case(name)) else {
+                return Err(format!(
+                    "the app does not allow the header {name:?} (apps.toml call_headers)"
+                ));
+            };
+            if value.len() > MAX_VALUE || value.chars().any(char::is_control) {
+                return Err(format!(
+                    "the value of {allowed} must be at most {MAX_VALUE} bytes, without control characters"
+                ));
+            }
+            out.push((allowed.clone(), value.trim().to_owned()));
+        }
+        Ok(out)
+    }
+}
+
+/// Validates `call_headers` (`at` is its dotted key).
+pub(super) fn check_call_headers(
+    c: &mut Checker,
+    file: &str,
+    at: &str,
+    raw: &[String],
+) -> CallHeaders {
+    if raw.len() > MAX_CALL_HEADERS {
+        c.add(file, at, format!("at most {MAX_CALL_HEADERS} headers"));
+    }
+    let mut names = Vec::new();
+    for (i, name) in raw.iter().take(MAX_CALL_HEADERS).enumerate() {
+        let ok = (3..=64).contains(&name.len())
+            && name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!%*+`'~".contains(&b));
+        if ok {
+            names.push(name.clone());
+        } else {
+            c.add(
+                file,
+                format!("{at}[{i}]"),
+                "must be an X- header name (e.g. X-Customer-Id): callgate writes the others itself",
+            );
+        }
+    }
+    CallHeaders { names }
+}
+
 /// Validates `[apps.NAME.call_data]` (`at` is its dotted key).
 pub(super) fn check_call_data(
     c: &mut Checker,
@@ -116,6 +182,29 @@ mod tests {
             .iter()
             .map(|(h, v)| ((*h).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn a_call_adds_only_allowed_x_headers_with_clean_values() {
+        let allowed = CallHeaders {
+            names: vec!["X-Customer-Id".into(), "X-Campaign".into()],
+        };
+        let ask = |pairs: &[(&str, &str)]| {
+            let asked: BTreeMap<String, String> = pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect();
+            allowed.check(&asked)
+        };
+        assert_eq!(
+            ask(&[("x-customer-id", "C-1042 ")]),
+            Ok(vec![("X-Customer-Id".to_owned(), "C-1042".to_owned())])
+        );
+        assert!(ask(&[("Via", "SIP/2.0/UDP evil")]).is_err());
+        assert!(ask(&[("X-Other", "1")]).is_err());
+        assert!(ask(&[("X-Campaign", "a\r\nVia: x")]).is_err());
+        assert!(ask(&[("X-Campaign", &"a".repeat(MAX_VALUE + 1))]).is_err());
+        assert_eq!(ask(&[]), Ok(vec![]));
     }
 
     #[test]

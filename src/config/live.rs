@@ -26,6 +26,8 @@ pub struct Apps {
     pub states: BTreeMap<String, Arc<super::states::StatePolicy>>,
     /// Per app: the incoming INVITE headers that become call data.
     pub call_data: BTreeMap<String, Arc<super::call_data::CallDataMap>>,
+    /// Per app: the X- headers its calls may add.
+    pub call_headers: BTreeMap<String, Arc<super::call_data::CallHeaders>>,
 }
 
 impl Apps {
@@ -54,6 +56,10 @@ impl Apps {
             call_data: apps
                 .iter()
                 .map(|(n, a)| (n.clone(), a.call_data.clone()))
+                .collect(),
+            call_headers: apps
+                .iter()
+                .map(|(n, a)| (n.clone(), a.call_headers.clone()))
                 .collect(),
         }
     }

@@ -212,6 +212,8 @@ pub struct AppInfo {
     pub states: std::sync::Arc<states::StatePolicy>,
     /// Which incoming INVITE headers become the call's data fields.
     pub call_data: std::sync::Arc<call_data::CallDataMap>,
+    /// The X- headers the app's calls may add to their INVITEs.
+    pub call_headers: std::sync::Arc<call_data::CallHeaders>,
 }
 
 /// The validated configuration.
@@ -1000,6 +1002,12 @@ fn check_apps(
             &at("call_data"),
             &app.call_data,
         ));
+        let call_headers = std::sync::Arc::new(call_data::check_call_headers(
+            c,
+            file,
+            &at("call_headers"),
+            &app.call_headers,
+        ));
         let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
         let api_keys = check_api_keys(c, file, &at("api_keys"), &app.api_keys);
         let max_lifetime = match app.max_lifetime_secs {
@@ -1044,6 +1052,7 @@ fn check_apps(
                 record: app.record,
                 states,
                 call_data,
+                call_headers,
             },
         );
     }

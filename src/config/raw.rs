@@ -231,6 +231,8 @@ pub(crate) struct RawApp {
     #[serde(default)]
     pub(crate) call_data: std::collections::BTreeMap<String, String>,
     #[serde(default)]
+    pub(crate) call_headers: Vec<String>,
+    #[serde(default)]
     pub(crate) states: Vec<RawState>,
     #[serde(default)]
     pub(crate) default_state: Option<String>,

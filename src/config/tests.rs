@@ -449,3 +449,21 @@ fn the_automatic_not_ready_needs_a_limit_and_a_state_that_does_not_receive() {
         .is_empty()
     );
 }
+
+#[test]
+fn call_headers_must_be_x_headers() {
+    let got = problems(
+        "",
+        "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n\
+         call_headers = [\"X-Customer-Id\", \"Via\", \"X-Bad Name\"]\n",
+    );
+    let keys: Vec<&str> = got
+        .iter()
+        .map(|p| p.split(':').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        keys,
+        ["apps.crm.call_headers[1]", "apps.crm.call_headers[2]"],
+        "{got:#?}"
+    );
+}

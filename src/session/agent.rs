@@ -59,6 +59,8 @@ pub(crate) struct AppRules {
     pub(crate) states: Arc<StatePolicy>,
     /// The incoming INVITE headers that become call data.
     pub(crate) call_data: Arc<crate::config::call_data::CallDataMap>,
+    /// The X- headers its calls may add.
+    pub(crate) call_headers: Arc<crate::config::call_data::CallHeaders>,
 }
 
 /// A call of this session, as the session sees it.
@@ -93,6 +95,8 @@ pub(crate) struct Session {
     states: Arc<StatePolicy>,
     /// The incoming INVITE headers that become call data (as at login).
     call_data: Arc<crate::config::call_data::CallDataMap>,
+    /// The X- headers its calls may add.
+    call_headers: Arc<crate::config::call_data::CallHeaders>,
     /// Changes of the agent's state (shared with its other sessions).
     state_changes: tokio::sync::watch::Receiver<Cause>,
 }
@@ -116,6 +120,7 @@ impl Session {
             plan,
             states,
             call_data,
+            call_headers,
         } = rules;
         let (updates, updates_rx) = mpsc::channel(PAGE_QUEUE);
         let mut state_changes = ident.slot.shared().watch();
@@ -134,6 +139,7 @@ impl Session {
             states,
             state_changes,
             call_data,
+            call_headers,
         };
         (s, updates_rx)
     }
@@ -614,7 +620,12 @@ impl Session {
             }
             Request::Logout { id } | Request::Ping { id } => (id, Ok(Event::ok(id))),
             Request::Media { id, call_id, sdp } => (id, self.media(id, call_id, &sdp).await),
-            Request::Call { id, to, sdp } => (id, self.call(id, &to, &sdp).await),
+            Request::Call {
+                id,
+                to,
+                sdp,
+                headers,
+            } => (id, self.call(id, &to, &sdp, &headers).await),
             Request::SetState { id, state } => (id, self.set_state(id, &state)),
             Request::Consult {
                 id,
@@ -656,15 +667,26 @@ impl Session {
         self.reply(id, r).await;
     }
 
-    /// `call`: places a call if the agent's state allows calling out.
-    async fn call(&mut self, id: u64, to: &str, sdp: &str) -> Result<Event, ApiError> {
+    /// `call`: places a call if the agent's state allows calling out, with the X- headers
+    /// asked for if the app allows them.
+    async fn call(
+        &mut self,
+        id: u64,
+        to: &str,
+        sdp: &str,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<Event, ApiError> {
         if !self.agent_state(|s| s.may_call_out(&self.states)) {
             let state = self.agent_state(|s| s.current());
             return Err(ApiError::StateForbidsCalls(
                 self.states.get(state).id.clone(),
             ));
         }
-        self.place(id, to, sdp).await
+        let headers = self
+            .call_headers
+            .check(headers)
+            .map_err(ApiError::HeaderNotAllowed)?;
+        self.place(id, to, sdp, headers).await
     }
 
     /// `setState`: the agent's state now, or (in a call) when its last call ends.
@@ -686,7 +708,13 @@ impl Session {
 
     /// Places a call (`call`, `consult`) once the session may: not draining, below its call
     /// limit, and `to` allowed by the app's dial plan. The reply carries callgate's answer.
-    async fn place(&mut self, id: u64, to: &str, sdp: &str) -> Result<Event, ApiError> {
+    async fn place(
+        &mut self,
+        id: u64,
+        to: &str,
+        sdp: &str,
+        headers: Vec<(String, String)>,
+    ) -> Result<Event, ApiError> {
         if self.ctx.metrics.is_draining() {
             return Err(ApiError::Unavailable);
         }
@@ -696,15 +724,15 @@ impl Session {
         let to = self.plan.apply(to)?;
         let media = BrowserMedia::set_up(&self.ctx, sdp).await?;
         let offer = media.sip_offer(&self.ctx);
-        let handle = self.ctx.sip.dial(&self.reg, &to, offer.to_sdp()).await?;
+        // What the call carries, by the app's call_data names, for its history row.
+        let data = self.call_data.extract(&headers);
+        let handle = self
+            .ctx
+            .sip
+            .dial_with(&self.reg, &to, offer.to_sdp(), headers)
+            .await?;
         let answer = media.answer.clone();
-        let call_id = self.spawn_call(
-            handle,
-            Direction::Outbound,
-            (to, BTreeMap::new()),
-            Some(media),
-            None,
-        );
+        let call_id = self.spawn_call(handle, Direction::Outbound, (to, data), Some(media), None);
         Ok(Event::ok_call(id, call_id, answer))
     }
 
@@ -716,7 +744,7 @@ impl Session {
         sdp: &str,
     ) -> Result<Event, ApiError> {
         self.live_call(call_id)?;
-        let reply = self.place(id, to, sdp).await?;
+        let reply = self.place(id, to, sdp, Vec::new()).await?;
         let _ = self.command(call_id, CallCommand::Hold(true));
         Ok(reply)
     }

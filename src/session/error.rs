@@ -65,6 +65,9 @@ pub enum ApiError {
     /// `call` while the agent's state does not allow calling out (its id).
     #[error("the agent's state \"{0}\" does not allow calling out; change state first")]
     StateForbidsCalls(String),
+    /// `call` with a header the app does not allow (`call_headers`), or a bad value.
+    #[error("{0}")]
+    HeaderNotAllowed(String),
     /// `setState` with a state the app does not define, or not for the agent's group.
     #[error("no such state for this agent (its states are listed in `connected`)")]
     UnknownState,
@@ -137,6 +140,7 @@ pub const CODES: &[&str] = &[
     "too_many_live_tokens",
     "state_forbids_calls",
     "unknown_state",
+    "header_not_allowed",
 ];
 
 impl ApiError {
@@ -171,6 +175,7 @@ impl ApiError {
             ApiError::TokenReused(Reuse::Full) => "too_many_live_tokens",
             ApiError::StateForbidsCalls(_) => "state_forbids_calls",
             ApiError::UnknownState => "unknown_state",
+            ApiError::HeaderNotAllowed(_) => "header_not_allowed",
         })
     }
 }
@@ -264,6 +269,7 @@ mod tests {
             ApiError::TokenReused(Reuse::Full),
             ApiError::StateForbidsCalls("x".into()),
             ApiError::UnknownState,
+            ApiError::HeaderNotAllowed("x".into()),
         ];
         for e in &all {
             match e {
@@ -293,7 +299,8 @@ mod tests {
                 | ApiError::TooManySessions(_)
                 | ApiError::TokenReused(_)
                 | ApiError::StateForbidsCalls(_)
-                | ApiError::UnknownState => {}
+                | ApiError::UnknownState
+                | ApiError::HeaderNotAllowed(_) => {}
             }
         }
         all

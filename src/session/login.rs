@@ -168,6 +168,7 @@ fn admit(
         plan: apps.dial_plans.get(app).cloned().unwrap_or_default(),
         states: apps.states.get(app).cloned().unwrap_or_default(),
         call_data: apps.call_data.get(app).cloned().unwrap_or_default(),
+        call_headers: apps.call_headers.get(app).cloned().unwrap_or_default(),
     };
     Ok((verified, rules))
 }

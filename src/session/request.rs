@@ -33,8 +33,15 @@ pub(crate) enum Request {
     },
     /// Liveness check.
     Ping { id: u64 },
-    /// Call `to` with the browser's SDP offer; the reply carries callgate's answer.
-    Call { id: u64, to: String, sdp: String },
+    /// Call `to` with the browser's SDP offer; the reply carries callgate's answer. `headers`:
+    /// X- headers for the INVITE, among the app's `call_headers`.
+    Call {
+        id: u64,
+        to: String,
+        sdp: String,
+        #[serde(default)]
+        headers: std::collections::BTreeMap<String, String>,
+    },
     /// Hang up (or cancel) a call.
     Hangup { id: u64, call_id: String },
     /// Answer an incoming call with the browser's SDP offer; the reply carries the answer.

@@ -535,7 +535,7 @@ pub struct Call {
     /// We accepted an inbound REFER and owe the referrer NOTIFYs until the final one.
     refer_subscription: bool,
     /// Headers of our INVITE beyond the usual ones (Referred-By, Replaces).
-    extra_headers: Vec<(&'static str, String)>,
+    extra_headers: Vec<(String, String)>,
     /// After a transfer we followed succeeded: when to BYE this dialog ourselves if the
     /// referrer has not (RFC 5589 leaves it to the referrer).
     bye_at: Option<Instant>,
@@ -647,10 +647,10 @@ impl Call {
         timers: Timers,
         seed: u64,
     ) -> Call {
-        let mut extra = vec![("Referred-By", referral.referred_by.clone())];
+        let mut extra = vec![("Referred-By".to_owned(), referral.referred_by.clone())];
         if let Some(r) = &referral.replaces {
-            extra.push(("Replaces", r.clone()));
-            extra.push(("Require", "replaces".to_owned()));
+            extra.push(("Replaces".to_owned(), r.clone()));
+            extra.push(("Require".to_owned(), "replaces".to_owned()));
         }
         Call::outgoing_with(
             local,
@@ -663,14 +663,16 @@ impl Call {
         )
     }
 
-    fn outgoing_with(
+    /// [`outgoing`](Self::outgoing) with `extra_headers` in its INVITEs (checked by the
+    /// caller: names and values that cannot break the message).
+    pub(crate) fn outgoing_with(
         local: Local,
         account: SipAccount,
         request_uri: String,
         sdp: String,
         timers: Timers,
         seed: u64,
-        extra_headers: Vec<(&'static str, String)>,
+        extra_headers: Vec<(String, String)>,
     ) -> Call {
         let mut c = Call::blank(Role::Outbound, local, account, timers, seed);
         c.extra_headers = extra_headers;

@@ -175,12 +175,25 @@ impl Endpoint {
         to: &str,
         sdp: String,
     ) -> Result<CallHandle, EndpointError> {
+        self.dial_with(reg, to, sdp, Vec::new()).await
+    }
+
+    /// [`dial`](Self::dial) with `headers` added to the INVITE (the app's allowed X- headers,
+    /// already checked).
+    pub async fn dial_with(
+        &self,
+        reg: &RegistrationHandle,
+        to: &str,
+        sdp: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<CallHandle, EndpointError> {
         let (reply, rx) = oneshot::channel();
         self.cmds
             .send(Command::Dial {
                 key: reg.key.clone(),
                 to: to.to_owned(),
                 sdp,
+                headers,
                 reply,
             })
             .map_err(|_| EndpointError::Closed)?;

@@ -130,6 +130,7 @@ pub(crate) enum Command {
         key: RegKey,
         to: String,
         sdp: String,
+        headers: Vec<(String, String)>,
         reply: oneshot::Sender<Result<CallHandle, EndpointError>>,
     },
     Call {

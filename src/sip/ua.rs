@@ -322,9 +322,10 @@ impl UserAgent {
                 key,
                 to,
                 sdp,
+                headers,
                 reply,
             } => {
-                let result = self.dial(&key, &to, sdp);
+                let result = self.dial(&key, &to, sdp, headers);
                 let _ = reply.send(result);
             }
             Command::Call { id, action } => {
@@ -560,7 +561,13 @@ impl UserAgent {
         (id, public_id, rx)
     }
 
-    fn dial(&mut self, key: &RegKey, to: &str, sdp: String) -> Result<CallHandle, EndpointError> {
+    fn dial(
+        &mut self,
+        key: &RegKey,
+        to: &str,
+        sdp: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<CallHandle, EndpointError> {
         if self.shutdown.is_some() {
             return Err(EndpointError::Closed);
         }
@@ -570,13 +577,14 @@ impl UserAgent {
         let (local, account) = self.local_for(key).ok_or(EndpointError::NotRegistered)?;
         let uri = dial_uri(to, account.domain.as_str())?;
         tracing::info!(from = %local.aor, "dialling");
-        let call = Call::outgoing(
+        let call = Call::outgoing_with(
             local,
             account,
             uri,
             sdp,
             self.settings.timers,
             self.ids.next(),
+            headers,
         );
         let sip_call_id = call.call_id().to_owned();
         let (id, call_id, events) = self.new_call(call, key, None, public_id()?);

@@ -120,6 +120,7 @@ impl Rig {
                 key: key.clone(),
                 to: "1002".into(),
                 sdp: SDP.into(),
+                headers: vec![("X-Customer-Id".into(), "C-7".into())],
                 reply,
             },
         );
