@@ -50,7 +50,8 @@ impl Gateway {
             "[apps.crm]\nkeys = [\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"]\n\
              states = [\n\
              { id = \"available\", label = \"Available\", may_call_out = true, may_receive = true },\n\
-             { id = \"paused\", label = \"Paused\" },\n]\n",
+             { id = \"paused\", label = \"Paused\" },\n]\n\
+             [apps.crm.call_data]\n\"X-Customer-Id\" = \"customerId\"\n",
         );
         let config = Config::load(&cfg).unwrap();
         let bound = Bound::bind(config.clone()).await.unwrap();
@@ -264,6 +265,10 @@ async fn chromium_answers_an_incoming_call() {
         gw.kam.log()
     );
     assert_eq!(report["caller"], "1002", "the banner names the caller");
+    assert_eq!(
+        report["banner_data"], "customerId: C-1042",
+        "the banner shows the dialler's data"
+    );
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     assert!(received >= 40, "{:#}", report["stats"]);
     assert_eq!(

@@ -155,6 +155,7 @@ const stats = page => page.evaluate(async () => {
       const [seconds] = rest;
       await page.waitForSelector('#banner.show', { timeout: 15000 });
       report.caller = await page.textContent('#banner-who');
+      report.banner_data = await page.textContent('#banner-data');
       await shot(`${mode}-2-ringing`);
       await page.click('#accept');
       await page.waitForFunction(() => [...window.callgatePhone.calls.values()].some(c => c.state === 'established'), null, { timeout: 15000 });
