@@ -3149,7 +3149,7 @@ async fn the_crm_sets_an_agents_state_and_the_stats_show_the_time_in_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_diallers_headers_reach_the_page_the_crm_and_the_history() {
     use common::peers::Sipp;
-    use common::sse::{Sse, request};
+    use common::sse::Sse;
 
     let kam = Kamailio::start(free_udp_port());
     let mut srv = server_with_app_options(
@@ -3201,17 +3201,7 @@ async fn a_diallers_headers_reach_the_page_the_crm_and_the_history() {
         .unwrap();
     assert!(ok, "{log}");
 
-    let row = format!("/api/v1/calls/{call_id}");
-    let mut tries = 0;
-    let call = loop {
-        let (status, body) = request(srv.addr, "GET", &row, Some(CRM_API_KEY), None).await;
-        if (status == 200 && body["endReason"] != "in_progress") || tries == 20 {
-            assert_eq!(status, 200, "{body}");
-            break body;
-        }
-        tries += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let call = finished_row(srv.addr, &call_id).await;
     assert_eq!(call["data"], want, "{call}");
     assert!(!call.to_string().contains("X-Internal-Score"), "{call}");
     let _ = ws.close(None).await;
@@ -3299,7 +3289,6 @@ async fn calls_left_ringing_twice_make_the_agent_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_carries_the_x_headers_the_app_allows() {
     use common::peers::Sipp;
-    use common::sse::request;
 
     let kam = Kamailio::start(free_udp_port());
     let mut far = Sipp::uas_with(
@@ -3356,16 +3345,7 @@ async fn a_call_carries_the_x_headers_the_app_allows() {
         .unwrap();
     assert!(ok, "the INVITE lacked the X- headers:\n{log}");
 
-    let row = format!("/api/v1/calls/{call_id}");
-    let mut tries = 0;
-    let rec = loop {
-        let (status, body) = request(srv.addr, "GET", &row, Some(CRM_API_KEY), None).await;
-        if (status == 200 && body["endReason"] != "in_progress") || tries == 20 {
-            break body;
-        }
-        tries += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let rec = finished_row(srv.addr, &call_id).await;
     assert_eq!(rec["data"], json!({"customerId": "C-1042"}), "{rec}");
     let _ = ws.close(None).await;
     srv.shut_down().await;
