@@ -17,6 +17,10 @@ use common::peers::{Kamailio, Sipp, free_udp_port};
 use common::{TempDir, require_tool, run_bounded};
 
 const PASSWORD: &str = "pass1001";
+/// The CRM backend's API key for app crm.
+const CRM_API_KEY: &str = "browser-crm-api-key-0123456789";
+/// The agent the page logs in as.
+const AGENT: &str = "1001@127.0.0.1";
 
 /// One browser scenario at a time: three Chromiums, Kamailios and sipps at once overload a
 /// 2-core machine and make timing assertions meaningless.
@@ -48,6 +52,7 @@ impl Gateway {
         dir.write(
             "apps.toml",
             "[apps.crm]\nkeys = [\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"]\n\
+             api_keys = [\"browser-crm-api-key-0123456789\"]\nauto_answer = true\n\
              states = [\n\
              { id = \"available\", label = \"Available\", may_call_out = true, may_receive = true },\n\
              { id = \"paused\", label = \"Paused\" },\n]\n\
@@ -67,6 +72,32 @@ impl Gateway {
             config_path: cfg,
             stop: Some(stop),
             _dir: dir,
+        }
+    }
+
+    /// The HTTP address.
+    fn addr(&self) -> std::net::SocketAddr {
+        self.url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap()
+    }
+
+    /// Waits (up to 20 s) until the page's agent is registered, as callgate's /metrics says
+    /// (Chromium takes one to several seconds to launch and log in).
+    async fn page_registered(addr: std::net::SocketAddr) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            let m = tokio::task::spawn_blocking(move || {
+                common::http_get(&addr.to_string(), "/metrics")
+            })
+            .await
+            .unwrap();
+            if m.contains("callgate_registrations{state=\"registered\"} 1") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -227,25 +258,10 @@ async fn chromium_answers_an_incoming_call() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let gw = Gateway::start().await;
     let kam_port = gw.kam.port;
-    // The caller (sipp as 1002, echoing RTP) dials 1001 once the page is registered (callgate's
-    // /metrics says so; Chromium takes one to several seconds to launch and log in).
-    let http = gw
-        .url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_owned();
+    // The caller (sipp as 1002, echoing RTP) dials 1001 once the page is registered.
+    let addr = gw.addr();
     let caller = tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::time::Instant::now() < deadline {
-            let addr = http.clone();
-            let m = tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
-                .await
-                .unwrap();
-            if m.contains("callgate_registrations{state=\"registered\"} 1") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        Gateway::page_registered(addr).await;
         let mut c = Sipp::uac_with(kam_port, "1001", "uac_answered_long.xml", &["-rtp_echo"]);
         tokio::task::spawn_blocking(move || c.wait(Duration::from_secs(30)))
             .await
@@ -527,4 +543,144 @@ async fn chromium_transfers_a_call_blind() {
         .await
         .unwrap();
     assert!(ok, "1003 did not get the transferred call:\n{log}");
+}
+
+/// The next event of `sse` for which `pick` holds (within 30 s in all).
+async fn sse_until(
+    sse: &mut common::sse::Sse,
+    pick: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = sse.next(left).await.expect("the event in time").data;
+        if pick(&ev) {
+            return ev;
+        }
+    }
+}
+
+/// Click-to-call from the CRM backend: the page (Chromium, callgate.js) places the call without
+/// a click, with audio both ways through baresip; then the backend transfers it blind to 1003
+/// (sipp), and the page sees it end as transferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_places_the_crms_click_to_call_and_the_crm_transfers_it() {
+    use common::sse::{Sse, request};
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut third = Sipp::uas(gw.kam.port, "1003", "pass1003", "uas_hangup.xml");
+    let far = common::peers::Baresip::start(gw.kam.port, "1002", "pass1002");
+    let addr = gw.addr();
+    let events = format!("/api/v1/agents/{AGENT}/events");
+    let mut sse = Sse::open(addr, &events, Some(CRM_API_KEY), None).await;
+    assert_eq!(sse.status, 200);
+    let target = format!("sip:1003@127.0.0.1:{}", gw.kam.port);
+    let crm = tokio::spawn(async move {
+        Gateway::page_registered(addr).await;
+        let calls = format!("/api/v1/agents/{AGENT}/calls");
+        let (status, placed) = request(
+            addr,
+            "POST",
+            &calls,
+            Some(CRM_API_KEY),
+            Some(&serde_json::json!({"to": "1002"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{placed}");
+        let call_id = placed["callId"].as_str().unwrap().to_owned();
+        sse_until(&mut sse, |ev| {
+            ev["callId"] == call_id.as_str() && ev["state"] == "established"
+        })
+        .await;
+        // The page measures its audio 2 s after the answer; then the transfer.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let path = format!("/api/v1/calls/{call_id}/transfer");
+        let to = serde_json::json!({ "to": target });
+        let (status, body) = request(addr, "POST", &path, Some(CRM_API_KEY), Some(&to)).await;
+        assert_eq!(status, 202, "{body}");
+        call_id
+    });
+    let report = gw
+        .drive(vec![
+            "backend".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "2".into(),
+        ])
+        .await;
+    assert!(report.get("error").is_none(), "{report:#}\n{}", far.log());
+    let call_id = crm.await.unwrap();
+    assert_eq!(report["outgoing"], call_id.as_str(), "{report:#}");
+    let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    let sent = report["stats"]["packetsSent"].as_u64().unwrap_or(0);
+    assert!(sent >= 50 && received >= 50, "{:#}", report["stats"]);
+    assert_eq!(
+        report["calls_shown"], 1,
+        "the page shows the call it placed"
+    );
+    assert_eq!(report["end_reason"], "transferred", "{report:#}");
+    let (ok, log) = tokio::task::spawn_blocking(move || third.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert!(ok, "1003 did not get the transferred call:\n{log}");
+}
+
+/// A dialler's call asking for auto-answer (`Call-Info: ...;answer-after=0`, the app has
+/// `auto_answer = true`) is answered by the page with no click and no ringing banner; the CRM's
+/// event stream and the call's history row carry the dialler's customer id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_auto_answers_a_diallers_call() {
+    use common::sse::Sse;
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let (addr, kam_port) = (gw.addr(), gw.kam.port);
+    let events = format!("/api/v1/agents/{AGENT}/events");
+    let mut sse = Sse::open(addr, &events, Some(CRM_API_KEY), None).await;
+    let caller = tokio::spawn(async move {
+        Gateway::page_registered(addr).await;
+        let mut c = Sipp::uac_with(kam_port, "1001", "uac_auto_answer.xml", &["-rtp_echo"]);
+        tokio::task::spawn_blocking(move || c.wait(Duration::from_secs(30)))
+            .await
+            .unwrap()
+    });
+    let report = gw
+        .drive(vec![
+            "autoanswer".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1".into(),
+        ])
+        .await;
+    assert!(report.get("error").is_none(), "{report:#}");
+    let (ok, log) = caller.await.unwrap();
+    assert!(ok, "the dialler's call was answered and hung up:\n{log}");
+    assert_eq!(report["auto"], true, "{report:#}");
+    assert_eq!(report["banner"], false, "no ringing banner: {report:#}");
+    assert_eq!(report["end_reason"], "remote_hangup", "{report:#}");
+    let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    assert!(received >= 25, "{:#}", report["stats"]);
+    let incoming = sse_until(&mut sse, |ev| ev["type"] == "incoming").await;
+    assert_eq!(
+        (
+            incoming["data"]["customerId"].as_str(),
+            incoming["autoAnswer"].as_bool()
+        ),
+        (Some("C-1042"), Some(true)),
+        "{incoming}"
+    );
+    let call_id = incoming["callId"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/calls/{call_id}");
+    let mut row = serde_json::Value::Null;
+    for _ in 0..20 {
+        let r = Sse::open(addr, &path, Some(CRM_API_KEY), None).await;
+        row = r.body().await;
+        if row["endReason"] != "in_progress" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(row["data"]["customerId"], "C-1042", "{row}");
+    assert_eq!(row["direction"], "inbound", "{row}");
 }

@@ -3043,7 +3043,7 @@ async fn the_crm_sets_an_agents_state_and_the_stats_show_the_time_in_each() {
         ),
         (
             Some(CRM_API_KEY),
-            json!({"state": "x".repeat(2000)}),
+            json!({"state": "x".repeat(5000)}),
             413,
             "body_too_large",
         ),
@@ -3077,8 +3077,8 @@ async fn the_crm_sets_an_agents_state_and_the_stats_show_the_time_in_each() {
     let st = next_state(&mut ws, &mut seen).await;
     assert_eq!(
         (st["state"].as_str(), st["cause"].as_str()),
-        (Some("paused"), Some("requested")),
-        "{st}"
+        (Some("paused"), Some("api")),
+        "{st}: a change through the HTTP API says so"
     );
     let paused_at = tokio::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(2200)).await;
@@ -3348,5 +3348,261 @@ async fn a_call_carries_the_x_headers_the_app_allows() {
     let rec = finished_row(srv.addr, &call_id).await;
     assert_eq!(rec["data"], json!({"customerId": "C-1042"}), "{rec}");
     let _ = ws.close(None).await;
+    srv.shut_down().await;
+}
+
+/// Backend call control: the CRM's click-to-call reaches the page as a `dial` event, the page's
+/// `call` carrying its `requestId` answers the HTTP request with the call's id; then the CRM
+/// holds, resumes, sends digits (with the agent's own apiToken) and hangs up, each seen by sipp
+/// and told to the page. Another app's key, a wrong body, a header the app does not allow and an
+/// ended call are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crm_places_holds_and_hangs_up_a_call_through_the_page() {
+    use common::peers::Sipp;
+    use common::sse::request;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas(kam.port, "1002", "pass1002", "uas_hold_dtmf.xml");
+    let mut srv = server_with_app_options("call_headers = [\"X-Ticket\"]").await;
+    let mut seen = Vec::new();
+    let calls = "/api/v1/agents/1001@127.0.0.1/calls";
+    let dial = json!({"to": "1002"});
+    let (status, body) = request(srv.addr, "POST", calls, Some(CRM_API_KEY), Some(&dial)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("agent_offline")),
+        "{body}"
+    );
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let own = api_token_of(&seen);
+    let refusals = [
+        (ERP_API_KEY, dial.clone(), 403, "forbidden"),
+        (CRM_API_KEY, json!({"number": "1002"}), 400, "bad_request"),
+        (
+            CRM_API_KEY,
+            json!({"to": "1002", "headers": {"X-Other": "1"}}),
+            400,
+            "header_not_allowed",
+        ),
+        (
+            CRM_API_KEY,
+            json!({"to": "1002", "headers": {"X-Ticket": "x".repeat(5000)}}),
+            413,
+            "body_too_large",
+        ),
+    ];
+    for (key, body, want, code) in refusals {
+        let (status, answer) = request(srv.addr, "POST", calls, Some(key), Some(&body)).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (want, Some(code)),
+            "{body}: {answer}"
+        );
+    }
+
+    // Click-to-call: the HTTP request waits while the page places the call.
+    let addr = srv.addr;
+    let asked = json!({"to": "1002", "headers": {"X-Ticket": "T-77"}});
+    let crm =
+        tokio::spawn(
+            async move { request(addr, "POST", calls, Some(CRM_API_KEY), Some(&asked)).await },
+        );
+    let ev = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "dial" {
+            break ev;
+        }
+    };
+    assert_eq!(
+        (ev["to"].as_str(), ev["headers"]["X-Ticket"].as_str()),
+        (Some("1002"), Some("T-77")),
+        "{ev}"
+    );
+    let (mut page, offer) = common::rtc_peer::RtcPeer::offer().await;
+    let call = json!({"type": "call", "id": 5, "to": ev["to"], "headers": ev["headers"],
+        "requestId": ev["requestId"], "sdp": offer});
+    ws.send(Message::text(call.to_string())).await.unwrap();
+    let reply = next(&mut ws, &mut seen).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    page.accept(reply["sdp"].as_str().unwrap()).await;
+    let (status, placed) = crm.await.unwrap();
+    assert_eq!(status, 201, "{placed}");
+    let call_id = reply["callId"].as_str().unwrap().to_owned();
+    assert_eq!(placed["callId"], call_id.as_str(), "{placed}");
+    let state_is = async |ws: &mut Ws, seen: &mut Vec<String>, want: &str| loop {
+        let ev = next(ws, seen).await;
+        if ev["type"] == "call" && ev["state"] == want {
+            break;
+        }
+        assert_ne!(ev["state"], "ended", "{ev}");
+    };
+    state_is(&mut ws, &mut seen, "established").await;
+
+    let on_call = |action: &str| format!("/api/v1/calls/{call_id}/{action}");
+    // Another app's key may not touch the call; an unknown one is not live.
+    let (status, body) = request(srv.addr, "POST", &on_call("hold"), Some(ERP_API_KEY), None).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = request(
+        srv.addr,
+        "POST",
+        "/api/v1/calls/no-such-call/hold",
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("call_not_live")),
+        "{body}"
+    );
+    let (status, body) = request(srv.addr, "POST", &on_call("hold"), Some(CRM_API_KEY), None).await;
+    assert_eq!(
+        (status, body["action"].as_str()),
+        (202, Some("hold")),
+        "{body}"
+    );
+    state_is(&mut ws, &mut seen, "held").await;
+    let (status, body) = request(
+        srv.addr,
+        "POST",
+        &on_call("unhold"),
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    state_is(&mut ws, &mut seen, "established").await;
+    let bad = json!({"digits": "12x"});
+    let (status, body) = request(srv.addr, "POST", &on_call("dtmf"), Some(&own), Some(&bad)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    let digits = json!({"digits": "1#"});
+    let (status, body) = request(
+        srv.addr,
+        "POST",
+        &on_call("dtmf"),
+        Some(&own),
+        Some(&digits),
+    )
+    .await;
+    assert_eq!(status, 202, "the agent's own credential: {body}");
+    // Two INFOs, 200 ms each, before the hang-up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (status, body) = request(
+        srv.addr,
+        "POST",
+        &on_call("hangup"),
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    state_is(&mut ws, &mut seen, "ended").await;
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "sipp saw hold, resume, 1 and # and the BYE:\n{log}");
+    let (status, body) = request(
+        srv.addr,
+        "POST",
+        &on_call("hangup"),
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "an ended call: {body}");
+    let rec = finished_row(srv.addr, &call_id).await;
+    assert_eq!(rec["direction"], "outbound", "{rec}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
+    srv.shut_down().await;
+}
+
+/// Call disposition: the CRM records a wrap-up code, notes and custom fields on a call while it
+/// goes on and after it ended (each PATCH merged into the last, `null` removing); the call's end
+/// keeps them; the history returns them in the call and in the list; another app's key, a bad
+/// body, an oversized one and an unknown call are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crm_records_a_disposition_kept_with_the_call() {
+    use common::peers::Sipp;
+    use common::sse::request;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut far = Sipp::uas(kam.port, "1002", "pass1002", "uas_answer.xml");
+    let mut srv = server().await;
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    let (page, call_id) = place_call(&mut ws, &mut seen, 2, "1002").await;
+    let path = format!("/api/v1/calls/{call_id}");
+    let during =
+        json!({"code": "callback", "notes": "Busy now.\nCall at 5.", "fields": {"orderId": "O-1"}});
+    let (status, row) = request(srv.addr, "PATCH", &path, Some(CRM_API_KEY), Some(&during)).await;
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["disposition"]["code"], "callback", "{row}");
+    let refusals = [
+        (ERP_API_KEY, path.clone(), json!({"code": "x"}), 403),
+        (CRM_API_KEY, path.clone(), json!({"outcome": "sale"}), 400),
+        (CRM_API_KEY, path.clone(), json!({"code": "a\r\nb"}), 400),
+        (
+            CRM_API_KEY,
+            path.clone(),
+            json!({"notes": "x".repeat(20_000)}),
+            413,
+        ),
+        (
+            CRM_API_KEY,
+            "/api/v1/calls/c-no-such-call".into(),
+            json!({"code": "x"}),
+            404,
+        ),
+    ];
+    for (key, at, body, want) in refusals {
+        let (status, answer) = request(srv.addr, "PATCH", &at, Some(key), Some(&body)).await;
+        assert_eq!(status, want, "{body}: {answer}");
+    }
+    ws.send(Message::text(
+        json!({"type": "hangup", "id": 3, "callId": call_id}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let ended = finished_row(srv.addr, &call_id).await;
+    assert_eq!(
+        ended["disposition"]["notes"], "Busy now.\nCall at 5.",
+        "{ended}"
+    );
+    let after =
+        json!({"code": "sale", "notes": null, "fields": {"plan": "yearly", "orderId": null}});
+    let (status, row) = request(srv.addr, "PATCH", &path, Some(CRM_API_KEY), Some(&after)).await;
+    assert_eq!(status, 200, "{row}");
+    let d = &row["disposition"];
+    assert_eq!(
+        (
+            d["code"].clone(),
+            d.get("notes").is_none(),
+            d["fields"].clone()
+        ),
+        (json!("sale"), true, json!({"plan": "yearly"})),
+        "{row}"
+    );
+    assert!(d["updatedAt"].as_i64().unwrap() > 0, "{row}");
+    let (status, list) = request(
+        srv.addr,
+        "GET",
+        "/api/v1/calls?agent=1001@127.0.0.1",
+        Some(CRM_API_KEY),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["calls"][0]["disposition"]["code"], "sale", "{list}");
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+    let _ = ws.close(None).await;
+    page.pc.close().await.unwrap();
     srv.shut_down().await;
 }

@@ -68,7 +68,7 @@ export interface AgentStateEvent extends StateInfo {
   type: 'agentState';
   /** Unix milliseconds when it was entered. */
   since: number;
-  cause: 'login' | 'requested' | 'call_ended' | 'wrap_up' | 'wrap_up_over' | 'missed_calls';
+  cause: 'login' | 'requested' | 'api' | 'call_ended' | 'wrap_up' | 'wrap_up_over' | 'missed_calls';
   /** A state asked for during a call, entered when the agent's last call ends. */
   pending?: string;
   /** In wrap-up: when it ends (Unix milliseconds). */
@@ -97,6 +97,8 @@ export class Call implements Emitter<CallEvents> {
   displayName?: string;
   /** Incoming calls: the app's call data from the INVITE (e.g. `customerId`), for a screen pop. */
   data?: Record<string, string>;
+  /** Incoming calls: the caller asked for auto-answer and the app allows it; the SDK answers. */
+  autoAnswer?: boolean;
   state: CallState;
   /** The far end's audio, for an <audio> element. */
   readonly remoteStream: MediaStream;
@@ -126,7 +128,12 @@ export interface PhoneEvents {
   registration: RegistrationEvent;
   /** The agent's state changed (or was told at login and resume). */
   state: AgentStateEvent;
+  /** A call for the agent (with `autoAnswer`, the SDK is answering it already). */
   incoming: Call;
+  /** A call the CRM backend placed through this page (click-to-call), once placed. */
+  outgoing: Call;
+  /** Something the SDK did on its own failed (auto-answer, click-to-call). */
+  error: Error & { code?: string };
   /** The caller gave up before the answer. */
   missed: { type: 'missed'; callId: string; from: string };
   /** The connection dropped; the SDK is resuming the session (calls stay up at callgate). */

@@ -248,8 +248,15 @@ export class Callgate extends Emitter {
       const call = new Call(this, m.callId, 'inbound', m.from);
       call.displayName = m.displayName;
       call.data = m.data || {};
+      // The caller asked for auto-answer (a dialler's answer-after=0) and the app allows it.
+      call.autoAnswer = !!m.autoAnswer;
       this.calls.set(m.callId, call);
       this._emit('incoming', call);
+      if (call.autoAnswer) call.answer().catch(e => this._emit('error', e));
+    } else if (m.type === 'dial') {
+      // Click-to-call from the CRM backend: placed as the page's own call would be.
+      const req = { type: 'call', to: m.to, requestId: m.requestId, ...(m.headers ? { headers: m.headers } : {}) };
+      this._place(req).then(call => this._emit('outgoing', call), e => this._emit('error', e));
     } else if (m.type === 'call' && !this.calls.has(m.callId) && m.state !== 'ended') {
       // A call of a resumed session.
       const call = new Call(this, m.callId, m.direction, m.peer);

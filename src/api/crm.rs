@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 
 use super::auth::{Auth, denied, refuse};
 use super::state::AppState;
-use crate::session::control::Control;
 use crate::session::credentials::{Caller, Denied};
 use crate::session::hub::{Item, SubscribeError};
 
@@ -266,6 +265,75 @@ pub async fn get_call(
     }
 }
 
+/// Most bytes of a `PATCH /api/v1/calls/{callId}` body.
+const MAX_DISPOSITION_BODY: usize = 16 * 1024;
+
+/// `PATCH /api/v1/calls/{callId}` `{"code", "notes", "fields"}`: the CRM records its
+/// disposition of a call (a JSON Merge Patch of what is there: `null` removes), under the
+/// owner rule of `GET`. The answer is the call as `GET` gives it.
+pub async fn patch_call(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    Path(call_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if body.len() > MAX_DISPOSITION_BODY {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            &format!(
+                "the body is {} bytes; at most {MAX_DISPOSITION_BODY}",
+                body.len()
+            ),
+        );
+    }
+    match state.cdr.get(&call_id).await {
+        Ok(None) => return denied(Denied::NotFound),
+        Ok(Some(call)) => {
+            if let Err(d) = who.may_see(&call.agent, Some(&call.app)) {
+                return denied(d);
+            }
+        }
+        Err(e) => return storage_failed(&e),
+    }
+    let patch: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("not JSON: {e}"),
+            );
+        }
+    };
+    if let Err(why) = crate::cdr::disposition::check(&patch) {
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", &why);
+    }
+    match state
+        .cdr
+        .dispose(&call_id, &patch.to_string(), crate::cdr::unix_ms())
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                "too_many_fields",
+                &format!(
+                    "the call would keep more than {} fields; remove some (null) first",
+                    crate::cdr::disposition::MAX_FIELDS
+                ),
+            );
+        }
+        Err(e) => return storage_failed(&e),
+    }
+    match state.cdr.get(&call_id).await {
+        Ok(Some(call)) => Json(call).into_response(),
+        Ok(None) => denied(Denied::NotFound),
+        Err(e) => storage_failed(&e),
+    }
+}
+
 /// `GET /api/v1/agents/{agent}/stats?from=&to=`: calls in and out, answered, missed and talk
 /// time of the calls the agent started in the period.
 pub async fn agent_stats(
@@ -297,79 +365,6 @@ pub async fn agent_stats(
             Json(body).into_response()
         }
         Err(e) => storage_failed(&e),
-    }
-}
-
-/// Most bytes in a `PUT /api/v1/agents/{agent}/state` body.
-const MAX_STATE_BODY: usize = 1024;
-
-/// The body of `PUT /api/v1/agents/{agent}/state`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutState {
-    state: String,
-}
-
-/// `PUT /api/v1/agents/{agent}/state` `{"state": "paused"}`: the CRM backend (or the agent's
-/// own page credential) sets a logged-in agent's state, as the page's `setState` would: during
-/// a call it is pending until the call ends. The reply is the `agentState` event after it.
-pub async fn put_agent_state(
-    State(state): State<AppState>,
-    Auth(who): Auth,
-    Path(agent): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    if body.len() > MAX_STATE_BODY {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            &format!("the body is {} bytes; at most {MAX_STATE_BODY}", body.len()),
-        );
-    }
-    let put: PutState = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("expected {{\"state\": \"<state id>\"}}: {e}"),
-            );
-        }
-    };
-    let live = state.sessions.apps_of(&agent);
-    let app = match &who {
-        Caller::Agent { app, agent: me } if me == &agent => Some(app.clone()),
-        Caller::Agent { .. } => return denied(Denied::Forbidden),
-        Caller::App(mine) if live.contains(mine) => Some(mine.clone()),
-        Caller::App(_) if !live.is_empty() => return denied(Denied::Forbidden),
-        Caller::App(_) => None,
-        Caller::Admin => live.into_iter().next(),
-    };
-    let Some(control) = app.and_then(|app| state.sessions.session_of(&app, &agent)) else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            "agent_offline",
-            "the agent has no live session (states exist while an agent is logged in)",
-        );
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let sent = control.send(Control::SetState {
-        state: put.state,
-        reply,
-    });
-    match tokio::time::timeout(Duration::from_secs(5), async {
-        sent.await.ok()?;
-        answer.await.ok()
-    })
-    .await
-    {
-        Ok(Some(Ok(ev))) => Json(ev).into_response(),
-        Ok(Some(Err(e))) => refuse(StatusCode::BAD_REQUEST, &e.code(), &e.to_string()),
-        Ok(None) | Err(_) => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "agent_offline",
-            "the agent's session ended before it took the change",
-        ),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use axum::Router;
 use axum::extract::State;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 pub use super::state::AppState;
 
@@ -29,10 +29,31 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/agents/{agent}/stats", get(super::crm::agent_stats))
         .route(
             "/api/v1/agents/{agent}/state",
-            axum::routing::put(super::crm::put_agent_state),
+            axum::routing::put(super::control::put_agent_state),
+        )
+        .route(
+            "/api/v1/agents/{agent}/calls",
+            post(super::control::click_to_call),
+        )
+        .route(
+            "/api/v1/calls/{callId}/hangup",
+            post(super::control::hangup),
+        )
+        .route("/api/v1/calls/{callId}/hold", post(super::control::hold))
+        .route(
+            "/api/v1/calls/{callId}/unhold",
+            post(super::control::unhold),
+        )
+        .route("/api/v1/calls/{callId}/dtmf", post(super::control::dtmf))
+        .route(
+            "/api/v1/calls/{callId}/transfer",
+            post(super::control::transfer),
         )
         .route("/api/v1/calls", get(super::crm::list_calls))
-        .route("/api/v1/calls/{callId}", get(super::crm::get_call))
+        .route(
+            "/api/v1/calls/{callId}",
+            get(super::crm::get_call).patch(super::crm::patch_call),
+        )
         .route(
             "/api/v1/calls/{callId}/recording",
             get(super::crm::get_recording),

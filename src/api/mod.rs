@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod control;
 pub mod crm;
 pub mod http;
 pub mod serve;

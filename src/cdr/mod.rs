@@ -7,6 +7,7 @@
 //! neither waits on the other (WAL). Reads serve the CRM's HTTP API: a page of calls (newest
 //! first, with an opaque cursor), one call, and per-agent statistics. No secret is ever stored.
 
+pub mod disposition;
 pub mod schema;
 pub mod states;
 mod writer;
@@ -112,6 +113,9 @@ pub struct CallRecord {
     pub recording: Option<String>,
     /// Its data fields (apps.toml `call_data`: a dialler's headers); empty if none.
     pub data: std::collections::BTreeMap<String, String>,
+    /// What the CRM recorded about it (`code`, `notes`, `fields`, `updatedAt`), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disposition: Option<serde_json::Value>,
 }
 
 /// A page of calls.
@@ -191,7 +195,24 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallRecord> {
             .get::<_, Option<String>>(20)?
             .and_then(|j| serde_json::from_str(&j).ok())
             .unwrap_or_default(),
+        disposition: disposition(r.get(21)?, r.get(22)?),
     })
+}
+
+/// The stored disposition JSON with its time, as the API returns it.
+fn disposition(json: Option<String>, at: Option<i64>) -> Option<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_str(&json?).ok()?;
+    if let (Some(o), Some(at)) = (v.as_object_mut(), at) {
+        o.insert("updatedAt".into(), at.into());
+    }
+    Some(v)
+}
+
+/// The columns [`row`] reads, from the calls and their dispositions.
+fn select() -> String {
+    format!(
+        "SELECT {COLUMNS}, d.disposition, d.updated_at FROM calls LEFT JOIN dispositions d USING (call_id)"
+    )
 }
 
 /// A cursor is the last row's (started_at, call_id), hex-encoded so it stays opaque.
@@ -238,7 +259,8 @@ fn list_query(
         conds.push(format!("(started_at, call_id) < (?{n}, ?{})", n + 1));
     }
     let sql = format!(
-        "SELECT {COLUMNS} FROM calls{}{} ORDER BY started_at DESC, call_id DESC LIMIT {}",
+        "{} {}{} ORDER BY started_at DESC, call_id DESC LIMIT {}",
+        select(),
         if conds.is_empty() { "" } else { " WHERE " },
         conds.join(" AND "),
         i64::from(limit) + 1
@@ -397,6 +419,19 @@ impl CdrStore {
             .map(|_| ())
     }
 
+    /// Merges the CRM's disposition `patch` (a checked JSON Merge Patch, see
+    /// [`disposition::check`]) into call `call_id`'s, at `at` (Unix ms). `false`: nothing was
+    /// written (no such call, or the result would keep more than
+    /// [`disposition::MAX_FIELDS`] fields).
+    pub async fn dispose(&self, call_id: &str, patch: &str, at: i64) -> Result<bool, CdrError> {
+        let op = writer::Op::Dispose {
+            call_id: call_id.to_owned(),
+            patch: patch.to_owned(),
+            at,
+        };
+        self.submit(op, None).await.map(|n| n > 0)
+    }
+
     /// Records a finished call.
     pub async fn insert(&self, c: CallRecord) -> Result<(), CdrError> {
         self.finished(c, None).await
@@ -447,7 +482,7 @@ impl CdrStore {
         let id = call_id.to_owned();
         self.with(move |db| {
             db.query_row(
-                &format!("SELECT {COLUMNS} FROM calls WHERE call_id = ?1"),
+                &format!("{} WHERE call_id = ?1", select()),
                 params![id],
                 row,
             )
@@ -567,7 +602,57 @@ mod tests {
             jitter_ms: 1.5,
             recording: None,
             data: Default::default(),
+            disposition: None,
         }
+    }
+
+    /// A disposition is merged patch by patch (null removes), kept apart from the call's row
+    /// (its end rewrites the row and keeps it), listed with the call, and refused for an
+    /// unknown call or past the field limit.
+    #[tokio::test]
+    async fn a_disposition_is_merged_kept_across_the_calls_end_and_listed() {
+        use serde_json::json;
+        let store = CdrStore::open(&temp_db()).unwrap();
+        let mut live = record("c-1", "1001@pbx", 100, "inbound", IN_PROGRESS);
+        live.ended_at = None;
+        store.started(live);
+        let patch = |v: serde_json::Value| v.to_string();
+        let first =
+            json!({"code": "callback", "notes": "Busy, call at 5", "fields": {"orderId": "O-1"}});
+        assert!(store.dispose("c-1", &patch(first), 200).await.unwrap());
+        let second =
+            json!({"code": "sale", "notes": null, "fields": {"plan": "yearly", "orderId": null}});
+        assert!(store.dispose("c-1", &patch(second), 300).await.unwrap());
+        // The call ends after: its row is written whole again.
+        store
+            .insert(record("c-1", "1001@pbx", 100, "inbound", "remote_hangup"))
+            .await
+            .unwrap();
+        let want = json!({"code": "sale", "fields": {"plan": "yearly"}, "updatedAt": 300});
+        let got = store.get("c-1").await.unwrap().unwrap();
+        assert_eq!(got.disposition, Some(want.clone()));
+        assert_eq!(got.end_reason, "remote_hangup");
+        let page = store
+            .list(Filter::default(), 10, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(page.calls[0].disposition, Some(want));
+        // No such call: nothing written.
+        assert!(
+            !store
+                .dispose("c-none", "{\"code\": \"x\"}", 400)
+                .await
+                .unwrap()
+        );
+        // More fields than kept, over several patches: refused, the stored one unchanged.
+        let many: serde_json::Map<String, serde_json::Value> = (0..disposition::MAX_FIELDS)
+            .map(|i| (format!("f{i}"), json!("v")))
+            .collect();
+        let refused = json!({ "fields": many });
+        assert!(!store.dispose("c-1", &patch(refused), 500).await.unwrap());
+        let got = store.get("c-1").await.unwrap().unwrap();
+        assert_eq!(got.disposition.unwrap()["updatedAt"], 300);
     }
 
     fn temp_db() -> PathBuf {

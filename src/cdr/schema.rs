@@ -77,6 +77,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX agent_states_open ON agent_states (app, agent) WHERE ended_at IS NULL;",
     // 4: each call's data fields (a dialler's headers, apps.toml `call_data`), as a JSON object.
     "ALTER TABLE calls ADD COLUMN call_data TEXT;",
+    // 5: what the CRM recorded about each call (`PATCH /api/v1/calls/{callId}`): a JSON
+    // object of code, notes and fields, apart from the call's row, which its end rewrites.
+    "CREATE TABLE dispositions (
+        call_id TEXT PRIMARY KEY,
+        disposition TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );",
 ];
 
 /// The schema version this callgate writes.

@@ -41,6 +41,12 @@ pub(super) enum Op {
     /// At start-up: rows of calls that never ended, closed as `interrupted` with their
     /// recordings (found in `recordings` when the row does not name one).
     CloseInterrupted { recordings: Option<PathBuf> },
+    /// The CRM's disposition patch (JSON Merge Patch) for a call.
+    Dispose {
+        call_id: String,
+        patch: String,
+        at: i64,
+    },
     /// Nothing: done once every write queued before it is.
     Barrier,
 }
@@ -87,6 +93,7 @@ impl std::fmt::Debug for Kind<'_> {
             Op::Final(r) => write!(f, "end of {}", r.call_id),
             Op::State(e) => write!(f, "state of {}", e.agent),
             Op::CloseInterrupted { .. } => write!(f, "closing interrupted calls"),
+            Op::Dispose { call_id, .. } => write!(f, "disposition of {call_id}"),
             Op::Barrier => write!(f, "barrier"),
         }
     }
@@ -125,6 +132,23 @@ fn write(db: &mut Connection, op: &Op) -> rusqlite::Result<usize> {
         ),
         Op::State(e) => super::states::write(db, e),
         Op::Barrier => Ok(0),
+        Op::Dispose { call_id, patch, at } => db.execute(
+            // Merged into what is there (RFC 7396, SQLite's json_patch), unless the result
+            // would keep more custom fields than allowed (then nothing changes: 0 rows).
+            "INSERT INTO dispositions (call_id, disposition, updated_at)
+             SELECT ?1, json_patch('{}', ?2), ?3
+             WHERE EXISTS (SELECT 1 FROM calls WHERE call_id = ?1)
+               AND (SELECT count(*) FROM json_each(json_patch('{}', ?2), '$.fields')) <= ?4
+             ON CONFLICT (call_id) DO UPDATE
+               SET disposition = json_patch(disposition, ?2), updated_at = ?3
+               WHERE (SELECT count(*) FROM json_each(json_patch(disposition, ?2), '$.fields')) <= ?4",
+            params![
+                call_id,
+                patch,
+                at,
+                i64::try_from(super::disposition::MAX_FIELDS).unwrap_or(i64::MAX)
+            ],
+        ),
         Op::CloseInterrupted { recordings } => close_interrupted(db, recordings.as_deref()),
     }
 }

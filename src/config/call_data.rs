@@ -12,10 +12,14 @@ pub const MAX_FIELDS: usize = 32;
 /// Longest value kept, in bytes; a longer one is left out (never cut: a cut id is a wrong id).
 pub const MAX_VALUE: usize = 256;
 
-/// Header (lower-case) -> field name, in the order configured.
+/// Header (lower-case) -> field name, in the order configured; and whether callers may ask
+/// for auto-answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallDataMap {
     fields: Vec<(String, String)>,
+    /// `auto_answer = true`: callers' requests are honoured (`Some`), with the app's own
+    /// header (`auto_answer_header`) as a further way to ask.
+    auto_answer: Option<Option<String>>,
 }
 
 impl CallDataMap {
@@ -48,6 +52,35 @@ impl CallDataMap {
     /// Whether it maps nothing.
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
+    }
+
+    /// Whether an INVITE with `headers` is to be answered at once: the app allows it and the
+    /// caller asks, with `Call-Info: <...>;answer-after=0` (RFC 7462's parameter, as diallers
+    /// and paging systems send it), `Alert-Info: <...>;info=alert-autoanswer`, or the app's
+    /// `auto_answer_header` with any value but `false`, `no` or `0`.
+    pub fn auto_answer(&self, headers: &[(String, String)]) -> bool {
+        let Some(own) = &self.auto_answer else {
+            return false;
+        };
+        let param = |value: &str, name: &str, want: &str| {
+            value.split(';').skip(1).any(|p| {
+                p.split_once('=').is_some_and(|(k, v)| {
+                    k.trim().eq_ignore_ascii_case(name)
+                        && v.trim().trim_matches('"').eq_ignore_ascii_case(want)
+                })
+            })
+        };
+        headers.iter().any(|(name, value)| {
+            (name.eq_ignore_ascii_case("call-info") && param(value, "answer-after", "0"))
+                || (name.eq_ignore_ascii_case("alert-info")
+                    && param(value, "info", "alert-autoanswer"))
+                || own.as_ref().is_some_and(|h| {
+                    name.eq_ignore_ascii_case(h)
+                        && !["false", "no", "0"]
+                            .iter()
+                            .any(|n| value.trim().eq_ignore_ascii_case(n))
+                })
+        })
     }
 }
 
@@ -117,12 +150,14 @@ pub(super) fn check_call_headers(
     CallHeaders { names }
 }
 
-/// Validates `[apps.NAME.call_data]` (`at` is its dotted key).
+/// Validates `[apps.NAME.call_data]` (`at` is its dotted key) and the auto-answer switches
+/// (`auto_answer`, and `auto_answer_header`, at `header_at`).
 pub(super) fn check_call_data(
     c: &mut Checker,
     file: &str,
-    at: &str,
+    (at, header_at): (&str, &str),
     raw: &BTreeMap<String, String>,
+    (auto_answer, header): (bool, Option<&String>),
 ) -> CallDataMap {
     if raw.len() > MAX_FIELDS {
         c.add(file, at, format!("at most {MAX_FIELDS} headers"));
@@ -161,6 +196,27 @@ pub(super) fn check_call_data(
         map.fields
             .push((header.to_ascii_lowercase(), field.to_owned()));
     }
+    if let Some(h) = header {
+        let ok = (1..=64).contains(&h.len())
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.!%*+`'~".contains(&b));
+        if !ok {
+            c.add(
+                file,
+                header_at,
+                "must be a SIP header name (e.g. X-Auto-Answer)",
+            );
+        } else if !auto_answer {
+            c.add(
+                file,
+                header_at,
+                "needs auto_answer = true (which allows auto-answer at all)",
+            );
+        }
+    }
+    if auto_answer {
+        map.auto_answer = Some(header.cloned());
+    }
     map
 }
 
@@ -174,7 +230,47 @@ mod tests {
                 .iter()
                 .map(|(h, f)| (h.to_ascii_lowercase(), (*f).to_owned()))
                 .collect(),
+            auto_answer: None,
         }
+    }
+
+    #[test]
+    fn auto_answer_is_what_the_caller_asks_for_when_the_app_allows_it() {
+        let asks = [
+            headers(&[("Call-Info", "<sip:dialler.example>;answer-after=0")]),
+            headers(&[("call-info", "<http://x>; Answer-After = 0 ;purpose=info")]),
+            headers(&[(
+                "Alert-Info",
+                "<http://www.notused.com>;info=alert-autoanswer",
+            )]),
+            headers(&[("X-Auto-Answer", "yes")]),
+        ];
+        let not = [
+            headers(&[("Call-Info", "<sip:dialler.example>;answer-after=5")]),
+            headers(&[("Call-Info", "<sip:answer-after=0@x>")]),
+            headers(&[("X-Auto-Answer", "false")]),
+            headers(&[("X-Customer-Id", "answer-after=0")]),
+            headers(&[]),
+        ];
+        let allowed = CallDataMap {
+            auto_answer: Some(Some("X-Auto-Answer".into())),
+            ..CallDataMap::default()
+        };
+        for h in &asks {
+            assert!(allowed.auto_answer(h), "{h:?}");
+            // Not allowed by the app: never.
+            assert!(!CallDataMap::default().auto_answer(h), "{h:?}");
+        }
+        for h in &not {
+            assert!(!allowed.auto_answer(h), "{h:?}");
+        }
+        // Without its own header, the app honours the standard ones only.
+        let standard = CallDataMap {
+            auto_answer: Some(None),
+            ..CallDataMap::default()
+        };
+        assert!(standard.auto_answer(&asks[0]));
+        assert!(!standard.auto_answer(&asks[3]));
     }
 
     fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -999,8 +999,9 @@ fn check_apps(
         let call_data = std::sync::Arc::new(call_data::check_call_data(
             c,
             file,
-            &at("call_data"),
+            (&at("call_data"), &at("auto_answer_header")),
             &app.call_data,
+            (app.auto_answer, app.auto_answer_header.as_ref()),
         ));
         let call_headers = std::sync::Arc::new(call_data::check_call_headers(
             c,

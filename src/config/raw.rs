@@ -233,6 +233,10 @@ pub(crate) struct RawApp {
     #[serde(default)]
     pub(crate) call_headers: Vec<String>,
     #[serde(default)]
+    pub(crate) auto_answer: bool,
+    #[serde(default)]
+    pub(crate) auto_answer_header: Option<String>,
+    #[serde(default)]
     pub(crate) states: Vec<RawState>,
     #[serde(default)]
     pub(crate) default_state: Option<String>,

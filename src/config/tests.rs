@@ -467,3 +467,31 @@ fn call_headers_must_be_x_headers() {
         "{got:#?}"
     );
 }
+
+#[test]
+fn an_auto_answer_header_needs_auto_answer_and_a_header_name() {
+    let app = "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n";
+    let got = problems(
+        "",
+        &format!("{app}auto_answer_header = \"X-Auto-Answer\"\n"),
+    );
+    assert!(
+        got.len() == 1 && got[0].starts_with("apps.crm.auto_answer_header"),
+        "{got:#?}"
+    );
+    let got = problems(
+        "",
+        &format!("{app}auto_answer = true\nauto_answer_header = \"X Auto\"\n"),
+    );
+    assert!(
+        got.len() == 1 && got[0].starts_with("apps.crm.auto_answer_header"),
+        "{got:#?}"
+    );
+    assert!(
+        problems(
+            "",
+            &format!("{app}auto_answer = true\nauto_answer_header = \"X-Auto-Answer\"\n")
+        )
+        .is_empty()
+    );
+}

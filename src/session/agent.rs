@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+mod backend;
+
 use super::agent_state::{AgentState, Cause, Change, Outcome, StatePolicy};
 use super::call::{CallCore, CallInfo, CallSettings};
 use super::call_task::{COMMAND_QUEUE, CallCommand, CallTask, CallUpdate};
@@ -73,6 +75,8 @@ struct CallLink {
     digits: DigitQueue,
     /// It was established (its end starts the wrap-up).
     answered: bool,
+    /// Its entry among the live calls (for the backend's call control).
+    _live: super::registry::LiveCall,
 }
 
 /// The session task's state.
@@ -99,6 +103,8 @@ pub(crate) struct Session {
     call_headers: Arc<crate::config::call_data::CallHeaders>,
     /// Changes of the agent's state (shared with its other sessions).
     state_changes: tokio::sync::watch::Receiver<Cause>,
+    /// Click-to-call requests the page was asked to carry out.
+    dials: backend::Dials,
 }
 
 /// Whether the session goes on after an input.
@@ -140,6 +146,7 @@ impl Session {
             state_changes,
             call_data,
             call_headers,
+            dials: backend::Dials::default(),
         };
         (s, updates_rx)
     }
@@ -302,9 +309,21 @@ impl Session {
             // A page that was replaced says goodbye late: not the session's page any more.
             Control::SetState { state, reply } => {
                 let r = self
-                    .set_state(0, &state)
+                    .set_state(0, &state, Cause::Api)
                     .map(|_| self.state_event(*self.state_changes.borrow()));
                 let _ = reply.send(r);
+                Next::Continue
+            }
+            Control::Dial { to, headers, reply } => {
+                self.dial(to, headers, reply).await;
+                Next::Continue
+            }
+            Control::Act {
+                call_id,
+                action,
+                reply,
+            } => {
+                let _ = reply.send(self.act(&call_id, action));
                 Next::Continue
             }
             Control::Detach { page_id } if page_id != self.page_id => Next::Continue,
@@ -346,6 +365,7 @@ impl Session {
     /// The page's socket closed: wait for a resume, or end now.
     fn detach(&mut self) -> Next {
         self.page = None;
+        self.dials.fail_all();
         let grace = self.ctx.resume.filter(|_| !self.ctx.metrics.is_draining());
         let was_detached = self.presence.is_detached();
         if !self.presence.detach(Instant::now(), grace) {
@@ -430,6 +450,7 @@ impl Session {
             from: peer.clone(),
             display_name: inc.from.display.clone(),
             data: data.clone(),
+            auto_answer: self.call_data.auto_answer(&inc.headers),
         };
         let offer = inc.offer.clone();
         let call_id = self.spawn_call(
@@ -515,6 +536,10 @@ impl Session {
                 ringing: None,
                 digits,
                 answered: false,
+                _live: self
+                    .ctx
+                    .sessions
+                    .call_began(&call_id, &self.ident.session_id),
             },
         );
         self.agent_state(AgentState::call_began);
@@ -625,8 +650,15 @@ impl Session {
                 to,
                 sdp,
                 headers,
-            } => (id, self.call(id, &to, &sdp, &headers).await),
-            Request::SetState { id, state } => (id, self.set_state(id, &state)),
+                request_id,
+            } => {
+                let r = self.call(id, &to, &sdp, &headers).await;
+                if let Some(request_id) = request_id {
+                    self.dials.settle(request_id, &r);
+                }
+                (id, r)
+            }
+            Request::SetState { id, state } => (id, self.set_state(id, &state, Cause::Requested)),
             Request::Consult {
                 id,
                 call_id,
@@ -689,18 +721,19 @@ impl Session {
         self.place(id, to, sdp, headers).await
     }
 
-    /// `setState`: the agent's state now, or (in a call) when its last call ends.
-    fn set_state(&mut self, id: u64, state: &str) -> Result<Event, ApiError> {
+    /// `setState`: the agent's state now, or (in a call) when its last call ends; `by` says
+    /// who asked (the agent, or the CRM).
+    fn set_state(&mut self, id: u64, state: &str, by: Cause) -> Result<Event, ApiError> {
         let to = self
             .states
             .find_for(state, self.ident.group.as_deref())
             .ok_or(ApiError::UnknownState)?;
         let (had_pending, outcome) =
-            self.agent_state(|s| (s.pending().is_some(), s.request(Instant::now(), to)));
+            self.agent_state(|s| (s.pending().is_some(), s.request_by(Instant::now(), to, by)));
         match outcome {
             Outcome::Changed(change) => self.state_changed(Some(change)),
-            Outcome::Pending(_) => self.state_published(Cause::Requested),
-            Outcome::Unchanged if had_pending => self.state_published(Cause::Requested),
+            Outcome::Pending(_) => self.state_published(by),
+            Outcome::Unchanged if had_pending => self.state_published(by),
             Outcome::Unchanged => {}
         }
         Ok(Event::ok(id))

@@ -17,8 +17,11 @@ pub use crate::config::states::{StateDef, StatePolicy};
 pub enum Cause {
     /// The agent logged in (the app's default state).
     Login,
-    /// The agent or the CRM asked for it.
+    /// The agent asked for it (its page's `setState`).
     Requested,
+    /// It was set through the HTTP API (`PUT /api/v1/agents/{agent}/state`: the CRM backend,
+    /// or the agent's own apiToken).
+    Api,
     /// Asked for during a call, applied when the agent's last call ended.
     CallEnded,
     /// An answered call ended: wrap-up.
@@ -35,6 +38,7 @@ impl Cause {
         match self {
             Cause::Login => "login",
             Cause::Requested => "requested",
+            Cause::Api => "api",
             Cause::CallEnded => "call_ended",
             Cause::WrapUp => "wrap_up",
             Cause::WrapUpOver => "wrap_up_over",
@@ -132,6 +136,11 @@ impl AgentState {
     /// [`StatePolicy::find`]). In a call it waits for the call's end; asking for the current
     /// state then cancels what was pending. Leaving wrap-up early is a request like any other.
     pub fn request(&mut self, now: Instant, to: usize) -> Outcome {
+        self.request_by(now, to, Cause::Requested)
+    }
+
+    /// [`request`](Self::request) for `cause` (who asked: the agent or the CRM).
+    pub fn request_by(&mut self, now: Instant, to: usize, cause: Cause) -> Outcome {
         if self.calls > 0 {
             if to == self.current {
                 self.pending = None;
@@ -145,7 +154,7 @@ impl AgentState {
         if to == self.current {
             return Outcome::Unchanged;
         }
-        Outcome::Changed(self.enter(now, to, Cause::Requested))
+        Outcome::Changed(self.enter(now, to, cause))
     }
 
     /// One of the agent's calls began (placed, or offered to it).
@@ -292,6 +301,21 @@ mod tests {
             b.call_ended(&none, t0, false);
             assert_eq!(b.call_missed(&none, t0), None);
         }
+    }
+
+    #[test]
+    fn a_change_through_the_api_says_so() {
+        let (p, t0) = (policy(), Instant::now());
+        let mut a = AgentState::new(&p, t0);
+        assert_eq!(
+            a.request_by(t0, 1, Cause::Api),
+            Outcome::Changed(Change {
+                from: 0,
+                to: 1,
+                cause: Cause::Api
+            })
+        );
+        assert_eq!(Cause::Api.code(), "api");
     }
 
     #[test]

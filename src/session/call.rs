@@ -267,6 +267,7 @@ impl CallCore {
             jitter_ms: 0.0,
             recording: None,
             data: self.info.data.clone(),
+            disposition: None,
         }
     }
 

@@ -1,7 +1,9 @@
 //! What reaches a session task from outside (its page's requests, a page that resumes it, the
 //! page's going away) and what it sends its page's socket (events, and why it closes).
 
-use tokio::sync::mpsc;
+use std::collections::BTreeMap;
+
+use tokio::sync::{mpsc, oneshot};
 
 use super::event::Event;
 use super::request::Request;
@@ -23,8 +25,31 @@ pub(crate) enum Control {
     /// reply is the `agentState` event as it stands after it.
     SetState {
         state: String,
-        reply: tokio::sync::oneshot::Sender<Result<Event, super::error::ApiError>>,
+        reply: oneshot::Sender<Result<Event, super::error::ApiError>>,
     },
+    /// The CRM backend asks the agent's page to place a call (click-to-call): the reply is
+    /// the call's id once the page has placed it.
+    Dial {
+        to: String,
+        headers: BTreeMap<String, String>,
+        reply: oneshot::Sender<Result<String, super::error::ApiError>>,
+    },
+    /// The CRM backend acts on a call of this session.
+    Act {
+        call_id: String,
+        action: CallAction,
+        reply: oneshot::Sender<Result<(), super::error::ApiError>>,
+    },
+}
+
+/// What the CRM backend may do to a live call (`POST /api/v1/calls/{callId}/...`), as the
+/// page's requests of the same names do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CallAction {
+    Hangup,
+    Hold(bool),
+    Dtmf(String),
+    Transfer(String),
 }
 
 /// What a session sends its page's socket.

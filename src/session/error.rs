@@ -108,6 +108,10 @@ pub enum ApiError {
     /// A single-use token logged in before (or too many live ones are remembered).
     #[error("{0}")]
     TokenReused(Reuse),
+    /// Click-to-call for an agent whose page is not connected (reloading, or gone and the
+    /// session waiting for it to come back).
+    #[error("the agent's page is not connected (reloading or closed); try again in a moment")]
+    PageDetached,
 }
 
 /// The codes of [`ApiError`] apart from the token's own (docs/TOKENS.md), as docs/API.md lists
@@ -141,6 +145,7 @@ pub const CODES: &[&str] = &[
     "state_forbids_calls",
     "unknown_state",
     "header_not_allowed",
+    "page_detached",
 ];
 
 impl ApiError {
@@ -176,6 +181,7 @@ impl ApiError {
             ApiError::StateForbidsCalls(_) => "state_forbids_calls",
             ApiError::UnknownState => "unknown_state",
             ApiError::HeaderNotAllowed(_) => "header_not_allowed",
+            ApiError::PageDetached => "page_detached",
         })
     }
 }
@@ -270,6 +276,7 @@ mod tests {
             ApiError::StateForbidsCalls("x".into()),
             ApiError::UnknownState,
             ApiError::HeaderNotAllowed("x".into()),
+            ApiError::PageDetached,
         ];
         for e in &all {
             match e {
@@ -300,7 +307,8 @@ mod tests {
                 | ApiError::TokenReused(_)
                 | ApiError::StateForbidsCalls(_)
                 | ApiError::UnknownState
-                | ApiError::HeaderNotAllowed(_) => {}
+                | ApiError::HeaderNotAllowed(_)
+                | ApiError::PageDetached => {}
             }
         }
         all

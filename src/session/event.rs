@@ -256,6 +256,10 @@ pub enum Event {
         /// `customerId`), for the CRM's screen pop.
         #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         data: std::collections::BTreeMap<String, String>,
+        /// The caller asked for auto-answer (`Call-Info: ...;answer-after=0`) and the app
+        /// allows it (`auto_answer`): the page answers without the agent (the SDK does).
+        #[serde(rename = "autoAnswer", skip_serializing_if = "std::ops::Not::not")]
+        auto_answer: bool,
     },
     /// The agent is logged in.
     Connected {
@@ -287,7 +291,8 @@ pub enum Event {
         productive: bool,
         /// Since when (Unix ms).
         since: i64,
-        /// Why it was entered (`login`, `requested`, `call_ended`, `wrap_up`, `wrap_up_over`).
+        /// Why it was entered (`login`, `requested`, `api`, `call_ended`, `wrap_up`, `wrap_up_over`,
+        /// `missed_calls`).
         cause: &'static str,
         /// The state asked for during a call, entered when the agent's last call ends.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -295,6 +300,18 @@ pub enum Event {
         /// When the wrap-up ends (Unix ms), while in wrap-up.
         #[serde(rename = "wrapUpEndsAt", skip_serializing_if = "Option::is_none")]
         wrap_up_ends_at: Option<i64>,
+    },
+    /// The CRM backend asks the page to call `to` (click-to-call): the page sends `call` with
+    /// this `requestId` (the SDK does so by itself).
+    Dial {
+        /// Echo it in the `call` request.
+        #[serde(rename = "requestId")]
+        request_id: u64,
+        /// Whom to call.
+        to: String,
+        /// X- headers for the INVITE.
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        headers: std::collections::BTreeMap<String, String>,
     },
     /// Registration with the SIP provider changed.
     Registration {
@@ -320,7 +337,10 @@ impl Event {
     pub fn for_crm(&self) -> bool {
         !matches!(
             self,
-            Event::Reply { .. } | Event::Connected { .. } | Event::AgentState { .. }
+            Event::Reply { .. }
+                | Event::Connected { .. }
+                | Event::AgentState { .. }
+                | Event::Dial { .. }
         )
     }
 

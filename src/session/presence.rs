@@ -135,6 +135,7 @@ mod tests {
             from: "1003".into(),
             display_name: None,
             data: Default::default(),
+            auto_answer: false,
         }
     }
 

@@ -86,6 +86,9 @@ struct Entry {
 
 type Agents = Arc<Mutex<HashMap<(String, String), (usize, Arc<AgentShared>)>>>;
 
+/// Live calls: call id -> the id of the session that has it.
+type Calls = Arc<Mutex<HashMap<String, String>>>;
+
 /// Session id -> (app, the session's control queue).
 ///
 /// A std `Mutex` around a small map: held only to insert, remove or clone one entry, never
@@ -97,6 +100,31 @@ pub struct Registry {
     agents: Agents,
     /// Where agents' state changes are recorded.
     log: Option<CdrStore>,
+    /// Which session has each live call (for the backend's call control), kept by the
+    /// calls' [`LiveCall`]s.
+    calls: Calls,
+}
+
+/// A call's entry among the live calls, removed when the session lets go of the call.
+pub(crate) struct LiveCall {
+    call_id: String,
+    calls: Calls,
+}
+
+impl Drop for LiveCall {
+    fn drop(&mut self) {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.call_id);
+    }
+}
+
+/// Who has a live call, as the backend's call control needs it.
+pub(crate) struct CallOwner {
+    pub(crate) app: String,
+    pub(crate) agent: String,
+    pub(crate) control: mpsc::Sender<Control>,
 }
 
 /// A session's place among its agent's sessions (`http.max_sessions_per_agent`), given back
@@ -165,6 +193,33 @@ impl Registry {
             .values()
             .find(|e| e.app == app && e.agent == agent)
             .map(|e| e.control.clone())
+    }
+
+    /// Records that session `session_id` has call `call_id` until the guard drops.
+    pub(crate) fn call_began(&self, call_id: &str, session_id: &str) -> LiveCall {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(call_id.to_owned(), session_id.to_owned());
+        LiveCall {
+            call_id: call_id.to_owned(),
+            calls: self.calls.clone(),
+        }
+    }
+
+    /// The session that has live call `call_id`: its app, agent and control queue.
+    pub(crate) fn owner_of_call(&self, call_id: &str) -> Option<CallOwner> {
+        let session = self
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(call_id)
+            .cloned()?;
+        self.lock().get(&session).map(|e| CallOwner {
+            app: e.app.clone(),
+            agent: e.agent.clone(),
+            control: e.control.clone(),
+        })
     }
 
     /// The apps `agent` has live sessions in.
@@ -272,5 +327,25 @@ mod tests {
             .claim("app", "sip:1@x", 2, &p)
             .unwrap_or_else(|_| unreachable!());
         assert_eq!(c.shared().with(|s| s.current()), 0);
+    }
+
+    #[test]
+    fn a_live_call_is_found_by_its_id_until_its_session_lets_go() {
+        let reg = Registry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        reg.insert("s1", "app", "sip:1@x", tx);
+        let live = reg.call_began("c1", "s1");
+        let owner = reg.owner_of_call("c1");
+        assert_eq!(
+            owner.map(|o| (o.app, o.agent)),
+            Some(("app".to_owned(), "sip:1@x".to_owned()))
+        );
+        assert!(reg.owner_of_call("c2").is_none());
+        drop(live);
+        assert!(reg.owner_of_call("c1").is_none());
+        // A call of a session that ended meanwhile has no owner either.
+        let _live = reg.call_began("c3", "s1");
+        reg.remove("s1");
+        assert!(reg.owner_of_call("c3").is_none());
     }
 }

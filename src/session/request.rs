@@ -41,6 +41,9 @@ pub(crate) enum Request {
         sdp: String,
         #[serde(default)]
         headers: std::collections::BTreeMap<String, String>,
+        /// The `dial` event this call carries out (click-to-call from the CRM backend).
+        #[serde(default)]
+        request_id: Option<u64>,
     },
     /// Hang up (or cancel) a call.
     Hangup { id: u64, call_id: String },

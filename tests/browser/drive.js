@@ -9,6 +9,11 @@
 //   node drive.js transfer URL TOKEN NUMBER TARGET    call NUMBER, transfer it to TARGET (blind)
 //   node drive.js urltoken URL TOKEN                  open URL?lang=x&autoconnect=1&token=TOKEN, report
 //                                                     the address once logged in, reload, log in again
+//   node drive.js backend  URL TOKEN SECONDS          log in and wait: the CRM backend places a call
+//                                                     through the page (click-to-call); talk, report
+//                                                     how it ended (the backend ends it)
+//   node drive.js autoanswer URL TOKEN SECONDS        log in; an incoming call asking for auto-answer
+//                                                     must be answered with no click and no banner
 const { chromium } = require('playwright-core');
 const fs = require('fs'), os = require('os'), path = require('path');
 
@@ -117,6 +122,25 @@ const stats = page => page.evaluate(async () => {
       report.href_before = page.url();
       await page.goForward();
       await page.waitForFunction(() => window.callgatePhone && window.callgatePhone.registration.state === 'registered', null, { timeout: 10000 });
+    } else if (mode === 'backend' || mode === 'autoanswer') {
+      const [seconds] = rest;
+      await page.evaluate(() => {
+        window.seen = { outgoing: null, end_reason: null, banner: false, auto: null };
+        const phone = window.callgatePhone;
+        const follow = call => call.on('state', ev => {
+          if (ev.state === 'ended') window.seen.end_reason = ev.endReason;
+          if (document.getElementById('banner').classList.contains('show')) window.seen.banner = true;
+        });
+        phone.on('outgoing', call => { window.seen.outgoing = call.id; follow(call); });
+        phone.on('incoming', call => { window.seen.auto = call.autoAnswer; follow(call); });
+      });
+      await state('established');
+      await page.waitForTimeout(Number(seconds) * 1000);
+      await shot(`${mode}-2-in-call`);
+      report.stats = await stats(page);
+      await page.waitForFunction(() => window.seen.end_reason !== null, null, { timeout: 20000 });
+      Object.assign(report, await page.evaluate(() => window.seen));
+      report.calls_shown = await page.evaluate(() => document.querySelectorAll('.call').length);
     } else if (mode === 'features') {
       // Hold, resume and DTMF with the page's own buttons; first the state selector.
       const [number] = rest;
