@@ -3139,6 +3139,33 @@ async fn the_crm_sets_an_agents_state_and_the_stats_show_the_time_in_each() {
         stats["productiveSecs"], stats["stateSecs"]["available"],
         "{stats}"
     );
+    // The log itself: each stretch with its cause, oldest first, all closed at the logout.
+    let log_path = "/api/v1/agents/1001@127.0.0.1/states";
+    let (status, log) = request(srv.addr, "GET", log_path, Some(CRM_API_KEY), None).await;
+    assert_eq!(status, 200, "{log}");
+    let stretches: Vec<(&str, &str, bool)> = log["states"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["state"].as_str().unwrap(),
+                s["cause"].as_str().unwrap(),
+                s["endedAt"].is_i64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stretches,
+        [
+            ("available", "login", true),
+            ("paused", "api", true),
+            ("available", "api", true)
+        ],
+        "{log}"
+    );
+    let (status, body) = request(srv.addr, "GET", log_path, Some(ERP_API_KEY), None).await;
+    assert_eq!(status, 403, "another app's key: {body}");
     srv.shut_down().await;
 }
 

@@ -265,6 +265,59 @@ pub async fn get_call(
     }
 }
 
+/// `GET /api/v1/agents/{agent}/states?from=&to=&limit=&cursor=`: the agent-state log, one
+/// entry per stretch of time in one state, oldest first (those overlapping the period).
+pub async fn agent_states(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    Path(agent): Path<String>,
+    uri: Uri,
+) -> Response {
+    let q = match query(&uri, &["from", "to", "limit", "cursor"]) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let (from, to) = match (instant(&q, "from"), instant(&q, "to")) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
+        None => 100,
+        Some(Ok(l)) if (1..=crate::cdr::MAX_PAGE).contains(&l) => l,
+        Some(_) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("limit must be 1 to {}", crate::cdr::MAX_PAGE),
+            );
+        }
+    };
+    let app = match scope(&state, &who, &agent).await {
+        Ok(a) => a,
+        Err(r) => return *r,
+    };
+    let cursor = q.get("cursor").map(String::as_str);
+    match state
+        .cdr
+        .state_log((app.as_deref(), &agent), (from, to), limit, cursor)
+        .await
+    {
+        Ok(Some(page)) => {
+            let mut body = serde_json::to_value(&page).unwrap_or_default();
+            if let Some(o) = body.as_object_mut() {
+                o.insert("agent".into(), agent.into());
+            }
+            Json(body).into_response()
+        }
+        Ok(None) => refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "cursor is not one this API gave",
+        ),
+        Err(e) => storage_failed(&e),
+    }
+}
+
 /// Most bytes of a `PATCH /api/v1/calls/{callId}` body.
 const MAX_DISPOSITION_BODY: usize = 16 * 1024;
 

@@ -28,6 +28,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/agents/{agent}/stats", get(super::crm::agent_stats))
         .route(
+            "/api/v1/agents/{agent}/states",
+            get(super::crm::agent_states),
+        )
+        .route(
             "/api/v1/agents/{agent}/state",
             axum::routing::put(super::control::put_agent_state),
         )

@@ -470,7 +470,10 @@ impl CdrStore {
     pub async fn apps_of(&self, agent: &str) -> Result<Vec<String>, CdrError> {
         let agent = agent.to_owned();
         self.with(move |db| {
-            let mut q = db.prepare_cached("SELECT DISTINCT app FROM calls WHERE agent = ?1")?;
+            let mut q = db.prepare_cached(
+                "SELECT app FROM calls WHERE agent = ?1
+                 UNION SELECT app FROM agent_states WHERE agent = ?1",
+            )?;
             let apps = q.query_map(params![agent], |r| r.get(0))?;
             apps.collect()
         })
@@ -487,6 +490,35 @@ impl CdrStore {
                 row,
             )
             .optional()
+        })
+        .await
+    }
+
+    /// `agent`'s agent-state log over [`from`, `to`) in `app` (`None`: every app), oldest
+    /// first, `limit` (1 to [`MAX_PAGE`]) after `cursor`; `None` if the cursor is not ours.
+    pub async fn state_log(
+        &self,
+        (app, agent): (Option<&str>, &str),
+        (from, to): (Option<i64>, Option<i64>),
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<Option<states::StatePage>, CdrError> {
+        let after = match cursor.map(str::parse::<i64>) {
+            None => 0,
+            Some(Ok(a)) if a >= 0 => a,
+            Some(_) => return Ok(None),
+        };
+        let (app, agent) = (app.map(str::to_owned), agent.to_owned());
+        let now = unix_ms();
+        self.with(move |db| {
+            states::list(
+                db,
+                (app.as_deref(), &agent),
+                (from, to),
+                (after, limit),
+                now,
+            )
+            .map(Some)
         })
         .await
     }
@@ -1054,6 +1086,62 @@ mod tests {
             part.state_secs,
             [("available".to_owned(), 20), ("paused".to_owned(), 30)].into()
         );
+        // The log itself, oldest first, in pages; a period keeps the stretches it overlaps.
+        let page = store
+            .state_log((Some("crm"), "1001@pbx"), (None, None), 2, None)
+            .await
+            .unwrap()
+            .unwrap();
+        let ids: Vec<(&str, i64, Option<i64>)> = page
+            .states
+            .iter()
+            .map(|s| (s.state.as_str(), s.started_at, s.ended_at))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("available", 0, Some(60_000)),
+                ("paused", 60_000, Some(90_000))
+            ]
+        );
+        let rest = store
+            .state_log(
+                (None, "1001@pbx"),
+                (None, None),
+                2,
+                page.next_cursor.as_deref(),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rest.states.len(), 1);
+        assert_eq!(rest.states[0].started_at, 90_000);
+        assert!(rest.next_cursor.is_none());
+        let part = store
+            .state_log((None, "1001@pbx"), (Some(61_000), Some(89_000)), 10, None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(part.states.len(), 1);
+        assert_eq!(part.states[0].state, "paused");
+        assert!(
+            store
+                .state_log((None, "1001@pbx"), (None, None), 10, Some("not-a-cursor"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .state_log((Some("other"), "1001@pbx"), (None, None), 10, None)
+                .await
+                .unwrap()
+                .unwrap()
+                .states
+                .is_empty()
+        );
+        // An agent with state rows and no calls is known to the history.
+        assert_eq!(store.apps_of("1002@pbx").await.unwrap(), ["crm"]);
         // Another app's agent of the same address has none of them.
         let other = store
             .stats(Some("other"), "1001@pbx", None, None)

@@ -41,6 +41,84 @@ pub struct StateTimes {
     pub unproductive: u64,
 }
 
+/// One stretch of time an agent spent in one state, as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stretch {
+    /// The agent's app.
+    pub app: String,
+    /// The state's id.
+    pub state: String,
+    /// Whether it counts as productive time.
+    pub productive: bool,
+    /// Why it was entered.
+    pub cause: String,
+    /// When (Unix ms).
+    pub started_at: i64,
+    /// Until when; `None` while it lasts.
+    pub ended_at: Option<i64>,
+}
+
+/// A page of an agent's stretches, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StatePage {
+    /// Oldest first.
+    pub states: Vec<Stretch>,
+    /// Pass as `cursor` for the next page; absent on the last one.
+    #[serde(rename = "nextCursor", skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// `agent`'s stretches that overlap [`from`, `to`) (Unix ms; `None`: unbounded; one still
+/// going on lasts until `now`), in `app` only (`None`: every app), oldest first: `limit` of
+/// them after the row `after` (a cursor of an earlier page).
+pub(super) fn list(
+    db: &Connection,
+    (app, agent): (Option<&str>, &str),
+    (from, to): (Option<i64>, Option<i64>),
+    (after, limit): (i64, u32),
+    now: i64,
+) -> rusqlite::Result<StatePage> {
+    let mut q = db.prepare_cached(
+        "SELECT rowid, app, state, productive, cause, started_at, ended_at FROM agent_states
+         WHERE agent = ?1 AND (?4 IS NULL OR app = ?4) AND rowid > ?6
+           AND started_at < COALESCE(?3, ?5) AND COALESCE(ended_at, ?5) > COALESCE(?2, 0)
+         ORDER BY rowid LIMIT ?7",
+    )?;
+    let rows = q.query_map(
+        params![agent, from, to, app, now, after, i64::from(limit) + 1],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                Stretch {
+                    app: r.get(1)?,
+                    state: r.get(2)?,
+                    productive: r.get(3)?,
+                    cause: r.get(4)?,
+                    started_at: r.get(5)?,
+                    ended_at: r.get(6)?,
+                },
+            ))
+        },
+    )?;
+    let mut states = Vec::new();
+    let (mut last, mut more) = (None, false);
+    for row in rows {
+        let (rowid, s) = row?;
+        if states.len() >= usize::try_from(limit).unwrap_or(usize::MAX) {
+            more = true;
+            break;
+        }
+        last = Some(rowid);
+        states.push(s);
+    }
+    let next_cursor = last.filter(|_| more).map(|r| r.to_string());
+    Ok(StatePage {
+        states,
+        next_cursor,
+    })
+}
+
 /// Closes the agent's open row at `e.at` and opens the next one, in one transaction.
 pub(super) fn write(db: &mut Connection, e: &StateEntry) -> rusqlite::Result<usize> {
     let tx = db.transaction()?;
