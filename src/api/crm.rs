@@ -150,6 +150,29 @@ fn instant(
         })
 }
 
+/// The `from` and `to` bounds of a query.
+fn period(
+    q: &std::collections::HashMap<String, String>,
+) -> Result<(Option<i64>, Option<i64>), Box<Response>> {
+    Ok((instant(q, "from")?, instant(q, "to")?))
+}
+
+/// A query's `limit`: 1 to [`crate::cdr::MAX_PAGE`], `default` if absent.
+fn page_limit(
+    q: &std::collections::HashMap<String, String>,
+    default: u32,
+) -> Result<u32, Box<Response>> {
+    match q.get("limit").map(|l| l.parse::<u32>()) {
+        None => Ok(default),
+        Some(Ok(l)) if (1..=crate::cdr::MAX_PAGE).contains(&l) => Ok(l),
+        Some(_) => Err(Box::new(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("limit must be 1 to {}", crate::cdr::MAX_PAGE),
+        ))),
+    }
+}
+
 fn storage_failed(e: &crate::cdr::CdrError) -> Response {
     tracing::error!("call history: {e}");
     refuse(
@@ -197,20 +220,13 @@ pub async fn list_calls(State(state): State<AppState>, Auth(who): Auth, uri: Uri
         Ok(q) => q,
         Err(r) => return *r,
     };
-    let (from, to) = match (instant(&q, "from"), instant(&q, "to")) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(r), _) | (_, Err(r)) => return *r,
+    let (from, to) = match period(&q) {
+        Ok(p) => p,
+        Err(r) => return *r,
     };
-    let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
-        None => 50,
-        Some(Ok(l)) if (1..=crate::cdr::MAX_PAGE).contains(&l) => l,
-        Some(_) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("limit must be 1 to {}", crate::cdr::MAX_PAGE),
-            );
-        }
+    let limit = match page_limit(&q, 50) {
+        Ok(l) => l,
+        Err(r) => return *r,
     };
     let mut filter = crate::cdr::Filter {
         app: None,
@@ -277,20 +293,13 @@ pub async fn agent_states(
         Ok(q) => q,
         Err(r) => return *r,
     };
-    let (from, to) = match (instant(&q, "from"), instant(&q, "to")) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(r), _) | (_, Err(r)) => return *r,
+    let (from, to) = match period(&q) {
+        Ok(p) => p,
+        Err(r) => return *r,
     };
-    let limit = match q.get("limit").map(|l| l.parse::<u32>()) {
-        None => 100,
-        Some(Ok(l)) if (1..=crate::cdr::MAX_PAGE).contains(&l) => l,
-        Some(_) => {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!("limit must be 1 to {}", crate::cdr::MAX_PAGE),
-            );
-        }
+    let limit = match page_limit(&q, 100) {
+        Ok(l) => l,
+        Err(r) => return *r,
     };
     let app = match scope(&state, &who, &agent).await {
         Ok(a) => a,
@@ -399,9 +408,9 @@ pub async fn agent_stats(
         Ok(q) => q,
         Err(r) => return *r,
     };
-    let (from, to) = match (instant(&q, "from"), instant(&q, "to")) {
-        (Ok(f), Ok(t)) => (f, t),
-        (Err(r), _) | (_, Err(r)) => return *r,
+    let (from, to) = match period(&q) {
+        Ok(p) => p,
+        Err(r) => return *r,
     };
     let app = match scope(&state, &who, &agent).await {
         Ok(a) => a,
