@@ -3633,3 +3633,55 @@ async fn the_crm_records_a_disposition_kept_with_the_call() {
     page.pc.close().await.unwrap();
     srv.shut_down().await;
 }
+
+/// Click-to-call for an agent with two sessions, one of them waiting for its reloaded page:
+/// the `dial` goes to the page that is there (the page's refusal comes back to the CRM); with
+/// no page there at all the CRM gets `page_detached`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn click_to_call_reaches_the_agents_page_that_is_there() {
+    use common::sse::request;
+
+    let kam = Kamailio::start(free_udp_port());
+    let mut srv = server().await;
+    let (mut seen_a, mut seen_b) = (Vec::new(), Vec::new());
+    let mut a = logged_in(&srv, kam.port, &mut seen_a).await;
+    let mut b = logged_in(&srv, kam.port, &mut seen_b).await;
+    let calls = "/api/v1/agents/1001@127.0.0.1/calls";
+    let dial = json!({"to": "1002"});
+    // Page A goes away (a reload): its session waits for it.
+    let _ = a.close(None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let addr = srv.addr;
+        let crm = tokio::spawn({
+            let dial = dial.clone();
+            async move { request(addr, "POST", calls, Some(CRM_API_KEY), Some(&dial)).await }
+        });
+        let ev = loop {
+            let ev = next(&mut b, &mut seen_b).await;
+            if ev["type"] == "dial" {
+                break ev;
+            }
+        };
+        // The page cannot set up its media: its refusal is the CRM's answer.
+        let call = json!({"type": "call", "id": 7, "to": ev["to"], "requestId": ev["requestId"],
+            "sdp": "v=0"});
+        b.send(Message::text(call.to_string())).await.unwrap();
+        let (status, body) = crm.await.unwrap();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (502, Some("bad_sdp")),
+            "{body}"
+        );
+    }
+    // Neither page is there.
+    let _ = b.close(None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = request(srv.addr, "POST", calls, Some(CRM_API_KEY), Some(&dial)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("page_detached")),
+        "{body}"
+    );
+    srv.shut_down().await;
+}

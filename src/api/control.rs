@@ -44,13 +44,34 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8], shape: &str) -> Result<T, 
     })
 }
 
-/// The control queue of a live session of `agent` that `who` may drive: 403 for an agent of
-/// another app, 404 `agent_offline` when it has none.
+/// The control queue of a live session of `agent` that `who` may drive (any: they share the
+/// agent's state): 403 for an agent of another app, 404 `agent_offline` when it has none.
 fn agent_session(
     state: &AppState,
     who: &Caller,
     agent: &str,
 ) -> Result<mpsc::Sender<Control>, Box<Response>> {
+    agent_sessions(state, who, agent)?
+        .into_iter()
+        .next()
+        .ok_or_else(offline)
+}
+
+fn offline() -> Box<Response> {
+    Box::new(refuse(
+        StatusCode::NOT_FOUND,
+        "agent_offline",
+        "the agent has no live session (it is not logged in)",
+    ))
+}
+
+/// The control queues of every live session of `agent` that `who` may drive, as
+/// [`agent_session`] finds one.
+fn agent_sessions(
+    state: &AppState,
+    who: &Caller,
+    agent: &str,
+) -> Result<Vec<mpsc::Sender<Control>>, Box<Response>> {
     let live = state.sessions.apps_of(agent);
     let app = match who {
         Caller::Agent { app, agent: me } if me == agent => Some(app.clone()),
@@ -60,14 +81,11 @@ fn agent_session(
         Caller::App(_) => None,
         Caller::Admin => live.into_iter().next(),
     };
-    app.and_then(|app| state.sessions.session_of(&app, agent))
-        .ok_or_else(|| {
-            Box::new(refuse(
-                StatusCode::NOT_FOUND,
-                "agent_offline",
-                "the agent has no live session (it is not logged in)",
-            ))
-        })
+    let sessions = app.map_or_else(Vec::new, |app| state.sessions.sessions_of(&app, agent));
+    if sessions.is_empty() {
+        return Err(offline());
+    }
+    Ok(sessions)
 }
 
 /// The control queue of the session with live call `call_id`, if `who` may drive it (the
@@ -196,17 +214,26 @@ pub async fn click_to_call(
         Ok(d) => d,
         Err(r) => return *r,
     };
-    let control = match agent_session(&state, &who, &agent) {
-        Ok(c) => c,
+    let sessions = match agent_sessions(&state, &who, &agent) {
+        Ok(s) => s,
         Err(r) => return *r,
     };
-    let to = dial.to.clone();
-    let make = |reply| Control::Dial {
-        to: dial.to,
-        headers: dial.headers,
-        reply,
-    };
-    match ask(&control, make, PAGE_DEADLINE).await {
+    // The first of the agent's sessions whose page is there (another may be waiting for a
+    // reloaded page to resume it).
+    let mut answer = Some(Err(ApiError::PageDetached));
+    for control in &sessions {
+        let make = |reply| Control::Dial {
+            to: dial.to.clone(),
+            headers: dial.headers.clone(),
+            reply,
+        };
+        answer = ask(control, make, PAGE_DEADLINE).await;
+        if !matches!(answer, Some(Err(ApiError::PageDetached))) {
+            break;
+        }
+    }
+    let to = dial.to;
+    match answer {
         Some(Ok(call_id)) => (
             StatusCode::CREATED,
             Json(serde_json::json!({"callId": call_id, "agent": agent, "to": to})),

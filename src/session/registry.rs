@@ -187,14 +187,6 @@ impl Registry {
             .map(|e| (e.app.clone(), e.control.clone()))
     }
 
-    /// The control queue of one live session of `agent` in `app` (any: they share its state).
-    pub(crate) fn session_of(&self, app: &str, agent: &str) -> Option<mpsc::Sender<Control>> {
-        self.lock()
-            .values()
-            .find(|e| e.app == app && e.agent == agent)
-            .map(|e| e.control.clone())
-    }
-
     /// Records that session `session_id` has call `call_id` until the guard drops.
     pub(crate) fn call_began(&self, call_id: &str, session_id: &str) -> LiveCall {
         self.calls
@@ -220,6 +212,15 @@ impl Registry {
             agent: e.agent.clone(),
             control: e.control.clone(),
         })
+    }
+
+    /// The control queues of every live session of `agent` in `app`.
+    pub(crate) fn sessions_of(&self, app: &str, agent: &str) -> Vec<mpsc::Sender<Control>> {
+        self.lock()
+            .values()
+            .filter(|e| e.app == app && e.agent == agent)
+            .map(|e| e.control.clone())
+            .collect()
     }
 
     /// The apps `agent` has live sessions in.
