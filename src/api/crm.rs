@@ -265,19 +265,31 @@ pub async fn list_calls(State(state): State<AppState>, Auth(who): Auth, uri: Uri
     }
 }
 
+/// Call `call_id` of the history, if `who` may see it (404 / 403 otherwise).
+async fn owned_call(
+    state: &AppState,
+    who: &Caller,
+    call_id: &str,
+) -> Result<crate::cdr::CallRecord, Box<Response>> {
+    let call = match state.cdr.get(call_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(Box::new(denied(Denied::NotFound))),
+        Err(e) => return Err(Box::new(storage_failed(&e))),
+    };
+    who.may_see(&call.agent, Some(&call.app))
+        .map_err(|d| Box::new(denied(d)))?;
+    Ok(call)
+}
+
 /// `GET /api/v1/calls/{callId}`: one call of the history.
 pub async fn get_call(
     State(state): State<AppState>,
     Auth(who): Auth,
     Path(call_id): Path<String>,
 ) -> Response {
-    match state.cdr.get(&call_id).await {
-        Ok(None) => denied(Denied::NotFound),
-        Ok(Some(call)) => match who.may_see(&call.agent, Some(&call.app)) {
-            Ok(()) => Json(call).into_response(),
-            Err(d) => denied(d),
-        },
-        Err(e) => storage_failed(&e),
+    match owned_call(&state, &who, &call_id).await {
+        Ok(call) => Json(call).into_response(),
+        Err(r) => *r,
     }
 }
 
@@ -349,14 +361,8 @@ pub async fn patch_call(
             ),
         );
     }
-    match state.cdr.get(&call_id).await {
-        Ok(None) => return denied(Denied::NotFound),
-        Ok(Some(call)) => {
-            if let Err(d) = who.may_see(&call.agent, Some(&call.app)) {
-                return denied(d);
-            }
-        }
-        Err(e) => return storage_failed(&e),
+    if let Err(r) = owned_call(&state, &who, &call_id).await {
+        return *r;
     }
     let patch: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -465,14 +471,10 @@ pub async fn get_recording(
     Path(call_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let call = match state.cdr.get(&call_id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return denied(Denied::NotFound),
-        Err(e) => return storage_failed(&e),
+    let call = match owned_call(&state, &who, &call_id).await {
+        Ok(c) => c,
+        Err(r) => return *r,
     };
-    if let Err(d) = who.may_see(&call.agent, Some(&call.app)) {
-        return denied(d);
-    }
     let name = call
         .recording
         .as_deref()

@@ -708,17 +708,25 @@ impl Session {
         sdp: &str,
         headers: &BTreeMap<String, String>,
     ) -> Result<Event, ApiError> {
+        let headers = self.may_call_with(headers)?;
+        self.place(id, to, sdp, headers).await
+    }
+
+    /// Whether the agent's state calls out, and `headers` as the INVITE carries them if the
+    /// app allows them.
+    fn may_call_with(
+        &self,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<Vec<(String, String)>, ApiError> {
         if !self.agent_state(|s| s.may_call_out(&self.states)) {
             let state = self.agent_state(|s| s.current());
             return Err(ApiError::StateForbidsCalls(
                 self.states.get(state).id.clone(),
             ));
         }
-        let headers = self
-            .call_headers
+        self.call_headers
             .check(headers)
-            .map_err(ApiError::HeaderNotAllowed)?;
-        self.place(id, to, sdp, headers).await
+            .map_err(ApiError::HeaderNotAllowed)
     }
 
     /// `setState`: the agent's state now, or (in a call) when its last call ends; `by` says

@@ -105,15 +105,7 @@ impl Session {
         if self.calls.len() >= MAX_CALLS_PER_SESSION {
             return Err(ApiError::TooManyCalls);
         }
-        if !self.agent_state(|s| s.may_call_out(&self.states)) {
-            let state = self.agent_state(|s| s.current());
-            return Err(ApiError::StateForbidsCalls(
-                self.states.get(state).id.clone(),
-            ));
-        }
-        self.call_headers
-            .check(headers)
-            .map_err(ApiError::HeaderNotAllowed)?;
+        self.may_call_with(headers)?;
         self.plan.apply(to)?;
         Ok(())
     }
