@@ -152,14 +152,17 @@ impl Gateway {
 
     /// Runs the driver in `mode`; returns its report after checking no frame held the password.
     async fn drive(&self, args: Vec<String>) -> serde_json::Value {
-        self.drive_with_mic(args, None).await
+        self.drive_with_mic(args, None, None).await
     }
 
     /// [`Gateway::drive`] with Chromium's fake microphone playing `mic` (a WAV file).
+    /// [`drive`](Self::drive) with `mic` as the microphone's signal, and the browser taking
+    /// `slow_answer` ms to apply each SDP answer (a slow machine).
     async fn drive_with_mic(
         &self,
         args: Vec<String>,
         mic: Option<std::path::PathBuf>,
+        slow_answer: Option<u64>,
     ) -> serde_json::Value {
         let shots =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/screenshots");
@@ -173,6 +176,7 @@ impl Gateway {
                     )
                     .args(&args)
                     .env("SHOTS", &shots)
+                    .envs(slow_answer.map(|ms| ("SLOW_ANSWER_MS", ms.to_string())))
                     .env("FAKE_AUDIO", mic.unwrap_or_default()),
                 Duration::from_secs(90),
             )
@@ -204,7 +208,17 @@ impl Drop for Gateway {
     }
 }
 
+/// The page plays the call's audio: its `<audio>` element holds the call's stream and runs.
+fn assert_playing(report: &serde_json::Value) {
+    assert_eq!(
+        report["stats"]["playing"], true,
+        "the page does not play the call's audio: {:#}",
+        report["stats"]
+    );
+}
+
 fn assert_audio(report: &serde_json::Value) {
+    assert_playing(report);
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     let sent = report["stats"]["packetsSent"].as_u64().unwrap_or(0);
     // 3 s at 50 packets/s: the fake microphone's audio went out and came back echoed.
@@ -285,6 +299,7 @@ async fn chromium_answers_an_incoming_call() {
         report["banner_data"], "customerId: C-1042",
         "the banner shows the dialler's data"
     );
+    assert_playing(&report);
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     assert!(received >= 40, "{:#}", report["stats"]);
     assert_eq!(
@@ -439,6 +454,7 @@ async fn chromium_keeps_the_call_across_a_reload() {
     );
     assert_eq!(report["same_call"], true, "{report:#}");
     assert_eq!(report["state_after"], "established", "{report:#}");
+    assert_playing(&report);
     let after = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     assert!(
         after > 40,
@@ -455,6 +471,9 @@ async fn chromium_keeps_the_call_across_a_reload() {
 /// recording what it hears) while Chromium's microphone plays a 1 kHz tone. The page's
 /// `getStats()` shows baresip's audio arriving with energy, and baresip's recording is
 /// dominated by 1 kHz: the browser's voice crossed WebRTC, callgate's bridge and RTP intact.
+/// The browser is slow to apply the SDP answer, so baresip's instant answer establishes the
+/// call before the SDK's `call()` resolves: the page still plays it (it once missed that
+/// `established` and never attached the audio: packets arrived, energy 0).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_and_baresip_hear_each_others_tones() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -472,9 +491,11 @@ async fn chromium_and_baresip_hear_each_others_tones() {
                 "4".into(),
             ],
             Some(mic),
+            Some(400),
         )
         .await;
     assert!(report.get("error").is_none(), "{report:#}\n{}", far.log());
+    assert_playing(&report);
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     let energy = report["stats"]["totalAudioEnergy"].as_f64().unwrap_or(0.0);
     assert!(
@@ -612,6 +633,7 @@ async fn chromium_places_the_crms_click_to_call_and_the_crm_transfers_it() {
     assert!(report.get("error").is_none(), "{report:#}\n{}", far.log());
     let call_id = crm.await.unwrap();
     assert_eq!(report["outgoing"], call_id.as_str(), "{report:#}");
+    assert_playing(&report);
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     let sent = report["stats"]["packetsSent"].as_u64().unwrap_or(0);
     assert!(sent >= 50 && received >= 50, "{:#}", report["stats"]);
@@ -659,6 +681,7 @@ async fn chromium_auto_answers_a_diallers_call() {
     assert_eq!(report["auto"], true, "{report:#}");
     assert_eq!(report["banner"], false, "no ringing banner: {report:#}");
     assert_eq!(report["end_reason"], "remote_hangup", "{report:#}");
+    assert_playing(&report);
     let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
     assert!(received >= 25, "{:#}", report["stats"]);
     let incoming = sse_until(&mut sse, |ev| ev["type"] == "incoming").await;

@@ -24,6 +24,9 @@ const stats = page => page.evaluate(async () => {
     if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.packetsReceived = s.packetsReceived; out.totalAudioEnergy = s.totalAudioEnergy; }
     if (s.type === 'outbound-rtp' && s.kind === 'audio') { out.packetsSent = s.packetsSent; }
   });
+  // The page plays the call's audio: its <audio> element holds the call's stream and runs.
+  const audio = document.getElementById('remote');
+  out.playing = !!audio && audio.srcObject === call.remoteStream && !audio.paused;
   return out;
 });
 
@@ -43,6 +46,16 @@ const stats = page => page.evaluate(async () => {
   const report = { frames: [], console: [] };
   try {
     const page = ctx.pages()[0] || await ctx.newPage();
+    // A slow machine (SLOW_ANSWER_MS): the browser takes that long to apply callgate's SDP
+    // answer, so a far end that answers at once has the call established before the SDK's
+    // `call()` resolves; the page must still play the call's audio.
+    if (process.env.SLOW_ANSWER_MS) await page.addInitScript(ms => {
+      const apply = RTCPeerConnection.prototype.setRemoteDescription;
+      RTCPeerConnection.prototype.setRemoteDescription = async function (...a) {
+        await new Promise(r => setTimeout(r, ms));
+        return apply.apply(this, a);
+      };
+    }, Number(process.env.SLOW_ANSWER_MS));
     page.on('console', m => report.console.push(m.text()));
     page.on('websocket', ws => ws.on('framereceived', f => report.frames.push(String(f.payload))));
     const shot = async name => { if (process.env.SHOTS) await page.screenshot({ path: path.join(process.env.SHOTS, name + '.png') }); };
