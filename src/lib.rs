@@ -22,3 +22,4 @@ pub mod server;
 pub mod session;
 pub mod sip;
 pub mod token;
+pub mod webhook;

@@ -48,6 +48,7 @@ pub struct Metrics {
     packets_to_browser: AtomicU64,
     packets_lost: AtomicU64,
     far_end_lost: AtomicU64,
+    webhooks: std::sync::OnceLock<crate::webhook::AllStats>,
 }
 
 /// The states a call of the browser API is in (`callgate_calls{state}`).
@@ -161,6 +162,11 @@ impl Metrics {
         self.packets_to_browser
             .fetch_add(to_browser, Ordering::Relaxed);
         self.packets_lost.fetch_add(lost, Ordering::Relaxed);
+    }
+
+    /// The apps' webhook figures (set once, at start-up).
+    pub fn set_webhooks(&self, stats: crate::webhook::AllStats) {
+        let _ = self.webhooks.set(stats);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -379,8 +385,65 @@ impl Metrics {
             "SIP inputs dropped because handling them panicked (a bug: please report it).",
             &one(sip.panics.to_string()),
         );
+        if let Some(hooks) = self.webhooks.get().filter(|h| !h.is_empty()) {
+            webhook_metrics(&mut metric, hooks);
+        }
         o
     }
+}
+
+/// `callgate_webhook_*`, one sample per app with a webhook.
+fn webhook_metrics(
+    metric: &mut impl FnMut(&str, &str, &str, &[(String, String)]),
+    hooks: &crate::webhook::AllStats,
+) {
+    let per_app = |f: &dyn Fn(&crate::webhook::Stats) -> String, extra: &str| {
+        hooks
+            .iter()
+            .map(|(app, s)| (format!("{{app=\"{}\"{extra}}}", label(app)), f(s)))
+            .collect::<Vec<_>>()
+    };
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+    metric(
+        "callgate_webhook_delivered_total",
+        "counter",
+        "Events delivered to the app's webhook (2xx).",
+        &per_app(&|s| n(&s.delivered), ""),
+    );
+    metric(
+        "callgate_webhook_failed_attempts_total",
+        "counter",
+        "Webhook attempts that failed (unreachable, timeout, non-2xx); each retry counts.",
+        &per_app(&|s| n(&s.failed_attempts), ""),
+    );
+    let mut dropped = per_app(&|s| n(&s.expired), ",reason=\"expired\"");
+    dropped.extend(per_app(&|s| n(&s.refused), ",reason=\"refused\""));
+    dropped.extend(per_app(&|s| n(&s.queue_full), ",reason=\"queue_full\""));
+    metric(
+        "callgate_webhook_dropped_total",
+        "counter",
+        "Webhook events given up: older than max_age, refused (4xx) max times, or the queue full.",
+        &dropped,
+    );
+    metric(
+        "callgate_webhook_queue",
+        "gauge",
+        "Webhook events waiting to be delivered.",
+        &per_app(&|s| s.waiting.load(Ordering::Relaxed).to_string(), ""),
+    );
+    let now = crate::cdr::unix_ms();
+    metric(
+        "callgate_webhook_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest webhook event waiting (0: none): alert when it grows.",
+        &per_app(
+            &|s| match s.oldest.load(Ordering::Relaxed) {
+                0 => "0".into(),
+                t => format!("{:.3}", (now - t).max(0) as f64 / 1000.0),
+            },
+            "",
+        ),
+    );
 }
 
 /// A label value with `\`, `"` and newlines escaped.

@@ -180,7 +180,12 @@ impl Bound {
             self.config.admin_keys.iter().copied(),
         ));
         let apps = crate::config::live::LiveApps::new(&self.config, credentials.clone());
-        let hub = std::sync::Arc::new(crate::session::hub::Hub::new(self.config.events));
+        let webhooks = start_webhooks(&self.config, &self.cdr).await?;
+        metrics.set_webhooks(webhooks.stats());
+        let hub = std::sync::Arc::new(crate::session::hub::Hub::with_webhooks(
+            self.config.events,
+            webhooks.sinks(),
+        ));
         let state = api::http::AppState(std::sync::Arc::new(crate::session::context::Context {
             apps: apps.clone(),
             sip: self.sip.clone(),
@@ -292,11 +297,28 @@ impl Bound {
         api::serve::serve(self.http, api::http::router(state), limits, drained).await;
         // Remove every registration before leaving (bounded by Timer F).
         self.sip.shutdown().await;
+        // Webhook events still arriving are stored, to go out at the next start.
+        webhooks.close().await;
         // Every call ended above: let their history rows reach the disk.
         self.cdr.flush(std::time::Duration::from_secs(5)).await;
         tracing::info!("callgate stopped");
         Ok(())
     }
+}
+
+/// The apps' webhook workers, with what the last run left queued.
+async fn start_webhooks(
+    config: &Config,
+    cdr: &crate::cdr::CdrStore,
+) -> Result<crate::webhook::Webhooks, RunError> {
+    let targets = config
+        .apps
+        .iter()
+        .filter_map(|(name, app)| Some((name.clone(), app.webhook.clone()?)))
+        .collect();
+    crate::webhook::Webhooks::start(&targets, cdr)
+        .await
+        .map_err(RunError::Storage)
 }
 
 /// Logs the config's warnings, binds, and serves until `shutdown`.

@@ -132,3 +132,41 @@ fn snippet_password_round_trips_exactly() {
     assert_eq!(v.account().password.expose_secret(), "pa&ss<1001>\"'");
     assert_eq!(v.account().visible_name.as_deref(), Some("Alice Agent"));
 }
+
+/// docs/API.md's webhook check for receivers, run as printed: it accepts what callgate signs
+/// and refuses a changed body, another secret and a replayed (old) signature.
+#[test]
+fn webhook_verify_snippet() {
+    require_tool("python3", "apt-get install python3");
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/API.md"))
+        .expect("read docs/API.md");
+    let secret = "webhook-secret-0123456789abcdef";
+    let key = callgate::secret::SecretString::new(secret.into());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let body = r#"{"id":"d1","app":"crm","agent":"1001@x","at":1,"event":{"type":"call"}}"#;
+    let good = callgate::webhook::signature(&key, now, body);
+    let old = callgate::webhook::signature(&key, now - 600, body);
+    let dir = TempDir::new("docs");
+    let script = dir.write(
+        "verify.py",
+        &format!(
+            "{}\nbody = {body:?}.encode()\nprint(verify({secret:?}, {good:?}, body), \
+             verify({secret:?}, {good:?}, body + b' '), verify('another-secret-0123456789', {good:?}, body), \
+             verify({secret:?}, {old:?}, body), verify({secret:?}, 'garbage', body))\n",
+            snippet(&doc, "webhook-verify-python")
+        ),
+    );
+    let out = run_bounded(
+        std::process::Command::new("python3").arg(script),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "True False False False False",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

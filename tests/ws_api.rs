@@ -27,7 +27,7 @@ struct Server {
     config: Config,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Server {
@@ -70,7 +70,7 @@ async fn server_with_tables(
         .with_test_writer()
         .try_init();
     let dir = TempDir::new("ws");
-    let cfg = dir.write(
+    dir.write(
         "callgate.toml",
         &format!(
             "[http]\nlisten = \"127.0.0.1:0\"\n{http_extra}\n[sip]\nlisten = \"127.0.0.1:0\"\nregistration_grace_secs = 0\n{sip_extra}\n\
@@ -85,7 +85,12 @@ async fn server_with_tables(
              [apps.crm]\nkeys = [\"{KEY}\"]\napi_keys = [\"{CRM_API_KEY}\"]\n{app_options}"
         ),
     );
-    let config = Config::load(&cfg).expect("config");
+    serve_dir(dir).await
+}
+
+/// Serves the configuration in `dir` (again, after a shutdown: the same history and queue).
+async fn serve_dir(dir: TempDir) -> Server {
+    let config = Config::load(&dir.path().join("callgate.toml")).expect("config");
     let bound = Bound::bind(config.clone()).await.expect("bind");
     let addr = bound.http_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -102,7 +107,7 @@ async fn server_with_tables(
         config,
         stop: Some(tx),
         task,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -1492,8 +1497,8 @@ async fn admin_rotates_and_removes_keys_without_a_restart() {
     // A registrar, so the logins' registrations come and go quickly.
     let kam = Kamailio::start(free_udp_port());
     let mut srv = server().await;
-    let apps_path = srv._dir.path().join("apps.toml");
-    let cfg_path = srv._dir.path().join("callgate.toml");
+    let apps_path = srv.dir.path().join("apps.toml");
+    let cfg_path = srv.dir.path().join("callgate.toml");
     let (old_fp, new_fp) = (fingerprint(KEY), fingerprint(NEW_KEY));
     let admin = Some(ADMIN_KEY);
 
@@ -1907,7 +1912,7 @@ async fn shutdown_drains_calls_then_hangs_up() {
         .unwrap();
     // The call hung up at shutdown is in the history on disk (written before serve returned,
     // that is before the process would exit).
-    let db = srv._dir.path().join("data/calls.sqlite");
+    let db = srv.dir.path().join("data/calls.sqlite");
     let history = callgate::cdr::CdrStore::open(&db).expect("the history exists");
     let row = history
         .get(&call_id)
@@ -3684,6 +3689,221 @@ async fn click_to_call_reaches_the_agents_page_that_is_there() {
         (status, body["error"]["code"].as_str()),
         (409, Some("page_detached")),
         "{body}"
+    );
+    srv.shut_down().await;
+}
+
+/// Webhooks: the app's receiver gets every event of its agent that the CRM's SSE stream gets,
+/// each signed (checked as docs/API.md tells receivers to), in order, through an outage of the
+/// receiver (callgate backs off and catches up) and a restart of callgate while the receiver
+/// is down (the queue is on disk): nothing lost, and `/metrics` shows the failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_deliver_every_event_signed_through_an_outage_and_a_restart() {
+    use common::sse::{Sse, get_raw};
+    use common::webhook::{Receiver, events};
+
+    const SECRET: &str = "webhook-secret-0123456789abcdef";
+    let kam = Kamailio::start(free_udp_port());
+    let port = free_udp_port();
+    let got: common::webhook::Got = Default::default();
+    let receiver = Receiver::start(port, SECRET, got.clone()).await;
+    let mut srv = server_with_app_options(&format!(
+        "states = [{{ id = \"available\", productive = true, may_call_out = true, may_receive = true }}, {{ id = \"paused\" }}]\n\
+         [apps.crm.webhook]\nurl = \"http://127.0.0.1:{port}/hooks?tenant=7\"\nsecret = \"{SECRET}\"\n"
+    ))
+    .await;
+    let path = "/api/v1/agents/1001@127.0.0.1/events";
+    let mut sse = Sse::open(srv.addr, path, Some(CRM_API_KEY), None).await;
+    assert_eq!(sse.status, 200);
+    let mut seen = Vec::new();
+    let mut ws = logged_in(&srv, kam.port, &mut seen).await;
+    async fn until(
+        got: &common::webhook::Got,
+        limit: Duration,
+        check: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let evs = events(got);
+            if check(&evs) || tokio::time::Instant::now() > deadline {
+                return evs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let states = |evs: &[Value]| -> Vec<String> {
+        evs.iter()
+            .filter(|e| e["type"] == "agentState")
+            .map(|e| e["state"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    // Live: the registration arrives at once.
+    let evs = until(&got, Duration::from_secs(5), |e| {
+        e.iter()
+            .any(|e| e["type"] == "registration" && e["state"] == "registered")
+    })
+    .await;
+    assert!(
+        evs.iter()
+            .any(|e| e["type"] == "registration" && e["state"] == "registered"),
+        "{evs:?}"
+    );
+    let set = |id: u64, state: &str| {
+        Message::text(json!({"type": "setState", "id": id, "state": state}).to_string())
+    };
+
+    // The receiver goes down: two changes wait, attempts fail and are counted.
+    receiver.stop().await;
+    ws.send(set(2, "paused")).await.unwrap();
+    assert_eq!(next_state(&mut ws, &mut seen).await["state"], "paused");
+    ws.send(set(3, "available")).await.unwrap();
+    assert_eq!(next_state(&mut ws, &mut seen).await["state"], "available");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let (_, _, body) = get_raw(srv.addr, "/metrics", None, "").await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let failed = text.lines().any(|l| {
+            l.starts_with("callgate_webhook_failed_attempts_total{app=\"crm\"}")
+                && !l.ends_with(" 0")
+        });
+        if failed || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("callgate_webhook_failed_attempts_total{app=\"crm\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("callgate_webhook_queue{app=\"crm\"}") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // Back up: callgate's next attempt (within its back-off) catches up.
+    let receiver = Receiver::start(port, SECRET, got.clone()).await;
+    let evs = until(&got, Duration::from_secs(20), |e| {
+        states(e).ends_with(&["paused".into(), "available".into()])
+    })
+    .await;
+    assert!(
+        states(&evs).ends_with(&["paused".into(), "available".into()]),
+        "{evs:?}"
+    );
+
+    // Down again, then callgate restarts before the receiver is back.
+    receiver.stop().await;
+    ws.send(set(4, "paused")).await.unwrap();
+    assert_eq!(next_state(&mut ws, &mut seen).await["state"], "paused");
+    srv.shut_down().await;
+    let mut streamed = Vec::new();
+    while let Some(ev) = sse.next(Duration::from_secs(5)).await {
+        streamed.push(ev.data);
+    }
+    assert!(
+        states(&streamed).ends_with(&["paused".into()]),
+        "{streamed:?}"
+    );
+    let _receiver = Receiver::start(port, SECRET, got.clone()).await;
+    let dir = std::mem::replace(&mut srv.dir, TempDir::new("ws-spent"));
+    // (A port of its own for the browser media: the first run's may still be held.)
+    let cfg = std::fs::read_to_string(dir.path().join("callgate.toml")).unwrap();
+    let webrtc = format!("webrtc_port = {}", srv.config.media.webrtc_port);
+    let fresh = format!("webrtc_port = {}", free_udp_port());
+    dir.write("callgate.toml", &cfg.replace(&webrtc, &fresh));
+    let mut again = serve_dir(dir).await;
+    let n = streamed.len();
+    let evs = until(&got, Duration::from_secs(20), |e| e.len() >= n).await;
+    // Everything the SSE stream had, in its order; the last change only after the restart.
+    assert_eq!(&evs[..n.min(evs.len())], &streamed[..], "{evs:#?}");
+    let all = got.lock().unwrap().clone();
+    assert!(
+        all.iter().all(|d| d.target == "/hooks?tenant=7"),
+        "{all:#?}"
+    );
+    assert!(
+        all.iter().all(|d| d.valid),
+        "every delivery is signed: {all:#?}"
+    );
+    assert!(
+        all.iter().all(|d| d.body["app"] == "crm"
+            && d.body["agent"] == "1001@127.0.0.1"
+            && d.body["id"] == d.id.as_str()),
+        "{all:#?}"
+    );
+    drop(ws);
+    again.shut_down().await;
+}
+
+/// Webhooks over HTTPS: a receiver whose certificate the app trusts (`ca_file`) gets the
+/// events; one the app does not trust (erp, built-in roots only) gets none, and the failed
+/// attempts are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_go_over_tls_to_a_trusted_receiver_only() {
+    use common::sse::get_raw;
+    use common::webhook::{Receiver, events, tls_for_loopback};
+
+    const SECRET: &str = "webhook-secret-0123456789abcdef";
+    let kam = Kamailio::start(free_udp_port());
+    let port = free_udp_port();
+    let (pem, tls) = tls_for_loopback();
+    let ca = TempDir::new("ca");
+    let ca_file = ca.write("ca.pem", &pem);
+    let got: common::webhook::Got = Default::default();
+    let _receiver = Receiver::start_with(port, SECRET, got.clone(), Some(tls)).await;
+    let url = format!("https://127.0.0.1:{port}/hooks");
+    let mut srv = server_with_app_options(&format!(
+        "[apps.crm.webhook]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nca_file = \"{}\"\n\
+         [apps.erp.webhook]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n",
+        ca_file.display()
+    ))
+    .await;
+    let mut seen = Vec::new();
+    let _crm = logged_in(&srv, kam.port, &mut seen).await;
+    let mut erp = open(srv.addr).await;
+    let erp_token = token_for(&srv.config, "erp", kam.port, "pass1001", 600);
+    erp.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": erp_token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    while next(&mut erp, &mut seen).await["state"] != "registered" {}
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (evs, metrics) = loop {
+        let evs = events(&got);
+        let (_, _, body) = get_raw(srv.addr, "/metrics", None, "").await;
+        let metrics = String::from_utf8_lossy(&body).into_owned();
+        let erp_failed = metrics.lines().any(|l| {
+            l.starts_with("callgate_webhook_failed_attempts_total{app=\"erp\"}")
+                && !l.ends_with(" 0")
+        });
+        let crm_got = evs.iter().any(|e| e["state"] == "registered");
+        if (erp_failed && crm_got) || tokio::time::Instant::now() > deadline {
+            break (evs, metrics);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        evs.iter().any(|e| e["state"] == "registered"),
+        "{evs:?}\n{metrics}"
+    );
+    let all = got.lock().unwrap().clone();
+    assert!(
+        all.iter().all(|d| d.valid && d.body["app"] == "crm"),
+        "only crm's deliveries, each signed: {all:#?}"
+    );
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("callgate_webhook_failed_attempts_total{app=\"erp\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("callgate_webhook_delivered_total{app=\"erp\"} 0"),
+        "{metrics}"
     );
     srv.shut_down().await;
 }

@@ -10,6 +10,7 @@
 pub mod disposition;
 pub mod schema;
 pub mod states;
+pub mod webhooks;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -430,6 +431,21 @@ impl CdrStore {
             at,
         };
         self.submit(op, None).await.map(|n| n > 0)
+    }
+
+    /// An event for an app's webhook: kept until [`webhook_done`](Self::webhook_done).
+    pub fn webhook_queued(&self, row: webhooks::WebhookRow) -> Queued {
+        self.queue(writer::Op::WebhookQueued(Box::new(row)))
+    }
+
+    /// The webhook event `seq` is delivered or given up.
+    pub fn webhook_done(&self, seq: i64) -> Queued {
+        self.queue(writer::Op::WebhookDone { seq })
+    }
+
+    /// The webhook events still queued, in order (at start-up, to send them).
+    pub async fn webhook_pending(&self) -> Result<Vec<webhooks::WebhookRow>, CdrError> {
+        self.with(webhooks::pending).await
     }
 
     /// Records a finished call.

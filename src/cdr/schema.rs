@@ -84,6 +84,15 @@ const MIGRATIONS: &[&str] = &[
         disposition TEXT NOT NULL,
         updated_at INTEGER NOT NULL
     );",
+    // 6: the webhook queue: events not yet delivered to their app's URL (deleted once
+    // delivered or given up), so that a restart loses none.
+    "CREATE TABLE webhook_outbox (
+        seq INTEGER PRIMARY KEY,
+        app TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this callgate writes.

@@ -47,6 +47,10 @@ pub(super) enum Op {
         patch: String,
         at: i64,
     },
+    /// An event for an app's webhook, queued.
+    WebhookQueued(Box<super::webhooks::WebhookRow>),
+    /// That event is delivered or given up.
+    WebhookDone { seq: i64 },
     /// Nothing: done once every write queued before it is.
     Barrier,
 }
@@ -94,6 +98,8 @@ impl std::fmt::Debug for Kind<'_> {
             Op::State(e) => write!(f, "state of {}", e.agent),
             Op::CloseInterrupted { .. } => write!(f, "closing interrupted calls"),
             Op::Dispose { call_id, .. } => write!(f, "disposition of {call_id}"),
+            Op::WebhookQueued(r) => write!(f, "webhook event {}", r.seq),
+            Op::WebhookDone { seq } => write!(f, "webhook event {seq} done"),
             Op::Barrier => write!(f, "barrier"),
         }
     }
@@ -132,6 +138,8 @@ fn write(db: &mut Connection, op: &Op) -> rusqlite::Result<usize> {
         ),
         Op::State(e) => super::states::write(db, e),
         Op::Barrier => Ok(0),
+        Op::WebhookQueued(row) => super::webhooks::insert(db, row),
+        Op::WebhookDone { seq } => super::webhooks::delete(db, *seq),
         Op::Dispose { call_id, patch, at } => db.execute(
             // Merged into what is there (RFC 7396, SQLite's json_patch), unless the result
             // would keep more custom fields than allowed (then nothing changes: 0 rows).

@@ -8,6 +8,7 @@ pub mod call_data;
 pub mod live;
 mod raw;
 pub mod states;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -214,6 +215,8 @@ pub struct AppInfo {
     pub call_data: std::sync::Arc<call_data::CallDataMap>,
     /// The X- headers the app's calls may add to their INVITEs.
     pub call_headers: std::sync::Arc<call_data::CallHeaders>,
+    /// Where the app's events are POSTed (`[apps.NAME.webhook]`); read at start-up only.
+    pub webhook: Option<std::sync::Arc<crate::webhook::Target>>,
 }
 
 /// The validated configuration.
@@ -1011,6 +1014,10 @@ fn check_apps(
         ));
         let dial_plan = check_dial_plan(c, file, &at("dial_plan"), app.dial_plan);
         let api_keys = check_api_keys(c, file, &at("api_keys"), &app.api_keys);
+        let webhook = app.webhook.as_ref().and_then(|w| {
+            let dir = Path::new(file).parent().unwrap_or(Path::new("."));
+            webhook::check_webhook(c, file, &at("webhook"), dir, w)
+        });
         let max_lifetime = match app.max_lifetime_secs {
             None => None,
             Some(s @ 60..=31_536_000) => Some(Duration::from_secs(s.unsigned_abs())),
@@ -1054,6 +1061,7 @@ fn check_apps(
                 states,
                 call_data,
                 call_headers,
+                webhook,
             },
         );
     }

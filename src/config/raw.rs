@@ -250,6 +250,27 @@ pub(crate) struct RawApp {
     pub(crate) missed_calls_limit: Option<i64>,
     #[serde(default)]
     pub(crate) missed_calls_state: Option<String>,
+    #[serde(default)]
+    pub(crate) webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawWebhook {
+    pub(crate) url: String,
+    pub(crate) secret: String,
+    #[serde(default)]
+    pub(crate) timeout_secs: Option<i64>,
+    #[serde(default)]
+    pub(crate) concurrency: Option<i64>,
+    #[serde(default)]
+    pub(crate) max_age_secs: Option<i64>,
+    #[serde(default)]
+    pub(crate) max_queue: Option<i64>,
+    #[serde(default)]
+    pub(crate) ca_file: Option<String>,
+    #[serde(default)]
+    pub(crate) insecure_http: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -495,3 +495,58 @@ fn an_auto_answer_header_needs_auto_answer_and_a_header_name() {
         .is_empty()
     );
 }
+
+#[test]
+fn webhooks_are_checked() {
+    let app = |hook: &str| {
+        format!(
+            "[apps.crm]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n[apps.crm.webhook]\n{hook}"
+        )
+    };
+    let got = problems(
+        "",
+        &app(
+            "url = \"http://crm.example.com/hook\"\nsecret = \"short\"\ntimeout_secs = 0\n\
+              concurrency = 65\nmax_age_secs = 10\nmax_queue = 1\nca_file = \"/nonexistent/ca.pem\"\n",
+        ),
+    );
+    for key in [
+        "apps.crm.webhook.url",
+        "apps.crm.webhook.secret",
+        "apps.crm.webhook.timeout_secs",
+        "apps.crm.webhook.concurrency",
+        "apps.crm.webhook.max_age_secs",
+        "apps.crm.webhook.max_queue",
+        "apps.crm.webhook.ca_file",
+    ] {
+        assert!(
+            got.iter().any(|p| p.starts_with(key)),
+            "{key} not reported: {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), 7, "{got:#?}");
+    assert!(
+        !got.iter().any(|p| p.contains("short")),
+        "no secret: {got:#?}"
+    );
+    // http:// to a remote receiver needs insecure_http; to loopback it does not.
+    let secret = "secret = \"webhook-secret-0123456789abcdef\"\n";
+    assert!(
+        problems(
+            "",
+            &app(&format!("url = \"http://127.0.0.1:9/h\"\n{secret}"))
+        )
+        .is_empty()
+    );
+    assert!(
+        problems(
+            "",
+            &app(&format!(
+                "url = \"http://10.0.0.5/h\"\ninsecure_http = true\n{secret}"
+            ))
+        )
+        .is_empty()
+    );
+    let bad = problems("", &app(&format!("url = \"ftp://x/\"\n{secret}")));
+    assert_eq!(bad.len(), 1, "{bad:#?}");
+}

@@ -62,6 +62,8 @@ struct Buffer {
 pub struct Channel {
     /// The app whose agent this is.
     app: String,
+    /// The agent.
+    agent: String,
     /// Ids at or below this were issued before the channel existed.
     born_after: u64,
     buffer: Mutex<Buffer>,
@@ -166,22 +168,31 @@ pub struct Hub {
     next_id: AtomicU64,
     limits: Limits,
     closing: watch::Sender<bool>,
+    /// The apps' webhooks: each published event goes to its app's too.
+    webhooks: HashMap<String, crate::webhook::Sink>,
 }
 
 impl Hub {
     /// An empty hub.
     pub fn new(limits: Limits) -> Hub {
+        Hub::with_webhooks(limits, HashMap::new())
+    }
+
+    /// An empty hub that hands every event to its app's webhook, if it has one.
+    pub fn with_webhooks(limits: Limits, webhooks: HashMap<String, crate::webhook::Sink>) -> Hub {
         Hub {
             channels: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             limits,
             closing: watch::channel(false).0,
+            webhooks,
         }
     }
 
-    fn create(&self, app: &str) -> Arc<Channel> {
+    fn create(&self, app: &str, agent: &str) -> Arc<Channel> {
         Arc::new(Channel {
             app: app.to_owned(),
+            agent: agent.to_owned(),
             born_after: self.next_id.load(Ordering::Relaxed),
             buffer: Mutex::new(Buffer {
                 events: VecDeque::new(),
@@ -206,7 +217,7 @@ impl Hub {
         Hub::sweep(&mut map);
         let ch = map
             .entry((app.to_owned(), agent.to_owned()))
-            .or_insert_with(|| self.create(app))
+            .or_insert_with(|| self.create(app, agent))
             .clone();
         ch.sessions.fetch_add(1, Ordering::Relaxed);
         ch.touch_idle();
@@ -261,7 +272,7 @@ impl Hub {
                 if map.len() >= self.limits.max_channels {
                     return Err(SubscribeError::TooManyChannels);
                 }
-                let c = self.create(app);
+                let c = self.create(app, agent);
                 map.insert(key, c.clone());
                 c
             }
@@ -294,6 +305,9 @@ impl Hub {
 
     /// Appends an event (its JSON) to `channel` and wakes its subscribers.
     pub fn publish(&self, channel: &Channel, json: Arc<str>) {
+        if let Some(hook) = self.webhooks.get(&channel.app) {
+            hook.offer(&channel.agent, json.clone());
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut buf = lock(&channel.buffer);

@@ -7,6 +7,7 @@ pub mod lite_peer;
 pub mod peers;
 pub mod rtc_peer;
 pub mod sse;
+pub mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
