@@ -229,6 +229,45 @@ fn assert_audio(report: &serde_json::Value) {
     );
 }
 
+/// Early media: the far end answers 183 with SDP and, for 3 s before its 200, sends audio
+/// (sipp echoing the page's microphone, as ringback or an announcement would come). The page
+/// plays it then, not only once the call is answered: agents hear ringback and announcements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_plays_early_media_before_the_answer() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let gw = Gateway::start().await;
+    let mut far = Sipp::uas_with(
+        gw.kam.port,
+        "1002",
+        "pass1002",
+        "uas_early_media.xml",
+        &["-rtp_echo"],
+    );
+    let report = gw
+        .drive(vec![
+            "early".into(),
+            gw.url.clone(),
+            gw.token(600),
+            "1002".into(),
+        ])
+        .await;
+    assert!(report.get("error").is_none(), "{report:#}");
+    assert_eq!(report["early_state"], "early", "{report:#}");
+    assert_playing(&report);
+    let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    let energy = report["stats"]["totalAudioEnergy"].as_f64().unwrap_or(0.0);
+    assert!(
+        received >= 50 && energy > 0.0,
+        "before the answer the page got {received} packets, energy {energy}: {:#}",
+        report["stats"]
+    );
+    assert_eq!(report["ended"], true);
+    let (ok, log) = tokio::task::spawn_blocking(move || far.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert!(ok, "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_logs_in_and_calls_with_audio_both_ways() {
     let _serial = ONE_AT_A_TIME.lock().await;

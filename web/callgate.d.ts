@@ -81,6 +81,8 @@ interface Emitter<Events> {
 
 export interface CallEvents {
   state: CallStateEvent;
+  /** The far end's audio track arrived in `remoteStream` (set it on your <audio> again). */
+  media: MediaStream;
   transfer: TransferEvent;
   referred: ReferredEvent;
   /** A digit the far end sent. */

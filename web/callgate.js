@@ -32,7 +32,8 @@ function gathered(pc) {
 }
 
 /**
- * One call. Events: `state` ({state, sip, endReason}), `transfer` (a transfer this page asked
+ * One call. Events: `state` ({state, sip, endReason}), `media` (the far end's audio track
+ * arrived in `remoteStream`), `transfer` (a transfer this page asked
  * for), `referred` (the far end transfers this call: {state, to, sip}; on `succeeded` the call
  * goes on with the new party and `peer` changes), `dtmf`.
  */
@@ -55,7 +56,12 @@ export class Call extends Emitter {
     this._closeMedia();
     this.remoteStream.getTracks().forEach(t => this.remoteStream.removeTrack(t));
     const pc = new RTCPeerConnection({ bundlePolicy: 'max-bundle' });
-    pc.ontrack = e => e.streams[0] ? e.streams[0].getTracks().forEach(t => this.remoteStream.addTrack(t)) : this.remoteStream.addTrack(e.track);
+    pc.ontrack = e => {
+      (e.streams[0] ? e.streams[0].getTracks() : [e.track]).forEach(t => this.remoteStream.addTrack(t));
+      // A script's addTrack fires no `addtrack` on the stream: say it, so that a media element
+      // given the stream before its tracks came can load it again.
+      this._emit('media', this.remoteStream);
+    };
     const mic = await this.phone._microphone();
     // A track of its own per call, so muting one call leaves the others alone.
     mic.getAudioTracks().forEach(t => pc.addTrack(t.clone(), mic));

@@ -6,6 +6,8 @@
 //   node drive.js inbound  URL TOKEN SECONDS          log in, answer the first incoming call
 //   node drive.js refused  URL TOKEN                  log in must fail: report the shown error
 //   node drive.js reload   URL TOKEN NUMBER           call NUMBER, reload the page mid-call, talk on
+//   node drive.js early    URL TOKEN NUMBER           call NUMBER, whose far end sends early media
+//                                                     (183) for a while: report the page's audio then
 //   node drive.js transfer URL TOKEN NUMBER TARGET    call NUMBER, transfer it to TARGET (blind)
 //   node drive.js urltoken URL TOKEN                  open URL?lang=x&autoconnect=1&token=TOKEN, report
 //                                                     the address once logged in, reload, log in again
@@ -86,6 +88,18 @@ const stats = page => page.evaluate(async () => {
       await page.waitForTimeout(Number(seconds) * 1000);
       await shot(`${mode}-2-in-call`);
       report.stats = await stats(page);
+      await page.click('.call button.bad');
+    } else if (mode === 'early') {
+      // Early media: while the far end's 183 lasts, the page plays its audio (ringback, an
+      // announcement) before the call is answered.
+      const [number] = rest;
+      await page.fill('#number', number);
+      await page.click('#dial');
+      await state('early');
+      await page.waitForTimeout(2000);
+      report.early_state = await page.evaluate(() => [...window.callgatePhone.calls.values()][0].state);
+      report.stats = await stats(page);
+      await state('established');
       await page.click('.call button.bad');
     } else if (mode === 'transfer') {
       // Blind transfer with the page's Transfer button (it prompts for the target).
