@@ -9,6 +9,7 @@ pub mod api;
 pub mod cdr;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod dialplan;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -54,6 +54,10 @@ pub struct Bound {
     webrtc: std::sync::Arc<Engine>,
     rtp_ports: PortPool,
     cdr: crate::cdr::CdrStore,
+    demo: Option<(
+        crate::demo::DemoPbx,
+        std::sync::Arc<crate::demo::DemoAccounts>,
+    )>,
 }
 
 impl Bound {
@@ -124,7 +128,23 @@ impl Bound {
                 ))
             })?;
         }
+        let demo = match &config.demo {
+            Some(d) => {
+                Some(
+                    crate::demo::DemoPbx::bind(d)
+                        .await
+                        .map_err(|source| RunError::Bind {
+                            what: "demo.sip_port",
+                            addr: d.sip,
+                            hint: bind_hint(&source),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         Ok(Bound {
+            demo,
             cdr,
             config,
             http,
@@ -212,6 +232,7 @@ impl Bound {
             recordings_dir: self.config.storage.recordings_dir.clone(),
             credentials: credentials.clone(),
             metrics: metrics.clone(),
+            demo: start_demo(self.demo, http_addr),
         }));
         let sip = self.sip.clone();
         let drain = self.config.drain;
@@ -304,6 +325,25 @@ impl Bound {
         tracing::info!("callgate stopped");
         Ok(())
     }
+}
+
+/// Runs the demo PBX (demo mode only); the accounts the demo tokens are for.
+fn start_demo(
+    demo: Option<(
+        crate::demo::DemoPbx,
+        std::sync::Arc<crate::demo::DemoAccounts>,
+    )>,
+    http: SocketAddr,
+) -> Option<std::sync::Arc<crate::demo::DemoAccounts>> {
+    let (pbx, accounts) = demo?;
+    tracing::info!(
+        "demo mode (built-in configuration): open http://{http}/, press \"Try the demo\" and call {} (echo), {} (tone) or {} (it calls you back)",
+        crate::demo::pbx::ECHO,
+        crate::demo::pbx::TONE,
+        crate::demo::pbx::CALLBACK,
+    );
+    tokio::spawn(pbx.run());
+    Some(accounts)
 }
 
 /// The apps' webhook workers, with what the last run left queued.

@@ -164,32 +164,7 @@ impl Gateway {
         mic: Option<std::path::PathBuf>,
         slow_answer: Option<u64>,
     ) -> serde_json::Value {
-        let shots =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/screenshots");
-        let _ = std::fs::create_dir_all(&shots);
-        let out = tokio::task::spawn_blocking(move || {
-            run_bounded(
-                std::process::Command::new("node")
-                    .arg(
-                        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                            .join("tests/browser/drive.js"),
-                    )
-                    .args(&args)
-                    .env("SHOTS", &shots)
-                    .envs(slow_answer.map(|ms| ("SLOW_ANSWER_MS", ms.to_string())))
-                    .env("FAKE_AUDIO", mic.unwrap_or_default()),
-                Duration::from_secs(90),
-            )
-        })
-        .await
-        .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-            panic!(
-                "driver output: {text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+        let report = run_driver(args, mic, slow_answer).await;
         for frame in report["frames"].as_array().unwrap() {
             assert!(
                 !frame.as_str().unwrap().contains(PASSWORD),
@@ -198,6 +173,40 @@ impl Gateway {
         }
         report
     }
+}
+
+/// Runs tests/browser/drive.js with `args` (see its header), `mic` as the microphone's signal
+/// and the browser taking `slow_answer` ms to apply each SDP answer; its report.
+async fn run_driver(
+    args: Vec<String>,
+    mic: Option<std::path::PathBuf>,
+    slow_answer: Option<u64>,
+) -> serde_json::Value {
+    let shots =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/screenshots");
+    let _ = std::fs::create_dir_all(&shots);
+    let out = tokio::task::spawn_blocking(move || {
+        run_bounded(
+            std::process::Command::new("node")
+                .arg(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/drive.js"),
+                )
+                .args(&args)
+                .env("SHOTS", &shots)
+                .envs(slow_answer.map(|ms| ("SLOW_ANSWER_MS", ms.to_string())))
+                .env("FAKE_AUDIO", mic.unwrap_or_default()),
+            Duration::from_secs(90),
+        )
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    serde_json::from_str(text.trim()).unwrap_or_else(|_| {
+        panic!(
+            "driver output: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 impl Drop for Gateway {
@@ -745,4 +754,56 @@ async fn chromium_auto_answers_a_diallers_call() {
     }
     assert_eq!(row["data"]["customerId"], "C-1042", "{row}");
     assert_eq!(row["direction"], "inbound", "{row}");
+}
+
+/// The quick start, as a new user meets it: `callgate run` with the built-in configuration
+/// (no file, nothing else running), the page at http://127.0.0.1:8080/, "Try the demo". The
+/// page registers with the built-in demo PBX over real SIP (digest and all); 600 sends the
+/// microphone's 1 kHz back and 601 plays 440 Hz (each the dominant frequency of what the
+/// page plays); 602 declines, then calls the page back, and the page answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_tries_the_built_in_demo() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    require_tool("chromium", "apt-get install chromium");
+    let dir = TempDir::new("demo");
+    let mut gw = common::Daemon::spawn(
+        common::callgate()
+            .arg("run")
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info"),
+    );
+    gw.wait_for("press \"Try the demo\"", Duration::from_secs(20));
+    let mic_dir = TempDir::new("mic");
+    let mic = common::peers::write_tone_wav(&mic_dir.path().join("mic.wav"), 1000.0, 40);
+    let report = run_driver(
+        vec!["demo".into(), "http://127.0.0.1:8080/".into(), "-".into()],
+        Some(mic),
+        None,
+    )
+    .await;
+    assert!(report.get("error").is_none(), "{report:#}");
+    assert_eq!(report["agent"], "1001@127.0.0.1", "{report:#}");
+    let numbers = report["numbers"].as_str().unwrap_or_default();
+    assert!(
+        numbers.contains("600") && numbers.contains("601") && numbers.contains("602"),
+        "the page says what to call: {numbers}"
+    );
+    let near = |v: &serde_json::Value, hz: i64| (v["hz"].as_i64().unwrap_or(0) - hz).abs() <= 30;
+    assert!(
+        near(&report["echo"], 1000),
+        "600 echoes the 1 kHz microphone: {report:#}"
+    );
+    assert!(near(&report["tone"], 440), "601 plays 440 Hz: {report:#}");
+    assert!(
+        report["callback_from"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("602"),
+        "the banner names the call-back number: {report:#}"
+    );
+    assert_playing(&report);
+    let received = report["stats"]["packetsReceived"].as_u64().unwrap_or(0);
+    assert!(received >= 25, "the call-back's audio: {report:#}");
+    assert_eq!(report["ended"], true, "{report:#}");
+    drop(gw);
 }

@@ -3907,3 +3907,187 @@ async fn webhooks_go_over_tls_to_a_trusted_receiver_only() {
     );
     srv.shut_down().await;
 }
+
+/// The demo: off with a written configuration unless switched on (both endpoints 404); on,
+/// it says what to call, refuses a token to a request that came through a proxy (a reverse
+/// proxy on this machine makes every visitor look local), and its token logs the page in and
+/// registers with the demo PBX (digest over real SIP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_is_off_unless_switched_on_and_hands_tokens_to_this_machine_only() {
+    use common::sse::{get_raw, request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn post(addr: std::net::SocketAddr, extra: &str) -> (u16, Value) {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /api/v1/demo/token HTTP/1.0\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut all = String::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut all))
+            .await
+            .unwrap()
+            .unwrap();
+        let status = all
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = all.split("\r\n\r\n").nth(1).unwrap_or_default();
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
+    let mut off = server().await;
+    let (status, _, _) = get_raw(off.addr, "/api/v1/demo", None, "").await;
+    assert_eq!(status, 404);
+    let (status, body) = post(off.addr, "").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    off.shut_down().await;
+
+    let mut srv = server_with_tables(
+        &format!("[apps.demo]\nkeys = [\"{KEY}\"]\n"),
+        "",
+        "",
+        &format!("[demo]\nenabled = true\nsip_port = {}\n", free_udp_port()),
+    )
+    .await;
+    let (status, info) = request(srv.addr, "GET", "/api/v1/demo", None, None).await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["numbers"][0]["number"], "600", "{info}");
+    for proxied in [
+        "X-Forwarded-For: 203.0.113.5\r\n",
+        "Forwarded: for=203.0.113.5\r\n",
+    ] {
+        let (status, body) = post(srv.addr, proxied).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("forbidden")),
+            "{proxied}"
+        );
+    }
+    let (status, body) = post(srv.addr, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["extension"], "1001", "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("demo:"), "{token}");
+    let mut ws = open(srv.addr).await;
+    ws.send(Message::text(
+        json!({"type": "connect", "id": 1, "token": token}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let ev = next(&mut ws, &mut seen).await;
+        assert_ne!(ev["state"], "failed", "{ev}");
+        if ev["type"] == "registration" && ev["state"] == "registered" {
+            break;
+        }
+    }
+    // The next page is the next extension.
+    let (_, body) = post(srv.addr, "").await;
+    assert_eq!(body["extension"], "1002", "{body}");
+    let mut other = open(srv.addr).await;
+    other
+        .send(Message::text(
+            json!({"type": "connect", "id": 1, "token": body["token"]}).to_string(),
+        ))
+        .await
+        .unwrap();
+    while next(&mut other, &mut seen).await["state"] != "registered" {}
+
+    // 1001 calls the echo and transfers it to 1002 (blind): 1002's page rings with the echo,
+    // answers it and hears itself; 1001's call ends transferred.
+    let (mut page, call_id) = place_call(&mut ws, &mut seen, 2, "600").await;
+    while next(&mut ws, &mut seen).await["state"] != "established" {}
+    // A digit pressed in the echo call comes back as its two tones (5: 770 + 1336 Hz).
+    ws.send(Message::text(
+        json!({"type": "dtmf", "id": 4, "callId": call_id, "digits": "5"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let goertzel = |frame: &[u8], freq: f64| {
+        let k = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
+        let (mut s1, mut s2) = (0.0f64, 0.0f64);
+        for b in frame {
+            let s0 = f64::from(callgate::media::g711::ulaw_decode(*b)) + k * s1 - s2;
+            s2 = s1;
+            s1 = s0;
+        }
+        s1 * s1 + s2 * s2 - k * s1 * s2
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    let (mut sent, mut digit_frames) = (0u16, 0);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick() => {
+                // Silence from the "microphone" (u-law 0xff), so what comes back is the digit.
+                let mut b = Vec::new();
+                callgate::media::rtp::RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 9, payload: &[0xff; 160] }.write(&mut b);
+                page.send(&b).await;
+                sent += 1;
+            }
+            Some((_, p)) = page.heard.recv() => {
+                let (low, high, off) = (goertzel(&p, 770.0), goertzel(&p, 1336.0), goertzel(&p, 1209.0));
+                if low > 10.0 * off && high > 10.0 * off && low > 1e9 {
+                    digit_frames += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        digit_frames >= 3,
+        "the digit came back as tones in {digit_frames} frames"
+    );
+    ws.send(Message::text(
+        json!({"type": "transfer", "id": 3, "callId": call_id, "to": "1002"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let incoming = loop {
+        let ev = next(&mut other, &mut seen).await;
+        if ev["type"] == "incoming" {
+            break ev;
+        }
+    };
+    assert_eq!(incoming["from"], "600", "{incoming}");
+    let transferred_id = incoming["callId"].as_str().unwrap().to_owned();
+    let mut second = answer_incoming(&mut other, &mut seen, &transferred_id).await;
+    let ended = loop {
+        let ev = next(&mut ws, &mut seen).await;
+        if ev["type"] == "call" && ev["state"] == "ended" {
+            break ev;
+        }
+    };
+    assert_eq!(ended["endReason"], "transferred", "{ended}");
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(2000);
+    let (mut sent, mut back) = (0u16, 0);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break,
+            _ = tick.tick(), if sent < 50 => {
+                let mut b = Vec::new();
+                callgate::media::rtp::RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 9, payload: &[0x5a; 160] }.write(&mut b);
+                second.send(&b).await;
+                sent += 1;
+            }
+            Some((_, p)) = second.heard.recv() => if p == [0x5a; 160] { back += 1 },
+        }
+    }
+    assert!(back >= 40, "1002 hears the echo: {back} of 50 packets");
+    other
+        .send(Message::text(
+            json!({"type": "hangup", "id": 3, "callId": transferred_id}).to_string(),
+        ))
+        .await
+        .unwrap();
+    while next(&mut other, &mut seen).await["state"] != "ended" {}
+    drop((ws, other, page, second));
+    srv.shut_down().await;
+}

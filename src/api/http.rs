@@ -53,6 +53,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/calls/{callId}/transfer",
             post(super::control::transfer),
         )
+        .route("/api/v1/demo", get(super::demo::info))
+        .route("/api/v1/demo/token", post(super::demo::token))
         .route("/api/v1/calls", get(super::crm::list_calls))
         .route(
             "/api/v1/calls/{callId}",

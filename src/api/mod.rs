@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod control;
 pub mod crm;
+pub mod demo;
 pub mod http;
 pub mod serve;
 pub mod state;

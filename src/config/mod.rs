@@ -240,6 +240,8 @@ pub struct Config {
     pub log: Log,
     /// On SIGTERM / SIGINT: how long calls in progress may go on before they are hung up.
     pub drain: Duration,
+    /// The demo PBX and demo tokens (`[demo]`; on in the embedded configuration only).
+    pub demo: Option<Demo>,
     /// Apps by name.
     pub apps: BTreeMap<String, AppInfo>,
     /// SHA-256 digests of the admin keys (apps.toml `admin_keys`).
@@ -247,6 +249,55 @@ pub struct Config {
     /// Limits of the per-agent event channels.
     pub events: crate::session::hub::Limits,
     keyring: Keyring,
+}
+
+/// The app demo tokens are minted for.
+pub const DEMO_APP: &str = "demo";
+
+/// The demo mode (`[demo]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demo {
+    /// Where the demo PBX listens (always 127.0.0.1).
+    pub sip: SocketAddr,
+}
+
+/// `[demo]`: on by default in the embedded configuration only; anywhere it needs HTTP on
+/// loopback (demo tokens are for this machine) and the `demo` app.
+fn check_demo(
+    c: &mut Checker,
+    file: &str,
+    raw: &raw::RawDemo,
+    embedded: bool,
+    http_loopback_only: bool,
+    has_demo_app: bool,
+) -> Option<Demo> {
+    if !raw.enabled.unwrap_or(embedded) {
+        return None;
+    }
+    let port = match u16::try_from(raw.sip_port) {
+        Ok(p @ 1..) => p,
+        _ => {
+            c.add(file, "demo.sip_port", "must be 1 to 65535");
+            return None;
+        }
+    };
+    if !http_loopback_only {
+        c.add(
+            file,
+            "demo.enabled",
+            "the demo hands out tokens to whoever reaches the page: it needs http.listen on a loopback address",
+        );
+    }
+    if !has_demo_app {
+        c.add(
+            file,
+            "demo.enabled",
+            "needs an app named \"demo\" in the apps file (its tokens are minted for it)",
+        );
+    }
+    Some(Demo {
+        sip: SocketAddr::from(([127, 0, 0, 1], port)),
+    })
 }
 
 /// One thing wrong in a configuration file.
@@ -760,6 +811,14 @@ impl Config {
         let http_loopback_only = http_listen.is_some_and(|a| a.ip().is_loopback());
         let admin_keys = check_api_keys(&mut c, &apps_name, "admin_keys", &raw_apps.admin_keys);
         let (apps, keyring_apps) = check_apps(&mut c, &apps_name, raw_apps, http_loopback_only);
+        let demo = check_demo(
+            &mut c,
+            &file,
+            &raw.demo,
+            matches!(source, Source::Embedded),
+            http_loopback_only,
+            apps.contains_key(DEMO_APP),
+        );
 
         let (
             Some(http_listen),
@@ -847,6 +906,7 @@ impl Config {
                 format,
             },
             drain: Duration::from_secs(drain),
+            demo,
             apps,
             admin_keys,
             events,

@@ -14,6 +14,23 @@ pub(crate) struct RawConfig {
     pub(crate) log: RawLog,
     pub(crate) service: RawService,
     pub(crate) events: RawEvents,
+    pub(crate) demo: RawDemo,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct RawDemo {
+    pub(crate) enabled: Option<bool>,
+    pub(crate) sip_port: i64,
+}
+
+impl Default for RawDemo {
+    fn default() -> Self {
+        RawDemo {
+            enabled: None,
+            sip_port: 5080,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -550,3 +550,43 @@ fn webhooks_are_checked() {
     let bad = problems("", &app(&format!("url = \"ftp://x/\"\n{secret}")));
     assert_eq!(bad.len(), 1, "{bad:#?}");
 }
+
+#[test]
+fn the_demo_is_on_in_the_embedded_configuration_only_and_stays_on_loopback() {
+    let embedded = Config::embedded().unwrap();
+    assert_eq!(
+        embedded.demo.map(|d| d.sip.to_string()),
+        Some("127.0.0.1:5080".to_owned())
+    );
+    // The same settings written to a file: off unless switched on.
+    let dir = tempdir();
+    std::fs::write(dir.join("callgate.toml"), EMBEDDED_CONFIG).unwrap();
+    std::fs::write(dir.join("apps.toml"), EMBEDDED_APPS).unwrap();
+    let written = Config::load(&dir.join("callgate.toml"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(written.unwrap().demo, None);
+    // Switched on: HTTP on loopback and the demo app are required.
+    let got = problems(
+        "[http]\nlisten = \"0.0.0.0:8080\"\n[demo]\nenabled = true\nsip_port = 0\n",
+        GOOD_APPS,
+    );
+    assert!(
+        got.iter().any(|p| p.starts_with("demo.sip_port")),
+        "{got:#?}"
+    );
+    let got = problems("[demo]\nenabled = true\n", GOOD_APPS);
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("demo.enabled") && p.contains("\"demo\"")),
+        "{got:#?}"
+    );
+    let got = problems(
+        "[http]\nlisten = \"0.0.0.0:8080\"\n[demo]\nenabled = true\n",
+        &format!("{GOOD_APPS}[apps.demo]\nkeys = [\"000102030405060708090a0b0c0d0e0f\"]\n"),
+    );
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("demo.enabled") && p.contains("loopback")),
+        "{got:#?}"
+    );
+}

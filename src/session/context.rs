@@ -55,6 +55,8 @@ pub struct Context {
     pub credentials: Arc<Credentials>,
     /// Counters for /metrics, and the draining flag.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The demo accounts (demo mode only).
+    pub demo: Option<Arc<crate::demo::DemoAccounts>>,
 }
 
 impl Context {

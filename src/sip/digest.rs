@@ -346,6 +346,81 @@ impl Challenge {
     }
 }
 
+/// What a server checks of a client's `Authorization` (the demo PBX's registrar): RFC 2617
+/// §3.2.2, qop `auth` or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// `username`.
+    pub username: String,
+    /// `realm`.
+    pub realm: String,
+    /// `nonce`.
+    pub nonce: String,
+    /// `uri`.
+    pub uri: String,
+    response: String,
+    qop: bool,
+    nc: u32,
+    cnonce: String,
+    algorithm: Algorithm,
+}
+
+impl Authorization {
+    /// Parses a `Digest ...` credentials value; `None` if it is not one we can check.
+    pub fn parse(value: &str) -> Option<Authorization> {
+        let rest = value.trim().strip_prefix("Digest")?;
+        let params = auth_params(rest);
+        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let qop = match get("qop").as_deref() {
+            None => false,
+            Some(q) if q.eq_ignore_ascii_case("auth") => true,
+            Some(_) => return None,
+        };
+        let algorithm = match get("algorithm") {
+            Some(a) => Algorithm::parse(&a)?,
+            None => Algorithm::Md5,
+        };
+        Some(Authorization {
+            username: get("username")?,
+            realm: get("realm")?,
+            nonce: get("nonce")?,
+            uri: get("uri")?,
+            response: get("response")?.to_ascii_lowercase(),
+            qop,
+            nc: match get("nc") {
+                Some(nc) => u32::from_str_radix(&nc, 16).ok()?,
+                None => 1,
+            },
+            cnonce: get("cnonce").unwrap_or_default(),
+            algorithm,
+        })
+    }
+
+    /// Whether the response is right for `method` and `password` (constant time).
+    pub fn verify(&self, method: &str, password: &SecretString) -> bool {
+        use subtle::ConstantTimeEq as _;
+        let challenge = Challenge {
+            kind: ChallengeKind::Www,
+            realm: self.realm.clone(),
+            nonce: self.nonce.clone(),
+            opaque: None,
+            algorithm: self.algorithm,
+            qop: self.qop.then_some(Qop::Auth),
+            stale: false,
+        };
+        let expected = challenge.response(&Answer {
+            username: &self.username,
+            password,
+            method,
+            uri: &self.uri,
+            body: b"",
+            cnonce: &self.cnonce,
+            nc: self.nc,
+        });
+        expected.as_bytes().ct_eq(self.response.as_bytes()).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,8 @@
 //   node drive.js inbound  URL TOKEN SECONDS          log in, answer the first incoming call
 //   node drive.js refused  URL TOKEN                  log in must fail: report the shown error
 //   node drive.js reload   URL TOKEN NUMBER           call NUMBER, reload the page mid-call, talk on
+//   node drive.js demo     URL -                      the built-in demo: Try the demo, call 600 (echo),
+//                                                     601 (tone), 602 (calls back): report what was heard
 //   node drive.js early    URL TOKEN NUMBER           call NUMBER, whose far end sends early media
 //                                                     (183) for a while: report the page's audio then
 //   node drive.js transfer URL TOKEN NUMBER TARGET    call NUMBER, transfer it to TARGET (blind)
@@ -64,6 +66,10 @@ const stats = page => page.evaluate(async () => {
     if (mode === 'urltoken') {
       // As a CRM that opens the page with the token in its address.
       await page.goto(`${url}?lang=x&autoconnect=1&token=${encodeURIComponent(token)}#dialer`);
+    } else if (mode === 'demo') {
+      // As a new user of the built-in configuration: no token, the page's demo button.
+      await page.goto(url);
+      await page.click('#try-demo');
     } else {
       await page.goto(url);
       await shot(`${mode}-1-idle`);
@@ -87,6 +93,46 @@ const stats = page => page.evaluate(async () => {
       await state('established');
       await page.waitForTimeout(Number(seconds) * 1000);
       await shot(`${mode}-2-in-call`);
+      report.stats = await stats(page);
+      await page.click('.call button.bad');
+    } else if (mode === 'demo') {
+      // The demo PBX's numbers: 600 echoes the microphone, 601 plays 440 Hz (each checked by
+      // the dominant frequency of what the page plays), 602 declines and calls the page back.
+      report.numbers = await page.textContent('#demo-numbers');
+      await shot(`${mode}-1-registered`);
+      const dominant = () => page.evaluate(async () => {
+        const call = [...window.callgatePhone.calls.values()][0];
+        const ctx = new AudioContext();
+        const an = ctx.createAnalyser(); an.fftSize = 8192;
+        ctx.createMediaStreamSource(call.remoteStream).connect(an);
+        await new Promise(r => setTimeout(r, 1500));
+        const bins = new Float32Array(an.frequencyBinCount); an.getFloatFrequencyData(bins);
+        let best = 1; for (let i = 2; i < bins.length; i++) if (bins[i] > bins[best]) best = i;
+        const out = { hz: Math.round(best * ctx.sampleRate / an.fftSize), db: Math.round(bins[best]) };
+        await ctx.close();
+        return out;
+      });
+      const callAndListen = async number => {
+        await page.fill('#number', number);
+        await page.click('#dial');
+        await state('established');
+        await page.waitForTimeout(1000);
+        const heard = await dominant();
+        heard.stats = await stats(page);
+        await page.click('.call button.bad');
+        await page.waitForFunction(() => window.callgatePhone.calls.size === 0, null, { timeout: 15000 });
+        return heard;
+      };
+      report.echo = await callAndListen('600');
+      report.tone = await callAndListen('601');
+      await page.fill('#number', '602');
+      await page.click('#dial');
+      await page.waitForSelector('#banner.show', { timeout: 15000 });
+      report.callback_from = await page.textContent('#banner-who');
+      await shot(`${mode}-2-call-back-ringing`);
+      await page.click('#accept');
+      await state('established');
+      await page.waitForTimeout(1500);
       report.stats = await stats(page);
       await page.click('.call button.bad');
     } else if (mode === 'early') {
