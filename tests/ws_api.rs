@@ -4019,27 +4019,15 @@ async fn the_demo_is_off_unless_switched_on_and_hands_tokens_to_this_machine_onl
         }
         s1 * s1 + s2 * s2 - k * s1 * s2
     };
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
-    let (mut sent, mut digit_frames) = (0u16, 0);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep_until(deadline) => break,
-            _ = tick.tick() => {
-                // Silence from the "microphone" (u-law 0xff), so what comes back is the digit.
-                let mut b = Vec::new();
-                callgate::media::rtp::RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 9, payload: &[0xff; 160] }.write(&mut b);
-                page.send(&b).await;
-                sent += 1;
-            }
-            Some((_, p)) = page.heard.recv() => {
-                let (low, high, off) = (goertzel(&p, 770.0), goertzel(&p, 1336.0), goertzel(&p, 1209.0));
-                if low > 10.0 * off && high > 10.0 * off && low > 1e9 {
-                    digit_frames += 1;
-                }
-            }
-        }
-    }
+    // Silence from the "microphone" (u-law 0xff), so what comes back is the digit.
+    let heard = talk_and_hear(&mut page, 0xff, 75).await;
+    let digit_frames = heard
+        .iter()
+        .filter(|p| {
+            let (low, high, off) = (goertzel(p, 770.0), goertzel(p, 1336.0), goertzel(p, 1209.0));
+            low > 10.0 * off && high > 10.0 * off && low > 1e9
+        })
+        .count();
     assert!(
         digit_frames >= 3,
         "the digit came back as tones in {digit_frames} frames"
@@ -4065,21 +4053,11 @@ async fn the_demo_is_off_unless_switched_on_and_hands_tokens_to_this_machine_onl
         }
     };
     assert_eq!(ended["endReason"], "transferred", "{ended}");
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(2000);
-    let (mut sent, mut back) = (0u16, 0);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep_until(deadline) => break,
-            _ = tick.tick(), if sent < 50 => {
-                let mut b = Vec::new();
-                callgate::media::rtp::RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 9, payload: &[0x5a; 160] }.write(&mut b);
-                second.send(&b).await;
-                sent += 1;
-            }
-            Some((_, p)) = second.heard.recv() => if p == [0x5a; 160] { back += 1 },
-        }
-    }
+    let back = talk_and_hear(&mut second, 0x5a, 50)
+        .await
+        .iter()
+        .filter(|p| **p == [0x5a; 160])
+        .count();
     assert!(back >= 40, "1002 hears the echo: {back} of 50 packets");
     other
         .send(Message::text(
@@ -4090,4 +4068,24 @@ async fn the_demo_is_off_unless_switched_on_and_hands_tokens_to_this_machine_onl
     while next(&mut other, &mut seen).await["state"] != "ended" {}
     drop((ws, other, page, second));
     srv.shut_down().await;
+}
+
+/// Sends `n` 20 ms PCMU packets of `byte` from `page`'s "microphone"; what it heard meanwhile
+/// and for half a second after.
+async fn talk_and_hear(page: &mut common::rtc_peer::RtcPeer, byte: u8, n: u16) -> Vec<Vec<u8>> {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(n) * 20 + 500);
+    let (mut sent, mut heard) = (0u16, Vec::new());
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return heard,
+            _ = tick.tick(), if sent < n => {
+                let mut b = Vec::new();
+                callgate::media::rtp::RtpPacket { marker: false, payload_type: 0, sequence: sent, timestamp: u32::from(sent) * 160, ssrc: 9, payload: &[byte; 160] }.write(&mut b);
+                page.send(&b).await;
+                sent += 1;
+            }
+            Some((_, p)) = page.heard.recv() => heard.push(p),
+        }
+    }
 }

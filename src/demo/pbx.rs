@@ -936,6 +936,40 @@ mod tests {
         assert!(p.is_registered(ext, now));
     }
 
+    /// callgate's 200 to the PBX's INVITE `inv`, as extension `ext` with RTP on `port`.
+    fn answered(inv: &Message, ext: &str, tag: &str, port: u16) -> Vec<u8> {
+        let answer = AudioSdp::offer(
+            "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port,
+            &["PCMU"],
+            9,
+            Direction::SendRecv,
+        );
+        response_to(inv, 200, "OK", Some(tag))
+            .header("Contact", format!("<sip:{ext}@{GW}>"))
+            .body("application/sdp", answer.to_sdp().into_bytes())
+            .build()
+    }
+
+    /// A request of 1001's in call `call_id` with demo number `number`.
+    fn in_call(
+        method: &str,
+        number: &str,
+        call_id: &str,
+        cseq: u32,
+        to: impl Into<String>,
+    ) -> Builder {
+        Builder::request(method, &format!("sip:{number}@{PBX}"))
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {GW};branch=z9hG4bK{call_id}{method}{cseq}"),
+            )
+            .header("From", "<sip:1001@127.0.0.1>;tag=b")
+            .header("To", to)
+            .header("Call-ID", call_id)
+            .header("CSeq", format!("{cseq} {method}"))
+    }
+
     fn invite(to: &str, call_id: &str) -> Vec<u8> {
         let sdp = AudioSdp::offer(
             "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
@@ -1011,13 +1045,14 @@ mod tests {
         // A retransmitted INVITE is not a second call.
         p.handle_datagram(now, gw(), &invite(ECHO, "c1"));
         assert!(sent(&mut p).is_empty());
-        let bye = Builder::request("BYE", &format!("sip:{ECHO}@{PBX}"))
-            .header("Via", format!("SIP/2.0/UDP {GW};branch=z9hG4bKbye"))
-            .header("From", "<sip:1001@127.0.0.1>;tag=b")
-            .header("To", format!("<sip:{ECHO}@127.0.0.1>;tag=x"))
-            .header("Call-ID", "c1")
-            .header("CSeq", "2 BYE")
-            .build();
+        let bye = in_call(
+            "BYE",
+            ECHO,
+            "c1",
+            2,
+            format!("<sip:{ECHO}@127.0.0.1>;tag=x"),
+        )
+        .build();
         p.handle_datagram(now, gw(), &bye);
         let out = sent(&mut p);
         assert_eq!(messages(&out)[0].status(), Some(200));
@@ -1044,17 +1079,7 @@ mod tests {
         assert!(matches!(&out[0], Output::Transmit { to, .. } if *to == gw()));
         assert!(inv.header("From").unwrap_or_default().contains("602"));
         // callgate answers: ACK, and the echo starts toward its SDP.
-        let answer = AudioSdp::offer(
-            "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            20002,
-            &["PCMU"],
-            9,
-            Direction::SendRecv,
-        );
-        let ok = response_to(inv, 200, "OK", Some("gw"))
-            .header("Contact", format!("<sip:1001@{GW}>"))
-            .body("application/sdp", answer.to_sdp().into_bytes())
-            .build();
+        let ok = answered(inv, "1001", "gw", 20002);
         p.handle_datagram(t1, gw(), &ok);
         let out = sent(&mut p);
         assert_eq!(messages(&out)[0].method(), "ACK");
@@ -1070,13 +1095,14 @@ mod tests {
         registered(&mut p, t0);
         p.handle_datagram(t0, gw(), &invite(CALLBACK, "c3"));
         let _ = sent(&mut p);
-        let cancel = Builder::request("CANCEL", &format!("sip:{CALLBACK}@{PBX}"))
-            .header("Via", format!("SIP/2.0/UDP {GW};branch=z9hG4bKc3"))
-            .header("From", "<sip:1001@127.0.0.1>;tag=b")
-            .header("To", format!("<sip:{CALLBACK}@127.0.0.1>"))
-            .header("Call-ID", "c3")
-            .header("CSeq", "1 CANCEL")
-            .build();
+        let cancel = in_call(
+            "CANCEL",
+            CALLBACK,
+            "c3",
+            1,
+            format!("<sip:{CALLBACK}@127.0.0.1>"),
+        )
+        .build();
         p.handle_datagram(t0, gw(), &cancel);
         let codes: Vec<_> = messages(&sent(&mut p))
             .iter()
@@ -1112,12 +1138,7 @@ mod tests {
         p.handle_datagram(now, gw(), &invite(ECHO, "c8"));
         let ok = messages(&sent(&mut p)).remove(0);
         let to = ok.header("To").unwrap_or_default().to_owned();
-        let refer = Builder::request("REFER", &format!("sip:{ECHO}@{PBX}"))
-            .header("Via", format!("SIP/2.0/UDP {GW};branch=z9hG4bKref"))
-            .header("From", "<sip:1001@127.0.0.1>;tag=b")
-            .header("To", to)
-            .header("Call-ID", "c8")
-            .header("CSeq", "2 REFER")
+        let refer = in_call("REFER", ECHO, "c8", 2, to)
             .header("Refer-To", "<sip:1002@127.0.0.1>")
             .build();
         p.handle_datagram(now, gw(), &refer);
@@ -1131,17 +1152,7 @@ mod tests {
         assert!(inv.header("To").unwrap_or_default().contains("1002"));
         assert!(inv.header("From").unwrap_or_default().contains("600"));
         // 1002 answers: ACK, the echo toward 1002, and the referrer's final NOTIFY.
-        let answer = AudioSdp::offer(
-            "127.0.0.1".parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
-            20004,
-            &["PCMU"],
-            9,
-            Direction::SendRecv,
-        );
-        let ok = response_to(inv, 200, "OK", Some("gw2"))
-            .header("Contact", format!("<sip:1002@{GW}>"))
-            .body("application/sdp", answer.to_sdp().into_bytes())
-            .build();
+        let ok = answered(inv, "1002", "gw2", 20004);
         p.handle_datagram(now, gw(), &ok);
         let out = sent(&mut p);
         let msgs = messages(&out);
@@ -1158,13 +1169,14 @@ mod tests {
             |o| matches!(o, Output::StartMedia(m) if m.remote.port() == 20004 && m.play == Play::Echo)
         ));
         // The referrer hangs up its side (as callgate does after that NOTIFY).
-        let bye = Builder::request("BYE", &format!("sip:{ECHO}@{PBX}"))
-            .header("Via", format!("SIP/2.0/UDP {GW};branch=z9hG4bKbye8"))
-            .header("From", "<sip:1001@127.0.0.1>;tag=b")
-            .header("To", format!("<sip:{ECHO}@127.0.0.1>;tag=x"))
-            .header("Call-ID", "c8")
-            .header("CSeq", "3 BYE")
-            .build();
+        let bye = in_call(
+            "BYE",
+            ECHO,
+            "c8",
+            3,
+            format!("<sip:{ECHO}@127.0.0.1>;tag=x"),
+        )
+        .build();
         p.handle_datagram(now, gw(), &bye);
         let _ = sent(&mut p);
         // A transfer to an extension that is not registered fails at once.
@@ -1174,12 +1186,7 @@ mod tests {
             .header("To")
             .unwrap_or_default()
             .to_owned();
-        let refer = Builder::request("REFER", &format!("sip:{TONE}@{PBX}"))
-            .header("Via", format!("SIP/2.0/UDP {GW};branch=z9hG4bKref2"))
-            .header("From", "<sip:1001@127.0.0.1>;tag=b")
-            .header("To", to)
-            .header("Call-ID", "c9")
-            .header("CSeq", "2 REFER")
+        let refer = in_call("REFER", TONE, "c9", 2, to)
             .header("Refer-To", "<sip:1005@127.0.0.1>")
             .build();
         p.handle_datagram(now, gw(), &refer);
