@@ -58,6 +58,8 @@ struct Args {
     registrations: usize,
     /// Seconds between samples of callgate's memory, descriptors, threads and tasks.
     sample_secs: u64,
+    /// After every page logged out: how long to wait for a last sample (memory given back).
+    linger_secs: u64,
 }
 
 fn args() -> Args {
@@ -70,6 +72,7 @@ fn args() -> Args {
         calls_per_page: 4,
         registrations: 0,
         sample_secs: 60,
+        linger_secs: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -83,6 +86,7 @@ fn args() -> Args {
             "--calls-per-page" => a.calls_per_page = num().unwrap_or(4).max(1) as usize,
             "--registrations" => a.registrations = num().unwrap_or(0) as usize,
             "--sample-secs" => a.sample_secs = num().unwrap_or(60).max(1),
+            "--linger" => a.linger_secs = num().unwrap_or(60),
             // cargo bench passes --bench; ignore what is not ours.
             _ => {}
         }
@@ -566,6 +570,12 @@ async fn run(a: Args) {
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = footprint(pid, http).await;
+    let later = if a.linger_secs > 0 {
+        tokio::time::sleep(Duration::from_secs(a.linger_secs)).await;
+        Some(footprint(pid, http).await)
+    } else {
+        None
+    };
     let direct = direct_rtts(format!("127.0.0.1:{echo_port}").parse().unwrap(), 200).await;
     let status = gw.terminate(Duration::from_secs(30));
     for (mut far, _) in far_ends {
@@ -644,6 +654,9 @@ async fn run(a: Args) {
         row(format!("{secs} s"), *f);
     }
     row("after".into(), after);
+    if let Some(later) = later {
+        row(format!("+{} s", a.linger_secs), later);
+    }
     println!("callgate exit        {status:?}");
     // (Its log level is `warn`: every line is a warning or an error.)
     println!("callgate log lines   {}", gw.seen.len());

@@ -519,6 +519,7 @@ async fn chromium_keeps_the_call_across_a_reload() {
 /// recording what it hears) while Chromium's microphone plays a 1 kHz tone. The page's
 /// `getStats()` shows baresip's audio arriving with energy, and baresip's recording is
 /// dominated by 1 kHz: the browser's voice crossed WebRTC, callgate's bridge and RTP intact.
+/// callgate's RTCP reports on the page's stream reach it (`remote-inbound-rtp`).
 /// The browser is slow to apply the SDP answer, so baresip's instant answer establishes the
 /// call before the SDK's `call()` resolves: the page still plays it (it once missed that
 /// `established` and never attached the audio: packets arrived, energy 0).
@@ -550,6 +551,17 @@ async fn chromium_and_baresip_hear_each_others_tones() {
         received >= 150 && energy > 0.01,
         "the page got {received} packets of baresip's tone, energy {energy}: {:#}",
         report["stats"]
+    );
+    // callgate reports on the page's stream (RTCP): the page knows how its audio arrives.
+    let remote = &report["stats"]["remoteInbound"];
+    assert_eq!(
+        remote["packetsLost"], 0,
+        "remote-inbound-rtp: {:#}",
+        report["stats"]
+    );
+    assert!(
+        remote["jitter"].as_f64().is_some_and(|j| j < 0.05),
+        "{remote}"
     );
     assert_eq!(report["ended"], true);
     // baresip writes its recording as the call ends.

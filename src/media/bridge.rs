@@ -114,6 +114,8 @@ pub struct BridgeStats {
     pub to_browser: u64,
     /// Reception statistics of the SIP side's stream.
     pub sip_in: ReceiveStats,
+    /// Reception statistics of the browser's stream (reported to it in RTCP).
+    pub browser_in: ReceiveStats,
     /// The SIP side's last RTCP report on our stream (loss, jitter as it sees them).
     pub far_end: Option<super::rtcp::ReportBlock>,
 }
@@ -261,6 +263,7 @@ pub async fn run(
         );
     }
     let mut core = BridgeCore::new(start, mapping, ssrc, ctl.rtcp_interval, ctl.tap.take());
+    core.browser_leg(browser.ssrc());
     let mut rtcp_buf = vec![0u8; 1500];
     let rtcp_socket = sip.rtcp_socket();
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -279,8 +282,9 @@ pub async fn run(
                 let Ok(n) = n else { break };
                 let out = core.handle_sip_rtp(Instant::now(), buf.get(..n).unwrap_or_default());
                 if let Some(out) = out.and_then(|b| RtpPacket::parse(b).ok()) {
+                    let octets = out.payload.len();
                     if browser.send_rtp(&out).await.is_ok() {
-                        core.sent_to_browser();
+                        core.sent_to_browser(octets);
                     }
                 }
                 report(&mut core, &ctl);
@@ -300,7 +304,7 @@ pub async fn run(
             }
             () = sleep_until(core.poll_timeout()) => {
                 core.handle_timeout(Instant::now(), std::time::SystemTime::now());
-                transmit(&mut core, &mut sip).await;
+                transmit(&mut core, &mut sip, &mut browser).await;
                 report(&mut core, &ctl);
             }
             r = rtcp_socket.recv_from(&mut rtcp_buf) => {
@@ -339,6 +343,7 @@ async fn steer(order: Control, core: &mut BridgeCore, browser: &mut Leg, sip: &m
             let old = std::mem::replace(browser, leg);
             old.close().await;
             core.remap_browser(m);
+            core.browser_leg(browser.ssrc());
         }
         Control::Retarget(r) => {
             let (addr, m) = *r;
@@ -362,8 +367,8 @@ fn report(core: &mut BridgeCore, ctl: &Controls) {
     }
 }
 
-/// Sends the core's digits and reports to the SIP side.
-async fn transmit(core: &mut BridgeCore, sip: &mut RtpLeg) {
+/// Sends the core's digits and reports to the SIP side, and its reports to the browser.
+async fn transmit(core: &mut BridgeCore, sip: &mut RtpLeg, browser: &mut Leg) {
     while let Some(t) = core.poll_transmit() {
         match t {
             self::core::Transmit::Rtp(bytes) => {
@@ -373,6 +378,9 @@ async fn transmit(core: &mut BridgeCore, sip: &mut RtpLeg) {
             }
             self::core::Transmit::Rtcp(packet) => {
                 let _ = sip.send_rtcp(&packet).await;
+            }
+            self::core::Transmit::BrowserRtcp(packet) => {
+                let _ = browser.send_rtcp(&packet).await;
             }
         }
     }

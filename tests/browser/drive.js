@@ -27,6 +27,8 @@ const stats = page => page.evaluate(async () => {
   (await call.pc.getStats()).forEach(s => {
     if (s.type === 'inbound-rtp' && s.kind === 'audio') { out.packetsReceived = s.packetsReceived; out.totalAudioEnergy = s.totalAudioEnergy; }
     if (s.type === 'outbound-rtp' && s.kind === 'audio') { out.packetsSent = s.packetsSent; }
+    // From callgate's RTCP reports on the page's stream.
+    if (s.type === 'remote-inbound-rtp' && s.kind === 'audio') out.remoteInbound = { packetsLost: s.packetsLost, jitter: s.jitter, fractionLost: s.fractionLost };
   });
   // The page plays the call's audio: its <audio> element holds the call's stream and runs.
   const audio = document.getElementById('remote');

@@ -29,6 +29,8 @@ pub(crate) use super::super::dtmf::MAX_QUEUED_DIGITS;
 const MIN_RTCP_INTERVAL: Duration = Duration::from_millis(100);
 /// SIP-side silence this long is reported (as from its start): well under any media timeout.
 pub(crate) const SILENCE: Duration = Duration::from_millis(500);
+/// When the browser gets its first report.
+const FIRST_BROWSER_REPORT: Duration = Duration::from_secs(1);
 
 /// The telephone-event we are sending: its packets, the next one, and the event's timestamp.
 struct Sending {
@@ -52,6 +54,9 @@ pub(crate) enum Transmit {
     Rtp(Vec<u8>),
     /// A compound RTCP packet on the RTCP socket.
     Rtcp(Vec<u8>),
+    /// A compound report for the browser (SR on our stream to it, a block on its stream), so
+    /// its `getStats()` has remote-inbound figures.
+    BrowserRtcp(Vec<u8>),
 }
 
 /// The sans-IO core of one bridge.
@@ -77,6 +82,12 @@ pub(crate) struct BridgeCore {
     heard: dtmf::Receiver,
     heard_out: VecDeque<char>,
     browser_open: bool,
+    /// The SSRC the browser leg sends under, and the browser's own stream's.
+    browser_leg_ssrc: u32,
+    browser_ssrc: Option<u32>,
+    octets_to_browser: u64,
+    /// The browser's first report comes soon (its `getStats()` fills in), then on the interval.
+    next_browser_rtcp: Instant,
     rtcp_interval: Duration,
     next_rtcp: Instant,
     tap: Option<Tap>,
@@ -117,6 +128,10 @@ impl BridgeCore {
             heard: dtmf::Receiver::default(),
             heard_out: VecDeque::new(),
             browser_open: true,
+            browser_leg_ssrc: 0,
+            browser_ssrc: None,
+            octets_to_browser: 0,
+            next_browser_rtcp: now + FIRST_BROWSER_REPORT.min(rtcp_interval),
             rtcp_interval: rtcp_interval.max(MIN_RTCP_INTERVAL),
             next_rtcp: now + rtcp_interval,
             tap,
@@ -193,6 +208,16 @@ impl BridgeCore {
 
     /// The browser leg closed (the page went away): the SIP side's audio is dropped until a
     /// new leg comes.
+    /// The browser leg (a new one after a page reload) sends under `ssrc`: reports to the
+    /// browser come from it, and what was counted of the old one's streams starts afresh.
+    pub(crate) fn browser_leg(&mut self, ssrc: u32) {
+        if ssrc != self.browser_leg_ssrc {
+            self.browser_leg_ssrc = ssrc;
+            self.browser_ssrc = None;
+            self.stats.browser_in = Default::default();
+        }
+    }
+
     pub(crate) fn browser_gone(&mut self) {
         self.browser_open = false;
     }
@@ -239,6 +264,11 @@ impl BridgeCore {
     /// A packet of the browser's: what to send the SIP side, if any. While a telephone-event
     /// goes out, the browser's audio waits (RFC 4733 §2.5.1.1).
     pub(crate) fn handle_browser_rtp(&mut self, now: Instant, p: &RtpPacket<'_>) -> Option<&[u8]> {
+        self.browser_ssrc = Some(p.ssrc);
+        let arrival = now.saturating_duration_since(self.start).as_millis() as u64 * 8;
+        self.stats
+            .browser_in
+            .on_packet(p.sequence, p.timestamp, p.payload.len(), arrival);
         if self.held || self.sending.is_some() {
             return None;
         }
@@ -248,9 +278,10 @@ impl BridgeCore {
         self.to_sip.rewrite(now, p)
     }
 
-    /// A packet went to the browser.
-    pub(crate) fn sent_to_browser(&mut self) {
+    /// A packet with `octets` of payload went to the browser.
+    pub(crate) fn sent_to_browser(&mut self, octets: usize) {
         self.stats.to_browser += 1;
+        self.octets_to_browser += octets as u64;
     }
 
     /// A packet with `octets` of payload went to the SIP side.
@@ -283,10 +314,15 @@ impl BridgeCore {
     /// or digit, the next RTCP report, or the SIP side's silence to report.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let silence = (!self.silent).then_some(self.last_sip + SILENCE);
-        [self.dtmf_due(), Some(self.next_rtcp), silence]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.dtmf_due(),
+            Some(self.next_rtcp),
+            Some(self.next_browser_rtcp),
+            silence,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Time passed: what is due of the digits being sent, and the RTCP report.
@@ -306,6 +342,15 @@ impl BridgeCore {
             }
             let report = self.report(now, wall);
             self.out.push_back(Transmit::Rtcp(report));
+        }
+        if self.next_browser_rtcp <= now {
+            while self.next_browser_rtcp <= now {
+                self.next_browser_rtcp += self.rtcp_interval;
+            }
+            if self.browser_open {
+                let report = self.browser_report(now, wall);
+                self.out.push_back(Transmit::BrowserRtcp(report));
+            }
         }
     }
 
@@ -381,6 +426,30 @@ impl BridgeCore {
             rtp_timestamp: self.to_sip.timestamp_at(now),
             packets: self.stats.to_sip as u32,
             octets: self.octets_to_sip as u32,
+        };
+        rtcp::compound(rtcp::ntp(wall), sent, block, "callgate")
+    }
+
+    /// Our report to the browser: an SR on the stream we send it (an RR before the first
+    /// packet), with a block on its stream once it sent one.
+    fn browser_report(&mut self, now: Instant, wall: std::time::SystemTime) -> Vec<u8> {
+        let block = self.browser_ssrc.map(|ssrc| {
+            let (fraction_lost, cumulative_lost) = self.stats.browser_in.report_loss();
+            rtcp::ReportBlock {
+                ssrc,
+                fraction_lost,
+                cumulative_lost,
+                highest_seq: self.stats.browser_in.extended_max(),
+                jitter: u32::try_from(self.stats.browser_in.jitter()).unwrap_or(u32::MAX),
+                lsr: 0,
+                dlsr: 0,
+            }
+        });
+        let sent = rtcp::Sent {
+            ssrc: self.browser_leg_ssrc,
+            rtp_timestamp: self.to_browser.timestamp_at(now),
+            packets: self.stats.to_browser as u32,
+            octets: self.octets_to_browser as u32,
         };
         rtcp::compound(rtcp::ntp(wall), sent, block, "callgate")
     }

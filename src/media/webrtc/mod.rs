@@ -617,6 +617,39 @@ impl Leg {
         }
     }
 
+    /// The SSRC this leg sends under (the answer's `a=ssrc`).
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+
+    /// Sends a compound RTCP packet to the browser (SRTCP); dropped (`Ok`) until DTLS is up.
+    pub fn send_rtcp(
+        &self,
+        plain: &[u8],
+    ) -> impl Future<Output = Result<(), WebRtcError>> + Send + 'static {
+        let sealed = self.shared.out.lock().ok().and_then(|mut o| {
+            let Out { to, srtp, .. } = &mut *o;
+            let (to, srtp) = (to.as_ref()?, srtp.as_mut()?);
+            Some(
+                srtp.encrypt_rtcp(plain)
+                    .map(|b| (b, *to))
+                    .map_err(|e| WebRtcError::Engine(format!("SRTCP: {e}"))),
+            )
+        });
+        let socket = self.port.socket.clone();
+        async move {
+            match sealed {
+                Some(Ok((b, to))) => socket
+                    .send_to(&b, to)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| WebRtcError::Engine(format!("send to the browser: {e}"))),
+                Some(Err(e)) => Err(e),
+                None => Ok(()),
+            }
+        }
+    }
+
     /// The next RTP packet from the browser; `None` once the browser is gone (DTLS closed,
     /// consent lost, never connected) or the leg closed. Cancel safe.
     pub async fn recv_rtp(&mut self) -> Option<Inbound> {

@@ -243,6 +243,10 @@ fn rtcp_reports_go_on_the_interval_with_a_block_once_the_far_end_sent() {
     );
     c.handle_timeout(t0 + SILENCE, SystemTime::now());
     assert!(transmits(&mut c).is_empty());
+    // The browser's first report comes early, then both on the interval.
+    assert_eq!(c.poll_timeout(), Some(t0 + FIRST_BROWSER_REPORT));
+    c.handle_timeout(t0 + FIRST_BROWSER_REPORT, SystemTime::now());
+    assert!(matches!(&transmits(&mut c)[..], [Transmit::BrowserRtcp(_)]));
     assert_eq!(c.poll_timeout(), Some(t0 + every));
     c.handle_timeout(t0 + every, SystemTime::now());
     let first = transmits(&mut c);
@@ -255,13 +259,71 @@ fn rtcp_reports_go_on_the_interval_with_a_block_once_the_far_end_sent() {
     // A late wake-up does not burst the missed reports.
     c.handle_timeout(t0 + every * 3 + Duration::from_millis(7), SystemTime::now());
     let second = transmits(&mut c);
-    let [Transmit::Rtcp(sr)] = &second[..] else {
+    let [Transmit::Rtcp(sr), Transmit::BrowserRtcp(_)] = &second[..] else {
         panic!("{second:?}")
     };
     let parsed = rtcp::parse(sr).unwrap();
     assert_eq!(parsed.blocks.len(), 1);
     assert_eq!(parsed.blocks[0].ssrc, 0x1234);
+    // The browser's next (it runs 1 s after the SIP side's), then the SIP side's.
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + FIRST_BROWSER_REPORT + every * 3)
+    );
+    c.handle_timeout(t0 + FIRST_BROWSER_REPORT + every * 3, SystemTime::now());
+    let _ = transmits(&mut c);
     assert_eq!(c.poll_timeout(), Some(t0 + every * 4));
+}
+
+#[test]
+fn the_browser_gets_reports_on_its_stream_from_the_legs_ssrc() {
+    let t0 = Instant::now();
+    let every = Duration::from_secs(5);
+    let mut c = BridgeCore::new(t0, mapping(true), 7, every, None);
+    c.browser_leg(0xb0b);
+    // Ten packets from the browser, one lost (seq 5), and two sent to it.
+    for seq in (1..=11).filter(|s| *s != 5) {
+        let _ = from_browser(&mut c, t0 + Duration::from_millis(20 * u64::from(seq)), seq);
+    }
+    c.sent_to_browser(160);
+    c.sent_to_browser(160);
+    c.handle_timeout(t0 + every, SystemTime::now());
+    let out = transmits(&mut c);
+    let Some(Transmit::BrowserRtcp(report)) = out.get(1) else {
+        panic!("{out:?}")
+    };
+    let parsed = rtcp::parse(report).expect("a compound report");
+    assert_eq!(
+        parsed.sender.map(|s| s.0),
+        Some(0xb0b),
+        "an SR from the leg's SSRC"
+    );
+    let [block] = &parsed.blocks[..] else {
+        panic!("{parsed:?}")
+    };
+    assert_eq!(
+        (block.ssrc, block.cumulative_lost, block.highest_seq),
+        (0x1234, 1, 11)
+    );
+    // Gone: no more reports to the browser; a new leg starts its figures afresh.
+    c.browser_gone();
+    c.handle_timeout(t0 + every * 2, SystemTime::now());
+    assert!(
+        !transmits(&mut c)
+            .iter()
+            .any(|t| matches!(t, Transmit::BrowserRtcp(_)))
+    );
+    c.browser_leg(0xb0c);
+    c.remap_browser(mapping(true));
+    c.handle_timeout(t0 + every * 3, SystemTime::now());
+    let out = transmits(&mut c);
+    let Some(Transmit::BrowserRtcp(report)) = out.get(1) else {
+        panic!("{out:?}")
+    };
+    assert!(
+        rtcp::parse(report).unwrap().blocks.is_empty(),
+        "the new leg's browser sent nothing yet"
+    );
 }
 
 #[test]
@@ -274,7 +336,7 @@ fn silence_on_the_sip_side_is_reported_once_and_its_end_too() {
     assert_eq!(c.poll_activity(), None);
     assert_eq!(
         c.poll_timeout(),
-        Some(t0 + Duration::from_secs(5)),
+        Some(t0 + FIRST_BROWSER_REPORT),
         "only RTCP until media comes"
     );
     let t = t0 + Duration::from_secs(2);
