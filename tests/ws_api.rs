@@ -515,6 +515,25 @@ async fn page_calls_and_hears_the_far_end() {
         (Some("ended"), Some("local_hangup")),
         "{ended}"
     );
+    // The history row has figures of both legs: the SIP side's and the page's (50 sent).
+    let row = finished_row(srv.addr, &call_id).await;
+    assert!(
+        row["packetsReceived"].as_u64().unwrap_or(0) >= 45
+            && row["packetsSent"].as_u64().unwrap_or(0) >= 45,
+        "{row}"
+    );
+    assert_eq!(
+        (
+            row["pagePacketsReceived"].as_u64(),
+            row["pagePacketsLost"].as_u64()
+        ),
+        (Some(50), Some(0)),
+        "{row}"
+    );
+    assert!(
+        row["pageJitterMs"].as_f64().is_some_and(|j| j < 20.0),
+        "{row}"
+    );
     for frame in &seen {
         assert!(!frame.contains("pass1001"), "{frame}");
     }

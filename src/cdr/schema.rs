@@ -93,6 +93,10 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         body TEXT NOT NULL
     );",
+    // 7: the page's leg of each call: what callgate received of the page's audio.
+    "ALTER TABLE calls ADD COLUMN page_packets_received INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE calls ADD COLUMN page_packets_lost INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE calls ADD COLUMN page_jitter_ms REAL NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this callgate writes.

@@ -165,7 +165,8 @@ fn insert(db: &Connection, verb: &str, c: &CallRecord) -> rusqlite::Result<usize
     let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     db.prepare_cached(&format!(
         "{verb} INTO calls ({COLUMNS}) VALUES \
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, \
+         ?22, ?23, ?24)"
     ))?
     .execute(params![
         c.call_id,
@@ -191,6 +192,9 @@ fn insert(db: &Connection, verb: &str, c: &CallRecord) -> rusqlite::Result<usize
         (!c.data.is_empty())
             .then(|| serde_json::to_string(&c.data).ok())
             .flatten(),
+        big(c.page_packets_received),
+        big(c.page_packets_lost),
+        c.page_jitter_ms,
     ])
 }
 

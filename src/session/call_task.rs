@@ -286,6 +286,9 @@ impl Shell {
                 row.packets_received = stats.to_browser;
                 row.packets_lost = stats.sip_in.lost();
                 row.jitter_ms = stats.sip_in.jitter() as f64 / 8.0;
+                row.page_packets_received = stats.browser_in.received();
+                row.page_packets_lost = stats.browser_in.lost();
+                row.page_jitter_ms = stats.browser_in.jitter() as f64 / 8.0;
             }
         } else if let Some((leg, _)) = self.legs.take() {
             leg.close().await;
