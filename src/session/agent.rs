@@ -158,12 +158,24 @@ impl Session {
         mut controls: mpsc::Receiver<Control>,
         mut updates: mpsc::Receiver<CallUpdate>,
     ) {
+        // The agent's state right after `connected`, before the registration's state (which
+        // may already be `registered` when the session joined a live registration).
+        let mut state_told = false;
         for ev in first {
+            let connected = matches!(ev, Event::Connected { .. });
+            self.tell(ev).await;
+            if connected {
+                let cause = *self.state_changes.borrow();
+                let ev = self.state_event(cause);
+                self.tell(ev).await;
+                state_told = true;
+            }
+        }
+        if !state_told {
+            let cause = *self.state_changes.borrow();
+            let ev = self.state_event(cause);
             self.tell(ev).await;
         }
-        let cause = *self.state_changes.borrow();
-        let ev = self.state_event(cause);
-        self.tell(ev).await;
         loop {
             let grace = self
                 .presence
