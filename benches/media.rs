@@ -53,6 +53,25 @@ fn bench(c: &mut Criterion) {
                 .sum::<i32>()
         })
     });
+    // One 20 ms tick of a conference: every party's frame decoded, mixed, encoded back.
+    for parties in [3u32, 6] {
+        let mut m = callgate::media::mixer::Mixer::new();
+        for id in 0..parties {
+            m.add(id, callgate::media::mixer::Law::Ulaw).unwrap();
+        }
+        let frame = [0x55u8; 160];
+        g.bench_function(
+            format!("mixer tick, {parties} parties (20 ms G.711)"),
+            |b| {
+                b.iter(|| {
+                    for id in 0..parties {
+                        m.handle_frame(id, black_box(&frame));
+                    }
+                    m.mix().map(|(_, f)| usize::from(f[0])).sum::<usize>()
+                })
+            },
+        );
+    }
     g.finish();
 }
 

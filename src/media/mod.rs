@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod dtmf;
 pub mod g711;
 pub mod latch;
+pub mod mixer;
 pub mod recorder;
 pub mod rewrite;
 pub mod rtcp;
