@@ -3858,8 +3858,8 @@ async fn webhooks_deliver_every_event_signed_through_an_outage_and_a_restart() {
 }
 
 /// Webhooks over HTTPS: a receiver whose certificate the app trusts (`ca_file`) gets the
-/// events; one the app does not trust (erp, built-in roots only) gets none, and the failed
-/// attempts are counted.
+/// events (only the types it asked for: `events = ["registration"]`); one the app does not
+/// trust (erp, built-in roots only) gets none, and the failed attempts are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_go_over_tls_to_a_trusted_receiver_only() {
     use common::sse::get_raw;
@@ -3875,13 +3875,21 @@ async fn webhooks_go_over_tls_to_a_trusted_receiver_only() {
     let _receiver = Receiver::start_with(port, SECRET, got.clone(), Some(tls)).await;
     let url = format!("https://127.0.0.1:{port}/hooks");
     let mut srv = server_with_app_options(&format!(
-        "[apps.crm.webhook]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nca_file = \"{}\"\n\
+        "states = [{{ id = \"available\", may_call_out = true, may_receive = true }}, {{ id = \"paused\" }}]\n\
+         [apps.crm.webhook]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\nca_file = \"{}\"\nevents = [\"registration\"]\n\
          [apps.erp.webhook]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n",
         ca_file.display()
     ))
     .await;
     let mut seen = Vec::new();
-    let _crm = logged_in(&srv, kam.port, &mut seen).await;
+    let mut crm = logged_in(&srv, kam.port, &mut seen).await;
+    // An agentState event, which this webhook did not ask for.
+    crm.send(Message::text(
+        json!({"type": "setState", "id": 2, "state": "paused"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_state(&mut crm, &mut seen).await["state"], "paused");
     let mut erp = open(srv.addr).await;
     let erp_token = token_for(&srv.config, "erp", kam.port, "pass1001", 600);
     erp.send(Message::text(
@@ -3909,10 +3917,17 @@ async fn webhooks_go_over_tls_to_a_trusted_receiver_only() {
         evs.iter().any(|e| e["state"] == "registered"),
         "{evs:?}\n{metrics}"
     );
+    // (Time for the agentState to arrive, were it sent.)
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let all = got.lock().unwrap().clone();
     assert!(
         all.iter().all(|d| d.valid && d.body["app"] == "crm"),
         "only crm's deliveries, each signed: {all:#?}"
+    );
+    assert!(
+        all.iter()
+            .all(|d| d.body["event"]["type"] == "registration"),
+        "only the types asked for (no agentState): {all:#?}"
     );
     assert!(
         metrics.lines().any(|l| l

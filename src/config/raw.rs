@@ -288,6 +288,8 @@ pub(crate) struct RawWebhook {
     pub(crate) ca_file: Option<String>,
     #[serde(default)]
     pub(crate) insecure_http: bool,
+    #[serde(default)]
+    pub(crate) events: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -549,6 +549,25 @@ fn webhooks_are_checked() {
     );
     let bad = problems("", &app(&format!("url = \"ftp://x/\"\n{secret}")));
     assert_eq!(bad.len(), 1, "{bad:#?}");
+    // A webhook limited to some event types names known ones.
+    let url = "url = \"https://crm.example.com/h\"\n";
+    assert!(
+        problems(
+            "",
+            &app(&format!(
+                "{url}{secret}events = [\"call\", \"agentState\"]\n"
+            ))
+        )
+        .is_empty()
+    );
+    let bad = problems(
+        "",
+        &app(&format!("{url}{secret}events = [\"call\", \"calls\"]\n")),
+    );
+    assert!(
+        bad.len() == 1 && bad[0].starts_with("apps.crm.webhook.events[1]"),
+        "{bad:#?}"
+    );
 }
 
 #[test]

@@ -90,6 +90,20 @@ pub(super) fn check_webhook(
             }
         }
     };
+    if let Some(events) = &raw.events {
+        for (i, e) in events.iter().enumerate() {
+            if !crate::webhook::EVENT_TYPES.contains(&e.as_str()) {
+                c.add(
+                    file,
+                    format!("{at}.events[{i}]"),
+                    format!(
+                        "is not an event type: one of {}",
+                        crate::webhook::EVENT_TYPES.join(", ")
+                    ),
+                );
+            }
+        }
+    }
     let (tls, host, port, path) = url.ok()?;
     if c.problems.len() > problems {
         return None;
@@ -108,6 +122,7 @@ pub(super) fn check_webhook(
             ..defaults
         },
         extra_roots,
+        events: raw.events.clone(),
     }))
 }
 

@@ -49,6 +49,32 @@ pub struct Target {
     pub policy: outbox::Policy,
     /// Certificates (DER) trusted besides the built-in roots (`ca_file`).
     pub extra_roots: Vec<Vec<u8>>,
+    /// The event types sent (`events`); `None`: all.
+    pub events: Option<Vec<String>>,
+}
+
+/// The event types a webhook may be limited to (apps.toml `events`).
+pub const EVENT_TYPES: [&str; 8] = [
+    "registration",
+    "agentState",
+    "incoming",
+    "missed",
+    "call",
+    "transfer",
+    "referred",
+    "dtmf",
+];
+
+/// Whether `event` (JSON as the hub publishes it, `{"type":"...",...}`) is one of `only`.
+pub fn wanted(only: Option<&[String]>, event: &str) -> bool {
+    let Some(only) = only else {
+        return true;
+    };
+    let kind = event
+        .strip_prefix("{\"type\":\"")
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default();
+    only.iter().any(|t| t == kind)
 }
 
 impl Target {
@@ -148,6 +174,22 @@ mod tests {
             signature(&secret, 1_700_000_001, "{}"),
             signature(&secret, 1_700_000_000, "{}")
         );
+    }
+
+    #[test]
+    fn a_webhook_limited_to_some_types_gets_only_those() {
+        let only = vec!["call".to_owned(), "agentState".to_owned()];
+        assert!(wanted(Some(&only), r#"{"type":"call","callId":"c-1"}"#));
+        assert!(wanted(
+            Some(&only),
+            r#"{"type":"agentState","state":"paused"}"#
+        ));
+        assert!(!wanted(
+            Some(&only),
+            r#"{"type":"registration","state":"registered"}"#
+        ));
+        assert!(!wanted(Some(&only), "not json"));
+        assert!(wanted(None, r#"{"type":"registration"}"#));
     }
 
     #[test]

@@ -32,11 +32,15 @@ struct Offer {
 pub struct Sink {
     tx: mpsc::Sender<Offer>,
     stats: Arc<Stats>,
+    only: Option<Arc<[String]>>,
 }
 
 impl Sink {
     /// Hands `event` (the JSON the SSE stream carries) of `agent` to the webhook; never waits.
     pub fn offer(&self, agent: &str, event: Arc<str>) {
+        if !super::wanted(self.only.as_deref(), &event) {
+            return;
+        }
         let offer = Offer {
             agent: agent.into(),
             event,
@@ -110,6 +114,7 @@ impl Webhooks {
                 Sink {
                     tx,
                     stats: stats.clone(),
+                    only: target.events.as_ref().map(|e| e.clone().into()),
                 },
             );
             hooks.stats.push((app.clone(), stats));
