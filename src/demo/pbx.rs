@@ -241,6 +241,40 @@ impl Pbx {
         self.send(to, b);
     }
 
+    /// One of our requests, with its Via (branch `branch`), Max-Forwards, From, To, Call-ID
+    /// and CSeq.
+    fn request(
+        &self,
+        method: &str,
+        target: &str,
+        (from, to): (&str, &str),
+        (call_id, cseq): (&str, u32),
+        branch: &str,
+    ) -> Builder {
+        Builder::request(method, target)
+            .header(
+                "Via",
+                format!("SIP/2.0/UDP {};branch={branch};rport", self.local),
+            )
+            .header("Max-Forwards", "70")
+            .header("From", from)
+            .header("To", to)
+            .header("Call-ID", call_id)
+            .header("CSeq", format!("{cseq} {method}"))
+    }
+
+    /// A call of ours begins: hung up after [`MAX_CALL`] at the latest.
+    fn admit(&mut self, now: Instant, call_id: String, call: Call) {
+        self.timers.push((
+            now + MAX_CALL,
+            Timer::HangUp {
+                call_id: call_id.clone(),
+            },
+        ));
+        self.calls.insert(call_id, call);
+        self.next_call += 1;
+    }
+
     fn handle_request(&mut self, now: Instant, from: SocketAddr, req: &Message) {
         match req.method() {
             "REGISTER" => self.register(now, from, req),
@@ -424,13 +458,8 @@ impl Pbx {
             .map(crate::sip::message::name_addr_uri)
             .unwrap_or_default()
             .to_owned();
-        self.timers.push((
-            now + MAX_CALL,
-            Timer::HangUp {
-                call_id: call_id.clone(),
-            },
-        ));
-        self.calls.insert(
+        self.admit(
+            now,
             call_id,
             Call {
                 id: self.next_call,
@@ -447,7 +476,6 @@ impl Pbx {
                 cseq: 0,
             },
         );
-        self.next_call += 1;
     }
 
     /// SDP answer and media plan for `offer` on `port`.
@@ -595,26 +623,19 @@ impl Pbx {
             self.next_call + 1,
             Direction::SendRecv,
         );
-        let b = Builder::request("INVITE", &binding.contact)
-            .header(
-                "Via",
-                format!("SIP/2.0/UDP {};branch={branch};rport", self.local),
+        let b = self
+            .request(
+                "INVITE",
+                &binding.contact,
+                (&local, &remote),
+                (&call_id, 1),
+                &branch,
             )
-            .header("Max-Forwards", "70")
-            .header("From", local.clone())
-            .header("To", remote.clone())
-            .header("Call-ID", call_id.clone())
-            .header("CSeq", "1 INVITE")
             .header("Contact", format!("<sip:{number}@{}>", self.local))
             .body("application/sdp", offer.to_sdp().into_bytes());
         self.send(binding.source, b);
-        self.timers.push((
-            now + MAX_CALL,
-            Timer::HangUp {
-                call_id: call_id.clone(),
-            },
-        ));
-        self.calls.insert(
+        self.admit(
+            now,
             call_id,
             Call {
                 id: self.next_call,
@@ -633,7 +654,6 @@ impl Pbx {
                 cseq: 1,
             },
         );
-        self.next_call += 1;
         true
     }
 
@@ -690,19 +710,20 @@ impl Pbx {
     /// Sends a request in call `call_id`'s dialog.
     fn in_dialog(&mut self, call_id: &str, method: &str, more: impl FnOnce(Builder) -> Builder) {
         let branch = format!("z9hG4bK{}", self.id());
-        let local = self.local;
         let Some(call) = self.calls.get_mut(call_id) else {
             return;
         };
         call.cseq += 1;
-        let b = Builder::request(method, &call.target)
-            .header("Via", format!("SIP/2.0/UDP {local};branch={branch};rport"))
-            .header("Max-Forwards", "70")
-            .header("From", call.local.clone())
-            .header("To", call.remote.clone())
-            .header("Call-ID", call_id)
-            .header("CSeq", format!("{} {method}", call.cseq))
-            .header("Contact", format!("<sip:demo@{local}>"));
+        let call = &self.calls[call_id];
+        let b = self
+            .request(
+                method,
+                &call.target,
+                (&call.local, &call.remote),
+                (call_id, call.cseq),
+                &branch,
+            )
+            .header("Contact", format!("<sip:demo@{}>", self.local));
         let peer = call.peer;
         let b = more(b);
         self.send(peer, b);
@@ -752,16 +773,7 @@ impl Pbx {
             (false, Some(v)) => v.branch.unwrap_or_default(),
             _ => format!("z9hG4bK{}", self.id()),
         };
-        let ack = Builder::request("ACK", &target)
-            .header(
-                "Via",
-                format!("SIP/2.0/UDP {};branch={branch};rport", self.local),
-            )
-            .header("Max-Forwards", "70")
-            .header("From", local)
-            .header("To", to)
-            .header("Call-ID", call_id.clone())
-            .header("CSeq", format!("{cseq} ACK"));
+        let ack = self.request("ACK", &target, (&local, &to), (&call_id, cseq), &branch);
         self.send(from, ack);
         if let Some(referrer) = referrer {
             let reason = match resp.start_line() {

@@ -24,6 +24,27 @@ pub struct ReportBlock {
     pub dlsr: u32,
 }
 
+impl ReportBlock {
+    /// The block a receiver of source `ssrc` sends, from its reception statistics (which
+    /// start a new loss interval), with the LSR/DLSR of that source's last SR (0, 0: none).
+    pub fn from_stats(
+        ssrc: u32,
+        stats: &mut super::stats::ReceiveStats,
+        (lsr, dlsr): (u32, u32),
+    ) -> ReportBlock {
+        let (fraction_lost, cumulative_lost) = stats.report_loss();
+        ReportBlock {
+            ssrc,
+            fraction_lost,
+            cumulative_lost,
+            highest_seq: stats.extended_max(),
+            jitter: u32::try_from(stats.jitter()).unwrap_or(u32::MAX),
+            lsr,
+            dlsr,
+        }
+    }
+}
+
 /// What an incoming compound RTCP packet says.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Incoming {

@@ -160,20 +160,13 @@ impl Session {
     ) {
         // The agent's state right after `connected`, before the registration's state (which
         // may already be `registered` when the session joined a live registration).
-        let mut state_told = false;
+        let mut first = first;
+        let at = first
+            .iter()
+            .position(|e| matches!(e, Event::Connected { .. }))
+            .map_or(first.len(), |i| i + 1);
+        first.insert(at, self.state_event(*self.state_changes.borrow()));
         for ev in first {
-            let connected = matches!(ev, Event::Connected { .. });
-            self.tell(ev).await;
-            if connected {
-                let cause = *self.state_changes.borrow();
-                let ev = self.state_event(cause);
-                self.tell(ev).await;
-                state_told = true;
-            }
-        }
-        if !state_told {
-            let cause = *self.state_changes.borrow();
-            let ev = self.state_event(cause);
             self.tell(ev).await;
         }
         loop {

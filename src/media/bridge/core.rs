@@ -406,21 +406,9 @@ impl BridgeCore {
             let d = now.saturating_duration_since(at);
             (lsr, (d.as_secs_f64() * 65536.0) as u32)
         });
-        let block = match self.sip_ssrc {
-            Some(s) => {
-                let (fraction_lost, cumulative_lost) = self.stats.sip_in.report_loss();
-                Some(rtcp::ReportBlock {
-                    ssrc: s,
-                    fraction_lost,
-                    cumulative_lost,
-                    highest_seq: self.stats.sip_in.extended_max(),
-                    jitter: u32::try_from(self.stats.sip_in.jitter()).unwrap_or(u32::MAX),
-                    lsr,
-                    dlsr,
-                })
-            }
-            None => None,
-        };
+        let block = self
+            .sip_ssrc
+            .map(|s| rtcp::ReportBlock::from_stats(s, &mut self.stats.sip_in, (lsr, dlsr)));
         let sent = rtcp::Sent {
             ssrc: self.ssrc,
             rtp_timestamp: self.to_sip.timestamp_at(now),
@@ -433,18 +421,10 @@ impl BridgeCore {
     /// Our report to the browser: an SR on the stream we send it (an RR before the first
     /// packet), with a block on its stream once it sent one.
     fn browser_report(&mut self, now: Instant, wall: std::time::SystemTime) -> Vec<u8> {
-        let block = self.browser_ssrc.map(|ssrc| {
-            let (fraction_lost, cumulative_lost) = self.stats.browser_in.report_loss();
-            rtcp::ReportBlock {
-                ssrc,
-                fraction_lost,
-                cumulative_lost,
-                highest_seq: self.stats.browser_in.extended_max(),
-                jitter: u32::try_from(self.stats.browser_in.jitter()).unwrap_or(u32::MAX),
-                lsr: 0,
-                dlsr: 0,
-            }
-        });
+        // (The browser's own reports are not read: no LSR to give back.)
+        let block = self
+            .browser_ssrc
+            .map(|s| rtcp::ReportBlock::from_stats(s, &mut self.stats.browser_in, (0, 0)));
         let sent = rtcp::Sent {
             ssrc: self.browser_leg_ssrc,
             rtp_timestamp: self.to_browser.timestamp_at(now),

@@ -589,32 +589,16 @@ impl Leg {
         &self,
         packet: &RtpPacket<'_>,
     ) -> impl Future<Output = Result<(), WebRtcError>> + Send + 'static {
-        let sealed = self.shared.out.lock().ok().and_then(|mut o| {
-            let Out { to, srtp, plain } = &mut *o;
-            let (to, srtp) = (to.as_ref()?, srtp.as_mut()?);
+        let sealed = self.seal(|srtp, plain| {
             RtpPacket {
                 ssrc: self.ssrc,
                 ..*packet
             }
             .write(plain);
-            Some(
-                srtp.encrypt_rtp(plain)
-                    .map(|b| (b, *to))
-                    .map_err(|e| WebRtcError::Engine(format!("SRTP: {e}"))),
-            )
+            srtp.encrypt_rtp(plain)
+                .map_err(|e| WebRtcError::Engine(format!("SRTP: {e}")))
         });
-        let socket = self.port.socket.clone();
-        async move {
-            match sealed {
-                Some(Ok((b, to))) => socket
-                    .send_to(&b, to)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| WebRtcError::Engine(format!("send to the browser: {e}"))),
-                Some(Err(e)) => Err(e),
-                None => Ok(()),
-            }
-        }
+        send_sealed(self.port.socket.clone(), sealed)
     }
 
     /// The SSRC this leg sends under (the answer's `a=ssrc`).
@@ -627,27 +611,24 @@ impl Leg {
         &self,
         plain: &[u8],
     ) -> impl Future<Output = Result<(), WebRtcError>> + Send + 'static {
-        let sealed = self.shared.out.lock().ok().and_then(|mut o| {
-            let Out { to, srtp, .. } = &mut *o;
-            let (to, srtp) = (to.as_ref()?, srtp.as_mut()?);
-            Some(
-                srtp.encrypt_rtcp(plain)
-                    .map(|b| (b, *to))
-                    .map_err(|e| WebRtcError::Engine(format!("SRTCP: {e}"))),
-            )
+        let sealed = self.seal(|srtp, _| {
+            srtp.encrypt_rtcp(plain)
+                .map_err(|e| WebRtcError::Engine(format!("SRTCP: {e}")))
         });
-        let socket = self.port.socket.clone();
-        async move {
-            match sealed {
-                Some(Ok((b, to))) => socket
-                    .send_to(&b, to)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| WebRtcError::Engine(format!("send to the browser: {e}"))),
-                Some(Err(e)) => Err(e),
-                None => Ok(()),
-            }
-        }
+        send_sealed(self.port.socket.clone(), sealed)
+    }
+
+    /// A packet sealed with the leg's outbound SRTP context (`seal` gets it and the leg's
+    /// plain-packet buffer), with the browser's address; `None` until DTLS is up.
+    fn seal(
+        &self,
+        seal: impl FnOnce(&mut Context, &mut Vec<u8>) -> Result<Bytes, WebRtcError>,
+    ) -> Option<Result<(Bytes, SocketAddr), WebRtcError>> {
+        self.shared.out.lock().ok().and_then(|mut o| {
+            let Out { to, srtp, plain } = &mut *o;
+            let (to, srtp) = (*to.as_ref()?, srtp.as_mut()?);
+            Some(seal(srtp, plain).map(|b| (b, to)))
+        })
     }
 
     /// The next RTP packet from the browser; `None` once the browser is gone (DTLS closed,
@@ -690,6 +671,22 @@ impl Leg {
                 let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
             }
         }
+    }
+}
+
+/// Sends what [`Leg::seal`] sealed (nothing: not connected yet).
+async fn send_sealed(
+    socket: Arc<UdpSocket>,
+    sealed: Option<Result<(Bytes, SocketAddr), WebRtcError>>,
+) -> Result<(), WebRtcError> {
+    match sealed {
+        Some(Ok((b, to))) => socket
+            .send_to(&b, to)
+            .await
+            .map(|_| ())
+            .map_err(|e| WebRtcError::Engine(format!("send to the browser: {e}"))),
+        Some(Err(e)) => Err(e),
+        None => Ok(()),
     }
 }
 
